@@ -13,9 +13,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-## The main job: a real federated fine-tuning run with the default configuration.
+## The main job (for now: the aggregation benchmark on the CPU).
 run: $(STAMP)
-	$(BIN)/hlora run $(ARGS)
+	$(BIN)/python benchmarks/aggregation.py $(ARGS)
 
 ## Lint, type-check and the default test suite (everything that runs on a CPU).
 test: $(STAMP)

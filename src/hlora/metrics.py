@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import SupportsInt
 
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "f1")
 
 
-def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
+def accuracy(preds: Iterable[SupportsInt], labels: Iterable[SupportsInt]) -> float:
     """Fraction of predictions equal to the labels.
 
     Args:
-        preds: Predicted class ids.
+        preds: Predicted class ids (ints, or anything ``int()`` accepts: numpy, torch).
         labels: True class ids, same length as ``preds``.
 
     Returns:
@@ -24,11 +25,13 @@ def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
     return sum(a == b for a, b in zip(p, y, strict=True)) / len(y)
 
 
-def binary_f1(preds: Sequence[int], labels: Sequence[int], positive: int = 1) -> float:
+def binary_f1(
+    preds: Iterable[SupportsInt], labels: Iterable[SupportsInt], positive: int = 1
+) -> float:
     """F1 score of the ``positive`` class: ``2 tp / (2 tp + fp + fn)``.
 
     Args:
-        preds: Predicted class ids.
+        preds: Predicted class ids (ints, or anything ``int()`` accepts: numpy, torch).
         labels: True class ids, same length as ``preds``.
         positive: The class treated as positive.
 
@@ -47,20 +50,20 @@ def binary_f1(preds: Sequence[int], labels: Sequence[int], positive: int = 1) ->
     return 2 * tp / denominator if denominator else 0.0
 
 
-_METRICS: dict[str, Callable[[Sequence[int], Sequence[int]], float]] = {
+_METRICS: dict[str, Callable[[list[int], list[int]], float]] = {
     "accuracy": accuracy,
     "f1": binary_f1,
 }
 
 
 def compute_metrics(
-    metric_names: Sequence[str], preds: Sequence[int], labels: Sequence[int]
+    metric_names: Sequence[str], preds: Iterable[SupportsInt], labels: Iterable[SupportsInt]
 ) -> dict[str, float]:
     """Compute several metrics at once.
 
     Args:
         metric_names: Names from :data:`METRIC_NAMES` (for example ``TaskInfo.metrics``).
-        preds: Predicted class ids.
+        preds: Predicted class ids (ints, or anything ``int()`` accepts: numpy, torch).
         labels: True class ids, same length as ``preds``.
 
     Returns:
@@ -76,7 +79,9 @@ def compute_metrics(
     return {name: _METRICS[name](p, y) for name in metric_names}
 
 
-def _as_ints(preds: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list[int]]:
+def _as_ints(
+    preds: Iterable[SupportsInt], labels: Iterable[SupportsInt]
+) -> tuple[list[int], list[int]]:
     p = [int(v) for v in preds]
     y = [int(v) for v in labels]
     if len(p) != len(y):

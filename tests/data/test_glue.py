@@ -133,7 +133,9 @@ def test_rte_real(glue_dir: Path) -> None:
         1,
     )
     assert data.train[1].label == 0
-    assert data.train[1].text_b == "Pope Benedict XVI is the new leader of the Roman Catholic Church."
+    assert (
+        data.train[1].text_b == "Pope Benedict XVI is the new leader of the Roman Catholic Church."
+    )
 
 
 def test_qqp_sample_real(glue_dir: Path) -> None:
@@ -274,7 +276,9 @@ def test_bad_label(tmp_path: Path) -> None:
 
 def test_wrong_field_count(tmp_path: Path) -> None:
     _fake_glue(tmp_path, MRPC_HEADER + _mrpc_row(), dev=MRPC_HEADER + "1\t2\tonly three\n")
-    with pytest.raises(DataError, match=r"dev\.tsv' line 2: expected 5 tab-separated fields, got 3"):
+    with pytest.raises(
+        DataError, match=r"dev\.tsv' line 2: expected 5 tab-separated fields, got 3"
+    ):
         load_task("mrpc", tmp_path)
 
 

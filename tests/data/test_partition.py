@@ -32,8 +32,9 @@ def _label_distance(labels: Sequence[int], parts: list[list[int]]) -> float:
     y = np.asarray(labels)
     classes = np.unique(y)
     overall = np.array([(y == c).mean() for c in classes])
-    dists = [0.5 * np.abs(np.array([(y[p] == c).mean() for c in classes]) - overall).sum()
-             for p in parts]
+    dists = [
+        0.5 * np.abs(np.array([(y[p] == c).mean() for c in classes]) - overall).sum() for p in parts
+    ]
     return float(np.mean(dists))
 
 
@@ -48,7 +49,12 @@ def _label_distance(labels: Sequence[int], parts: list[list[int]]) -> float:
     num_classes=st.integers(1, 4),
 )
 def test_partitions_are_valid_and_deterministic(
-    n: int, num_clients: int, scheme: str, alpha: float, seed: int, min_size: int,
+    n: int,
+    num_clients: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    min_size: int,
     num_classes: int,
 ) -> None:
     labels = [i % num_classes for i in range(n)]
@@ -75,15 +81,24 @@ def test_iid_sizes_are_balanced() -> None:
 
 
 def test_dirichlet_is_more_label_skewed_than_iid() -> None:
-    iid = np.mean([_label_distance(MRPC_LIKE, partition_indices(MRPC_LIKE, 10, seed=s))
-                   for s in range(5)])
+    iid = np.mean(
+        [_label_distance(MRPC_LIKE, partition_indices(MRPC_LIKE, 10, seed=s)) for s in range(5)]
+    )
     skew = np.mean(
-        [_label_distance(MRPC_LIKE, partition_indices(MRPC_LIKE, 10, "dirichlet", alpha=0.1,
-                                                      seed=s)) for s in range(5)]
+        [
+            _label_distance(
+                MRPC_LIKE, partition_indices(MRPC_LIKE, 10, "dirichlet", alpha=0.1, seed=s)
+            )
+            for s in range(5)
+        ]
     )
     mild = np.mean(
-        [_label_distance(MRPC_LIKE, partition_indices(MRPC_LIKE, 10, "dirichlet", alpha=100.0,
-                                                      seed=s)) for s in range(5)]
+        [
+            _label_distance(
+                MRPC_LIKE, partition_indices(MRPC_LIKE, 10, "dirichlet", alpha=100.0, seed=s)
+            )
+            for s in range(5)
+        ]
     )
     assert iid < 0.05
     assert skew > 0.25

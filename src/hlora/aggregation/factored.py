@@ -118,8 +118,8 @@ def randomized_svd(
     right: Tensor,
     rank: int,
     *,
-    oversampling: int = 10,
-    power_iterations: int = 2,
+    oversampling: int | None = None,
+    power_iterations: int = 4,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Leading ``rank`` singular triplets of ``left @ right`` by randomized subspace iteration.
@@ -131,7 +131,7 @@ def randomized_svd(
         left: ``P``, shape ``(..., out, R)``.
         right: ``Q``, shape ``(..., R, in)``.
         rank: Number of triplets wanted.
-        oversampling: Extra basis vectors beyond ``rank``.
+        oversampling: Extra basis vectors beyond ``rank`` (``None``: ``rank`` more).
         power_iterations: Number of ``(dW dW^T)`` applications; more = closer to optimal.
         generator: Source of the Gaussian test matrix (on the inputs' device).
 
@@ -141,7 +141,8 @@ def randomized_svd(
     """
     out_f, in_f = left.shape[-2], right.shape[-1]
     k = min(rank, out_f, in_f)
-    width = min(k + oversampling, out_f, in_f)
+    extra = k if oversampling is None else oversampling
+    width = min(k + extra, out_f, in_f)
     batch = left.shape[:-2]
     omega = torch.randn(
         (*batch, in_f, width), dtype=left.dtype, device=left.device, generator=generator
@@ -192,8 +193,8 @@ def factored_svd(
     *,
     method: str = "auto",
     rank: int | None = None,
-    oversampling: int = 10,
-    power_iterations: int = 2,
+    oversampling: int | None = None,
+    power_iterations: int = 4,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of ``left @ right``, truncated to ``rank`` components when given.

