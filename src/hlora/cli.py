@@ -1,0 +1,161 @@
+"""The ``hlora`` command: run, resume, compare and export federated fine-tuning runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hlora.config import ALL_MODES, RunConfig, load_config, replace
+from hlora.errors import HloraError
+
+logger = logging.getLogger("hlora")
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.set or [])
+    if getattr(args, "data_dir", None):
+        overrides.append(f'data.data_dir="{args.data_dir}"')
+    if getattr(args, "output", None):
+        overrides.append(f'output.dir="{args.output}"')
+    return load_config(args.config, tuple(overrides))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``hlora run``: a whole federation in one process (or ``--resume RUN_DIR``)."""
+    from hlora.federation import resume, run
+
+    progress = False if args.no_progress else None
+    if args.resume:
+        if args.config or args.set:
+            raise HloraError("--resume takes the run folder's own config.toml: drop CONFIG/--set")
+        result = resume(Path(args.resume), progress=progress)
+    else:
+        result = run(_config(args), progress=progress)
+    _print_result(result.summary, result.run_dir)
+    return 0
+
+
+def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
+    final: dict[str, Any] = summary.get("final") or {}
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
+    print(f"final dev metrics: {metrics}")
+    if summary.get("comparable_to_glue") is False:
+        print("note: qqp-sample numbers are not comparable with GLUE QQP dev")
+    print(f"outputs: {run_dir}  (metrics.jsonl, summary.json, convergence.png, adapters/)")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``hlora compare``: the same federation under several strategies, one plot, one table."""
+    from hlora.federation import run
+    from hlora.report import format_table, load_run_records, plot_convergence, write_json
+
+    base = _config(args)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in ALL_MODES]
+    if unknown or not strategies:
+        raise HloraError(
+            f"invalid --strategies {args.strategies!r}: allowed {', '.join(ALL_MODES)}"
+        )
+    name = base.output.name or "compare"
+    folder = Path(base.output.dir) / name
+    rows = []
+    runs = {}
+    for strategy in strategies:
+        config = replace(
+            base, federation={"strategy": strategy}, output={"name": f"{name}/{strategy}"}
+        )
+        result = run(config, progress=None if not args.no_progress else False)
+        runs[strategy] = load_run_records(result.run_dir)
+        row = {
+            "strategy": strategy,
+            **{k: v for k, v in (result.summary.get("final") or {}).items()},
+        }
+        row["best_accuracy"] = (result.summary.get("best") or {}).get("accuracy")
+        row["MB_per_round"] = (result.summary.get("mean_bytes_per_round") or 0) / 1e6
+        row["wall_s"] = result.summary.get("wall_time_s")
+        rows.append(row)
+    metric = "f1" if "f1" in rows[0] else "accuracy"
+    plot = plot_convergence(runs, metric, folder / "comparison.png", title=f"{base.data.task}")
+    columns = ["strategy", "accuracy", "f1", "best_accuracy", "MB_per_round", "wall_s"]
+    columns = [c for c in columns if any(c in r for r in rows)]
+    table = format_table(rows, columns)
+    (folder / "comparison.txt").write_text(table + "\n", encoding="utf-8")
+    write_json(folder / "comparison.json", rows)
+    print(table)
+    print(f"plot: {plot}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``hlora export``: a peft adapter at a rank, or the merged full model."""
+    from hlora.export import export_run
+
+    path = export_run(Path(args.run_dir), rank=args.rank, out=args.out, merged=args.merged)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``hlora`` command."""
+    parser = argparse.ArgumentParser(prog="hlora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="TOML configuration (default: built-in)")
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="SECTION.KEY=VALUE",
+            help="override one configuration value (repeatable)",
+        )
+        p.add_argument("--data-dir", help="GLUE folder (else $HLORA_DATA_DIR, then the hub)")
+        p.add_argument("--output", help="parent folder of run folders (output.dir)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p_run = sub.add_parser("run", help="run a federation in one process")
+    common(p_run)
+    p_run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p_run.set_defaults(func=cmd_run)
+
+    p_cmp = sub.add_parser("compare", help="run several strategies on the same partitions")
+    common(p_cmp)
+    p_cmp.add_argument(
+        "--strategies",
+        default="hlora,zeropad,flora,centralized,local",
+        help=f"comma-separated, from {', '.join(ALL_MODES)}",
+    )
+    p_cmp.set_defaults(func=cmd_compare)
+
+    p_exp = sub.add_parser("export", help="export a finished run's adapter or merged model")
+    p_exp.add_argument("run_dir")
+    p_exp.add_argument("--rank", type=int, required=True, help="LoRA rank of the adapter")
+    p_exp.add_argument("--out", help="adapter folder (default: RUN_DIR/export/rR)")
+    p_exp.add_argument("--merged", metavar="OUT", help="save the merged full model here instead")
+    p_exp.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: one clear error line and a non-zero exit for bad input."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+        return code
+    except HloraError as err:
+        print(f"hlora: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

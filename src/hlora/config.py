@@ -1,0 +1,434 @@
+"""Run configuration: TOML parsed once, at the edge, into frozen dataclasses.
+
+Every field carries a help text (``field(metadata={"help": ...})``) and is checked when the
+dataclass is built; a bad value raises :class:`hlora.errors.ConfigError` naming the key (as
+``section.key``) and what is allowed. Unknown keys are errors too. Everything after
+:func:`load_config` receives typed objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hlora.aggregation.factored import SVD_METHODS
+from hlora.aggregation.registry import STRATEGY_NAMES
+from hlora.data.glue import TASK_NAMES
+from hlora.data.partition import PARTITION_SCHEMES
+from hlora.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REFERENCE_MODES: tuple[str, ...] = ("centralized", "local")
+ALL_MODES: tuple[str, ...] = (*STRATEGY_NAMES, *REFERENCE_MODES)
+RANK_RULES: tuple[str, ...] = ("cycle", "list", "memory")
+TRUNCATION_EVALS: tuple[str, ...] = ("never", "final", "every")
+ADAPTER_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + two AdamW moments
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _fail(key: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(f"invalid value for '{key}': {value!r} ({allowed})")
+
+
+def _positive_int(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(key, value, "expected an integer >= 1")
+
+
+def _non_negative_int(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, value, "expected an integer >= 0")
+
+
+def _number(
+    key: str, value: object, *, low: float, high: float = math.inf, low_open: bool = False
+) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        ok = (v > low if low_open else v >= low) and v <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise _fail(key, value, f"expected a number in {bracket}{low}, {high}]")
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _fail(key, value, f"allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone and its LoRA adapters."""
+
+    name: str = field(
+        default="minilm",
+        metadata=_help(
+            "backbone: 'minilm' (offline all-MiniLM-L6-v2), 'smollm2-135m' (offline SmolLM2-135M), "
+            "a Hugging Face hub id (e.g. 'roberta-large') or a local folder"
+        ),
+    )
+    target_modules: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "module names to adapt; empty: the architecture's default (query/value, q_proj/v_proj)"
+        ),
+    )
+    lora_scaling: float = field(
+        default=2.0,
+        metadata=_help(
+            "LoRA scaling s shared by every client whatever its rank (lora_alpha = s * r)"
+        ),
+    )
+    lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
+    max_length: int = field(default=128, metadata=_help("truncate pairs to this many tokens"))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise _fail("model.name", self.name, "expected a non-empty string")
+        _number("model.lora_scaling", self.lora_scaling, low=0.0, low_open=True)
+        _number("model.lora_dropout", self.lora_dropout, low=0.0, high=0.9)
+        _positive_int("model.max_length", self.max_length)
+        if not all(isinstance(t, str) and t for t in self.target_modules):
+            raise _fail(
+                "model.target_modules", list(self.target_modules), "expected a list of module names"
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The task and how it is split among clients."""
+
+    task: str = field(default="mrpc", metadata=_help(f"one of {', '.join(TASK_NAMES)}"))
+    data_dir: str = field(
+        default="",
+        metadata=_help(
+            "folder in the GLUE TSV layout; empty: $HLORA_DATA_DIR, then the Hugging Face hub"
+        ),
+    )
+    partition: str = field(
+        default="dirichlet",
+        metadata=_help(f"how examples are split among clients: {', '.join(PARTITION_SCHEMES)}"),
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata=_help(
+            "Dirichlet concentration of the label (or quantity) skew; smaller = more skewed"
+        ),
+    )
+    train_limit: int = field(default=0, metadata=_help("use the first N train examples (0: all)"))
+    dev_limit: int = field(default=0, metadata=_help("use the first N dev examples (0: all)"))
+
+    def __post_init__(self) -> None:
+        _choice("data.task", self.task, TASK_NAMES)
+        _choice("data.partition", self.partition, PARTITION_SCHEMES)
+        _number("data.alpha", self.alpha, low=0.0, low_open=True)
+        _non_negative_int("data.train_limit", self.train_limit)
+        _non_negative_int("data.dev_limit", self.dev_limit)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Clients, ranks, rounds and the aggregation strategy."""
+
+    strategy: str = field(
+        default="hlora",
+        metadata=_help(f"aggregation strategy or reference mode: {', '.join(ALL_MODES)}"),
+    )
+    num_clients: int = field(default=10, metadata=_help("number of clients"))
+    clients_per_round: int = field(
+        default=0, metadata=_help("clients sampled each round (0: all take part)")
+    )
+    rounds: int = field(default=8, metadata=_help("federated rounds"))
+    rank_rule: str = field(
+        default="cycle",
+        metadata=_help(
+            "'cycle': client k gets ranks[k % len(ranks)]; 'list': one rank per client; "
+            "'memory': the largest rank in ranks whose adapter training state (16 bytes per LoRA "
+            "parameter: weight, gradient, two AdamW moments) fits the client's memory_budgets_mb"
+        ),
+    )
+    ranks: tuple[int, ...] = field(default=(2, 4, 8, 16), metadata=_help("LoRA ranks"))
+    memory_budgets_mb: tuple[float, ...] = field(
+        default=(),
+        metadata=_help(
+            "per-client adapter memory budget in MiB (rank_rule = 'memory'), cycled over clients"
+        ),
+    )
+    centralized_rank: int = field(
+        default=0, metadata=_help("rank of the 'centralized' reference (0: the largest of ranks)")
+    )
+    min_clients: int = field(
+        default=1,
+        metadata=_help("a round needs at least this many valid updates, else the run stops"),
+    )
+    seed: int = field(default=0, metadata=_help("seed of partitions, sampling and training"))
+
+    def __post_init__(self) -> None:
+        _choice("federation.strategy", self.strategy, ALL_MODES)
+        _positive_int("federation.num_clients", self.num_clients)
+        _non_negative_int("federation.clients_per_round", self.clients_per_round)
+        if self.clients_per_round > self.num_clients:
+            raise _fail(
+                "federation.clients_per_round",
+                self.clients_per_round,
+                f"at most federation.num_clients = {self.num_clients}",
+            )
+        _positive_int("federation.rounds", self.rounds)
+        _choice("federation.rank_rule", self.rank_rule, RANK_RULES)
+        if not self.ranks:
+            raise _fail("federation.ranks", [], "expected at least one rank")
+        for r in self.ranks:
+            _positive_int("federation.ranks", r)
+        if self.rank_rule == "list" and len(self.ranks) != self.num_clients:
+            raise _fail(
+                "federation.ranks",
+                list(self.ranks),
+                f"rank_rule 'list' needs one rank per client ({self.num_clients})",
+            )
+        if self.rank_rule == "memory":
+            if not self.memory_budgets_mb:
+                raise _fail(
+                    "federation.memory_budgets_mb",
+                    [],
+                    "rank_rule 'memory' needs at least one budget",
+                )
+            for b in self.memory_budgets_mb:
+                _number("federation.memory_budgets_mb", b, low=0.0, low_open=True)
+        _non_negative_int("federation.centralized_rank", self.centralized_rank)
+        _positive_int("federation.min_clients", self.min_clients)
+        _non_negative_int("federation.seed", self.seed)
+        if self.strategy == "fedavg" and self.rank_rule != "memory" and len(set(self.ranks)) > 1:
+            raise _fail(
+                "federation.ranks",
+                list(self.ranks),
+                "strategy 'fedavg' needs one rank for every client",
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training of each client in each round."""
+
+    local_epochs: float = field(
+        default=1.0, metadata=_help("passes over the client's data per round (fractions allowed)")
+    )
+    batch_size: int = field(default=16, metadata=_help("examples per step"))
+    learning_rate: float = field(default=5e-4, metadata=_help("AdamW learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    warmup_ratio: float = field(
+        default=0.1,
+        metadata=_help("share of a round's steps with linear warm-up (then linear decay)"),
+    )
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: off)"))
+    device: str = field(default="auto", metadata=_help("'auto', 'cpu' or 'cuda'"))
+
+    def __post_init__(self) -> None:
+        _number("train.local_epochs", self.local_epochs, low=0.0, low_open=True)
+        _positive_int("train.batch_size", self.batch_size)
+        _number("train.learning_rate", self.learning_rate, low=0.0, low_open=True, high=1.0)
+        _number("train.weight_decay", self.weight_decay, low=0.0)
+        _number("train.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        _number("train.max_grad_norm", self.max_grad_norm, low=0.0)
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server-side aggregation and evaluation."""
+
+    global_rank: int = field(
+        default=0,
+        metadata=_help(
+            "keep at most this many components of the global update (0: every exact one)"
+        ),
+    )
+    svd_method: str = field(default="auto", metadata=_help(f"one of {', '.join(SVD_METHODS)}"))
+    eval_every: int = field(
+        default=1,
+        metadata=_help("evaluate the global model every N rounds (the last round always)"),
+    )
+    eval_truncations: str = field(
+        default="final",
+        metadata=_help(
+            "also evaluate each client rank's truncation of the global update: "
+            f"{', '.join(TRUNCATION_EVALS)}"
+        ),
+    )
+    eval_batch_size: int = field(default=64, metadata=_help("examples per evaluation step"))
+
+    def __post_init__(self) -> None:
+        _non_negative_int("server.global_rank", self.global_rank)
+        _choice("server.svd_method", self.svd_method, SVD_METHODS)
+        _positive_int("server.eval_every", self.eval_every)
+        _choice("server.eval_truncations", self.eval_truncations, TRUNCATION_EVALS)
+        _positive_int("server.eval_batch_size", self.eval_batch_size)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the run folder goes."""
+
+    dir: str = field(default="runs", metadata=_help("parent folder of run folders"))
+    name: str = field(default="", metadata=_help("run folder name (empty: task-strategy-time)"))
+    progress: bool = field(default=True, metadata=_help("show progress bars"))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dir, str) or not self.dir:
+            raise _fail("output.dir", self.dir, "expected a non-empty path")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), suitable for TOML/JSON."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            return value
+
+        return {
+            section.name: {
+                f.name: plain(getattr(getattr(self, section.name), f.name))
+                for f in fields(getattr(self, section.name))
+            }
+            for section in fields(self)
+        }
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: f.default_factory for f in fields(RunConfig)}  # type: ignore[misc]
+
+
+def _coerce(section: type, key: str, value: Any) -> Any:
+    """Turn TOML lists into tuples for tuple fields."""
+    annotations = {f.name: str(f.type) for f in fields(section)}
+    if annotations[key].startswith("tuple") and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from nested mappings, rejecting unknown keys.
+
+    Raises:
+        ConfigError: Unknown section or key, or a bad value.
+    """
+    sections = _section_types()
+    built: dict[str, Any] = {}
+    for name, body in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section '{name}' (allowed: {', '.join(sections)})")
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"config section '{name}' must be a table, got {body!r}")
+        cls = sections[name]
+        allowed = [f.name for f in fields(cls)]
+        unknown = [k for k in body if k not in allowed]
+        if unknown:
+            raise ConfigError(
+                f"unknown config key '{name}.{unknown[0]}' (allowed in [{name}]: "
+                f"{', '.join(allowed)})"
+            )
+        try:
+            built[name] = cls(**{k: _coerce(cls, k, v) for k, v in body.items()})
+        except TypeError as err:  # e.g. a list where a scalar belongs
+            raise ConfigError(f"invalid config section '{name}': {err}") from err
+    return RunConfig(**built)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse one ``--set section.key=value`` (value in TOML syntax, bare words as strings).
+
+    Raises:
+        ConfigError: When the text is not ``section.key=value``.
+    """
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"invalid --set '{text}': expected section.key=value")
+    path, raw_value = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML file (or the defaults), apply ``--set`` overrides, validate.
+
+    Args:
+        path: A TOML file with any of the sections ``model``, ``data``, ``federation``,
+            ``train``, ``server``, ``output``; None for the defaults.
+        overrides: ``section.key=value`` strings, applied after the file.
+
+    Raises:
+        ConfigError: Missing/unreadable file, bad TOML, unknown key or bad value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file '{p}' is not valid TOML: {err}") from err
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"config section '{section}' must be a table")
+        raw[section][key] = value
+    return config_from_dict(raw)
+
+
+def replace(config: RunConfig, **sections: Mapping[str, Any]) -> RunConfig:
+    """A copy of ``config`` with some fields of some sections changed (validated again)."""
+    changed = {
+        name: dataclasses.replace(getattr(config, name), **values)
+        for name, values in sections.items()
+    }
+    return dataclasses.replace(config, **changed)
+
+
+def to_toml(config: RunConfig) -> str:
+    """Serialize a config as TOML (the resolved config written into each run folder)."""
+    lines: list[str] = []
+    for section, body in config.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in body.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

@@ -1,0 +1,1 @@
+"""Engines: how instructions reach clients (in-process simulation, Flower)."""

@@ -1,0 +1,70 @@
+"""Export a finished (or interrupted) run: a peft adapter at any rank, or the merged model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hlora.checkpoint import load_state
+from hlora.errors import CheckpointError, ConfigError
+from hlora.federation import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    best_rank_factors,
+    fingerprint,
+    global_delta,
+)
+
+
+def export_run(
+    run_dir: Path, *, rank: int, out: str | None = None, merged: str | None = None
+) -> Path:
+    """Write the run's global model at ``rank`` as a peft adapter, or merged (``merged``).
+
+    The adapter holds the best rank-``rank`` approximation of the run's whole update
+    (Eckart-Young, through the factored SVD) and the aggregated head; load it with
+    ``PeftModel.from_pretrained(base_model, folder)``. ``merged`` writes the base model with the
+    whole (untruncated) update merged into its weights, with ``save_pretrained``, plus the
+    tokenizer.
+
+    Raises:
+        CheckpointError: Not a run folder, or no finished round.
+        ConfigError: A rank < 1.
+    """
+    from hlora.adapters import LoraBank
+    from hlora.config import load_config
+    from hlora.models import load_backbone
+
+    if rank < 1:
+        raise ConfigError(f"invalid --rank {rank}: expected an integer >= 1")
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
+    config = load_config(config_path)
+    state = load_state(run_dir / CHECKPOINT_FILE, fingerprint(config))
+    if state.round_num == 0:
+        raise CheckpointError(f"run '{run_dir}' has no finished round to export")
+    delta = global_delta(state)
+    if not delta:
+        raise CheckpointError(
+            f"run '{run_dir}' has no global update (strategy "
+            f"'{config.federation.strategy}' keeps one adapter per client)"
+        )
+    backbone = load_backbone(
+        config.model.name, len(next(iter(state.extras.values()))), seed=config.federation.seed
+    )
+    bank = LoraBank(
+        backbone,
+        [rank],
+        scaling=config.model.lora_scaling,
+        target_modules=config.model.target_modules or None,
+    )
+    if merged:
+        target = Path(merged)
+        dense = {n: d.dense() for n, d in delta.items()}
+        model = bank.merged_model(dense, state.extras)
+        model.save_pretrained(target)
+        backbone.tokenizer.save_pretrained(target)
+        return target
+    factors = best_rank_factors(delta, rank, bank.scaling)
+    target = Path(out) if out else run_dir / "export" / f"r{rank}"
+    return bank.export_peft(rank, factors, state.extras, target)

@@ -1,0 +1,360 @@
+"""Build a whole federation from a :class:`RunConfig` and run it (the ``hlora run`` job).
+
+Everything that can fail on bad input (config, data, model, ranks) is checked before the run
+folder is created, so a bad invocation leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hlora.adapters import LayerShape, LoraBank
+from hlora.aggregation import AggregationOptions, UpdateSpec, get_strategy
+from hlora.aggregation.factored import qr_svd
+from hlora.checkpoint import ServerState, load_state
+from hlora.config import ADAPTER_BYTES_PER_PARAM, RunConfig, load_config, to_toml
+from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
+from hlora.data.glue import Example, TaskData, load_task
+from hlora.data.partition import partition_indices
+from hlora.engines.inprocess import InProcessTransport
+from hlora.errors import CheckpointError, ConfigError
+from hlora.models import Backbone, load_backbone
+from hlora.report import MetricsLog, RoundProgress, plot_convergence, summarize, write_json
+from hlora.runtime import Features, ModelRuntime, resolve_device
+from hlora.server import ClientSlot, LoopSettings, RoundLoop
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.toml"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "convergence.png"
+
+
+def fingerprint(config: RunConfig) -> str:
+    """Hash of everything that changes results (the output section is left out)."""
+    body = config.to_dict()
+    body.pop("output", None)
+    return hashlib.sha256(repr(sorted(body.items())).encode()).hexdigest()[:16]
+
+
+def assign_ranks(config: RunConfig, shapes: dict[str, LayerShape]) -> list[int]:
+    """Each client's LoRA rank, by ``federation.rank_rule`` (see :class:`FederationConfig`).
+
+    Raises:
+        ConfigError: A memory budget too small for the smallest rank.
+    """
+    fed = config.federation
+    n = fed.num_clients
+    if fed.rank_rule == "list":
+        return list(fed.ranks)
+    if fed.rank_rule == "cycle":
+        return [fed.ranks[k % len(fed.ranks)] for k in range(n)]
+    per_rank = sum(s.in_features + s.out_features for s in shapes.values())
+    ranks = []
+    for k in range(n):
+        budget = fed.memory_budgets_mb[k % len(fed.memory_budgets_mb)]
+        fits = [r for r in fed.ranks if ADAPTER_BYTES_PER_PARAM * r * per_rank <= budget * 2**20]
+        if not fits:
+            need = ADAPTER_BYTES_PER_PARAM * min(fed.ranks) * per_rank / 2**20
+            raise ConfigError(
+                f"invalid value for 'federation.memory_budgets_mb': client {k} has {budget} MiB, "
+                f"the smallest rank {min(fed.ranks)} needs {need:.2f} MiB"
+            )
+        ranks.append(max(fits))
+    return ranks
+
+
+def _pair_examples(examples: Sequence[Example], backbone: Backbone) -> list[Example]:
+    """Decoders get an explicit newline between the two texts (their tokenizers add none)."""
+    if backbone.architecture != "decoder":
+        return list(examples)
+    return [Example(e.text_a, "\n" + e.text_b, e.label) for e in examples]
+
+
+@dataclass
+class Federation:
+    """Everything a run needs, built and checked."""
+
+    config: RunConfig
+    task: TaskData
+    backbone: Backbone
+    runtime: ModelRuntime
+    clients: list[ClientSlot]
+    train_features: Mapping[str, Features]
+    dev_features: Features
+    spec: UpdateSpec
+    initial_extras: dict[str, torch.Tensor]
+
+
+def build_federation(config: RunConfig) -> Federation:
+    """Load data and model, partition, assign ranks, tokenize (no files written).
+
+    Raises:
+        HloraError: Any bad input (config, data, model, ranks).
+    """
+    fed = config.federation
+    task = load_task(
+        config.data.task,
+        config.data.data_dir or None,
+        train_limit=config.data.train_limit or None,
+        dev_limit=config.data.dev_limit or None,
+    )
+    backbone = load_backbone(config.model.name, task.task.num_labels, seed=fed.seed)
+    centralized = fed.strategy == "centralized"
+    # Ranks need the layer shapes; a probe bank is cheap to avoid: compute shapes from a bank.
+    targets = config.model.target_modules or None
+    if centralized:
+        labels = [e.label for e in task.train]
+        parts = [list(range(len(labels)))]
+        ranks = [fed.centralized_rank or max(fed.ranks)]
+        ids = ["central"]
+    else:
+        labels = [e.label for e in task.train]
+        parts = partition_indices(
+            labels,
+            fed.num_clients,
+            config.data.partition,
+            alpha=config.data.alpha,
+            seed=fed.seed,
+        )
+        ids = [f"client{k:02d}" for k in range(fed.num_clients)]
+        ranks = []  # filled after the bank knows the shapes
+    bank = LoraBank(
+        backbone,
+        sorted(set(ranks or fed.ranks)),
+        scaling=config.model.lora_scaling,
+        target_modules=targets,
+        dropout=config.model.lora_dropout,
+    )
+    if not centralized:
+        ranks = assign_ranks(config, bank.layer_shapes())
+    device = resolve_device(config.train.device)
+    collator = DynamicPaddingCollator(backbone.tokenizer)
+    runtime = ModelRuntime(bank, collator, config.train, device)
+    train_all = tokenize_pairs(
+        backbone.tokenizer, _pair_examples(task.train, backbone), config.model.max_length
+    )
+    dev = tokenize_pairs(
+        backbone.tokenizer, _pair_examples(task.dev, backbone), config.model.max_length
+    )
+    clients = [
+        ClientSlot(cid, rank, len(part)) for cid, rank, part in zip(ids, ranks, parts, strict=True)
+    ]
+    features = {cid: [train_all[i] for i in part] for cid, part in zip(ids, parts, strict=True)}
+    shapes = bank.layer_shapes()
+    first_rank = bank.ranks[0]
+    extras = bank.get_extras(first_rank)
+    spec = UpdateSpec(
+        layers={n: (s.out_features, s.in_features) for n, s in shapes.items()},
+        extras={n: tuple(t.shape) for n, t in extras.items()},
+    )
+    return Federation(config, task, backbone, runtime, clients, features, dev, spec, extras)
+
+
+def loop_settings(config: RunConfig) -> LoopSettings:
+    """The round loop's settings for a config (reference modes mapped onto strategies)."""
+    fed = config.federation
+    mode = fed.strategy
+    if mode == "centralized":
+        mode = "hlora"  # one client: aggregation is the identity
+    elif mode != "local":
+        get_strategy(mode)
+    return LoopSettings(
+        mode=mode,
+        rounds=fed.rounds,
+        clients_per_round=0 if fed.strategy == "centralized" else fed.clients_per_round,
+        scaling=config.model.lora_scaling,
+        seed=fed.seed,
+        min_clients=1 if fed.strategy == "centralized" else fed.min_clients,
+        eval_every=config.server.eval_every,
+        eval_truncations=config.server.eval_truncations,
+        options=AggregationOptions(
+            global_rank=config.server.global_rank or None,
+            svd_method=config.server.svd_method,
+            seed=fed.seed,
+        ),
+    )
+
+
+def make_loop(federation: Federation, run_dir: Path, progress: RoundProgress) -> RoundLoop:
+    """The round loop over the in-process engine."""
+    config = federation.config
+    runtime = federation.runtime
+    metric_names = federation.task.task.metrics
+
+    def evaluate(
+        deltas: Any, extras: Any, *, base_version: int, base_delta: Any
+    ) -> dict[str, float]:
+        return runtime.evaluate(
+            deltas,
+            extras,
+            federation.dev_features,
+            metric_names,
+            config.server.eval_batch_size,
+            base_version=base_version,
+            base_delta=base_delta,
+        )
+
+    transport = InProcessTransport(runtime, federation.train_features, progress.client_done)
+    return RoundLoop(
+        loop_settings(config),
+        federation.clients,
+        federation.spec,
+        federation.initial_extras,
+        transport,
+        evaluate,
+        MetricsLog(run_dir / "metrics.jsonl"),
+        run_dir / CHECKPOINT_FILE,
+        fingerprint(config),
+        progress,
+    )
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    """A fresh run folder path (not created)."""
+    name = config.output.name or (
+        f"{config.data.task}-{config.federation.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    return Path(config.output.dir) / name
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a finished run's outputs are and its summary."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def run(
+    config: RunConfig, *, run_dir: Path | None = None, progress: bool | None = None
+) -> RunResult:
+    """Run a whole federation in this process and write the run folder.
+
+    Args:
+        config: The validated configuration.
+        run_dir: Folder to write (default: :func:`new_run_dir`); must not hold another run.
+        progress: Show progress (default: ``config.output.progress``).
+
+    Raises:
+        HloraError: Bad input, or a round that cannot go on.
+    """
+    target = run_dir or new_run_dir(config)
+    if (target / CONFIG_FILE).exists():
+        raise ConfigError(
+            f"run folder '{target}' already holds a run: use 'hlora run --resume {target}' "
+            "or another output.name"
+        )
+    federation = build_federation(config)  # every input check happens here, before writing
+    target.mkdir(parents=True, exist_ok=True)
+    (target / CONFIG_FILE).write_text(to_toml(config), encoding="utf-8")
+    write_json(target / "clients.json", [c.__dict__ for c in federation.clients])
+    show = config.output.progress if progress is None else progress
+    with RoundProgress(config.federation.rounds, enabled=show) as bar:
+        loop = make_loop(federation, target, bar)
+        state = loop.run()
+    return finish(federation, target, state)
+
+
+def resume(run_dir: Path, *, progress: bool | None = None) -> RunResult:
+    """Continue a run from its last finished round.
+
+    Raises:
+        CheckpointError: Missing config or corrupt checkpoint.
+    """
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
+    config = load_config(config_path)
+    checkpoint = run_dir / CHECKPOINT_FILE
+    state: ServerState | None = None
+    if checkpoint.exists():
+        state = load_state(checkpoint, fingerprint(config))
+    federation = build_federation(config)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics.truncate_to_round(state.round_num if state else 0)
+    show = config.output.progress if progress is None else progress
+    with RoundProgress(config.federation.rounds, enabled=show) as bar:
+        loop = make_loop(federation, run_dir, bar)
+        state = loop.run(state)
+    return finish(federation, run_dir, state)
+
+
+def global_delta(state: ServerState) -> dict[str, Any]:
+    """The whole update relative to the pretrained weights, per layer, as ``LowRankDelta``."""
+    if state.base_delta is not None:
+        return dict(state.base_delta)
+    if state.global_update is not None:
+        return dict(state.global_update.layers)
+    return {}
+
+
+def best_rank_factors(
+    delta: Any, rank: int, scaling: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Best rank-``rank`` LoRA factors ``(A (r, in), B (out, r))`` of each layer's update."""
+    out = {}
+    for name, d in delta.items():
+        u, s, vh = qr_svd((d.left * d.scale).unsqueeze(0), d.right.unsqueeze(0))
+        k = min(rank, s.shape[-1])
+        root = s[0, :k].clamp_min(0).sqrt() / scaling**0.5
+        b = u[0, :, :k] * root
+        a = root.unsqueeze(-1) * vh[0, :k]
+        if k < rank:
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
+            a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
+        out[name] = (a.float().contiguous(), b.float().contiguous())
+    return out
+
+
+def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResult:
+    """Write the summary, the plot and one peft adapter per rank used."""
+    config = federation.config
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    summary = summarize(records, federation.task.task.metrics)
+    summary.update(
+        {
+            "task": config.data.task,
+            "strategy": config.federation.strategy,
+            "model": config.model.name,
+            "comparable_to_glue": federation.task.task.comparable_to_glue,
+            "ranks": sorted({c.rank for c in federation.clients}),
+            "run_dir": str(run_dir),
+        }
+    )
+    write_json(run_dir / SUMMARY_FILE, summary)
+    plot_convergence(
+        {config.federation.strategy: records},
+        federation.task.task.metrics[-1],
+        run_dir / PLOT_FILE,
+        title=f"{config.data.task} · {config.model.name}",
+    )
+    if config.federation.strategy != "local":
+        export_adapters(federation, state, run_dir / "adapters")
+    return RunResult(run_dir, summary)
+
+
+def export_adapters(federation: Federation, state: ServerState, folder: Path) -> list[Path]:
+    """One peft adapter folder per rank used (``folder/r{rank}``), best rank-r of the update."""
+    bank = federation.runtime.bank
+    delta = global_delta(state)
+    paths = []
+    for rank in sorted({c.rank for c in federation.clients}):
+        factors = best_rank_factors(delta, rank, bank.scaling)
+        paths.append(bank.export_peft(rank, factors, state.extras, folder / f"r{rank}"))
+    return paths
+
+
+def set_thread_env() -> None:
+    """Keep tokenizers quiet in forked processes."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

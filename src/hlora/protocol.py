@@ -1,0 +1,100 @@
+"""What travels between the server's round loop and the clients, whatever the engine.
+
+The round loop (:mod:`hlora.server`) is written once against :class:`Transport`; the in-process
+engine and the Flower engine implement it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+from hlora.aggregation import ClientUpdate, LoraFactors, LowRankDelta
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """What the server sends one client for one round.
+
+    Attributes:
+        client_id: The client.
+        round_num: The round, from 1.
+        rank: The client's LoRA rank.
+        scaling: The LoRA scaling ``s`` (shared by every rank).
+        factors: Starting factors at ``rank``; None: a fresh LoRA init from ``init_seed``.
+        extras: Starting head (other trainable tensors).
+        init_seed: Seed of the fresh LoRA init (used when ``factors`` is None).
+        train_seed: Seed of this client's data order and dropout in this round.
+        base_version: Number of merged updates the frozen base must carry (``flora``).
+        base_delta: The cumulative merged update relative to the pretrained weights, per layer
+            (``flora``); None when the base stays the pretrained model.
+    """
+
+    client_id: str
+    round_num: int
+    rank: int
+    scaling: float
+    factors: Mapping[str, LoraFactors] | None
+    extras: Mapping[str, Tensor]
+    init_seed: int
+    train_seed: int
+    base_version: int = 0
+    base_delta: Mapping[str, LowRankDelta] | None = None
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A client's answer: its update and how training went."""
+
+    update: ClientUpdate
+    loss: float
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A client that did not deliver an update this round (error, timeout, disconnect)."""
+
+    client_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """Everything the transport collected for one round."""
+
+    replies: Sequence[TrainReply]
+    failures: Sequence[ClientFailure] = field(default_factory=tuple)
+
+
+class Transport(Protocol):
+    """Sends each client its instruction and collects the replies of one round."""
+
+    def run_round(self, instructions: Sequence[TrainInstruction]) -> RoundResult: ...
+
+
+def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
+    """Bytes of the tensors' payload (``numel * element_size``)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def instruction_bytes(instruction: TrainInstruction) -> int:
+    """Payload a server sends for one instruction (factors, head, and a flora base delta)."""
+    total = tensor_bytes(instruction.extras)
+    if instruction.factors is not None:
+        total += sum(tensor_bytes({"A": f.A, "B": f.B}) for f in instruction.factors.values())
+    if instruction.base_delta is not None:
+        total += sum(
+            tensor_bytes({"l": d.left, "r": d.right}) for d in instruction.base_delta.values()
+        )
+    return total
+
+
+def update_bytes(update: ClientUpdate) -> int:
+    """Payload a client sends back (its factors and head)."""
+    factors = sum(tensor_bytes({"A": f.A, "B": f.B}) for f in update.factors.values())
+    return factors + tensor_bytes(dict(update.extras))

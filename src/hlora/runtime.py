@@ -1,0 +1,211 @@
+"""One process's model: a frozen backbone with its LoRA bank, training and evaluation.
+
+In simulation a single :class:`ModelRuntime` serves every client (only adapter weights are
+swapped, so memory does not grow with the number of clients); a Flower node holds one for its
+own client.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import get_linear_schedule_with_warmup
+
+from hlora.adapters import LoraBank
+from hlora.aggregation import ClientUpdate, LoraFactors, LowRankDelta
+from hlora.config import TrainConfig
+from hlora.data.collate import DynamicPaddingCollator, length_grouped_batches
+from hlora.metrics import compute_metrics
+from hlora.protocol import TrainInstruction, TrainReply
+
+logger = logging.getLogger(__name__)
+
+Features = Sequence[dict[str, Any]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRuntime:
+    """Trains and evaluates on one shared frozen model.
+
+    Args:
+        bank: The LoRA bank (one adapter slot per rank) on the backbone.
+        collator: Pads a list of tokenized features into a batch.
+        train: Local training settings.
+        device: Where the model runs.
+    """
+
+    def __init__(
+        self,
+        bank: LoraBank,
+        collator: DynamicPaddingCollator,
+        train: TrainConfig,
+        device: torch.device,
+    ) -> None:
+        self.bank = bank
+        self.collator = collator
+        self.train_config = train
+        self.device = device
+        bank.model.to(device)
+        # Pretrained weights of the adapted layers: (out, in) each, for exact base resets.
+        self._pretrained = {n: bank.base_weight(n).clone() for n in bank.layer_names()}
+        self._base_version = 0
+
+    # -- the frozen base (flora merges) -------------------------------------------------
+
+    def sync_base(self, version: int, delta: Mapping[str, LowRankDelta] | None) -> None:
+        """Make the frozen base ``W0 + delta`` (``delta`` None: ``W0``), tagged ``version``."""
+        if version == self._base_version:
+            return
+        with torch.no_grad():
+            for name, w0 in self._pretrained.items():
+                weight = self.bank.base_weight(name)
+                if delta is None or name not in delta:
+                    weight.copy_(w0)
+                else:
+                    d = delta[name].dense().to(device=w0.device, dtype=torch.float32)
+                    weight.copy_((w0.float() + d).to(w0.dtype))
+        self._base_version = version
+
+    # -- training ------------------------------------------------------------------------
+
+    def train_client(self, instruction: TrainInstruction, features: Features) -> TrainReply:
+        """Local training of one client (see :class:`TrainConfig`).
+
+        AdamW over the active adapter's factors and head, linear warm-up then decay, gradient
+        clipping, length-grouped batches with dynamic padding, bf16 autocast on CUDA. Data
+        order and dropout are seeded by ``instruction.train_seed``.
+
+        Returns:
+            The client's update (factors ``A (r, in)``, ``B (out, r)`` and head) and its mean
+            training loss.
+        """
+        start = time.perf_counter()
+        cfg = self.train_config
+        rank = instruction.rank
+        bank = self.bank
+        self.sync_base(instruction.base_version, instruction.base_delta)
+        bank.activate(rank)
+        if instruction.factors is None:
+            bank.set_factors(rank, bank.init_factors(rank, instruction.init_seed))
+        else:
+            bank.set_factors(rank, {n: (f.A, f.B) for n, f in instruction.factors.items()})
+        bank.set_extras(rank, instruction.extras)
+        params = bank.trainable_parameters(rank)
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        lengths = [len(f["input_ids"]) for f in features]
+        batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
+        total_steps = max(1, math.ceil(cfg.local_epochs * batches_per_epoch))
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+        )
+        torch.manual_seed(instruction.train_seed)
+        model = bank.model
+        model.train()
+        losses: list[float] = []
+        step = 0
+        epoch = 0
+        while step < total_steps:
+            order = length_grouped_batches(
+                lengths, cfg.batch_size, shuffle=True, seed=instruction.train_seed + epoch
+            )
+            for batch_idx in order:
+                if step >= total_steps:
+                    break
+                batch = self._batch([features[i] for i in batch_idx])
+                with self._autocast():
+                    loss = model(**batch).loss
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                step += 1
+            epoch += 1
+        model.eval()
+        factors = {
+            n: LoraFactors(A=a.cpu(), B=b.cpu()) for n, (a, b) in bank.get_factors(rank).items()
+        }
+        extras = {n: t.cpu() for n, t in bank.get_extras(rank).items()}
+        update = ClientUpdate(
+            client_id=instruction.client_id,
+            num_examples=len(features),
+            rank=rank,
+            scaling=instruction.scaling,
+            factors=factors,
+            extras=extras,
+        )
+        mean_loss = sum(losses) / len(losses) if losses else math.nan
+        return TrainReply(update, mean_loss, step, time.perf_counter() - start)
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        deltas: Mapping[str, Tensor],
+        extras: Mapping[str, Tensor],
+        features: Features,
+        metric_names: Sequence[str],
+        batch_size: int,
+        *,
+        base_version: int = 0,
+        base_delta: Mapping[str, LowRankDelta] | None = None,
+    ) -> dict[str, float]:
+        """Metrics of the model ``W0 + base_delta + deltas`` with head ``extras``.
+
+        Args:
+            deltas: Layer name -> dense update ``(out, in)`` on top of the base.
+            extras: The head.
+            features: Tokenized evaluation examples (with ``labels``).
+            metric_names: E.g. ``("accuracy", "f1")``.
+            batch_size: Examples per forward pass.
+            base_version: Version tag of ``base_delta`` (see :meth:`sync_base`).
+            base_delta: Cumulative merged update of the base (flora), or None.
+
+        Returns:
+            The metrics and the mean cross-entropy ``loss``.
+        """
+        self.sync_base(base_version, base_delta)
+        moved = {n: d.to(self.device) for n, d in deltas.items()}
+        preds: list[int] = []
+        labels: list[int] = []
+        total_loss = 0.0
+        lengths = [len(f["input_ids"]) for f in features]
+        order = length_grouped_batches(lengths, batch_size, shuffle=False, seed=0)
+        with self.bank.evaluating_dense(moved, extras) as model, torch.no_grad():
+            for batch_idx in order:
+                batch = self._batch([features[i] for i in batch_idx])
+                with self._autocast():
+                    out = model(**batch)
+                logits = out.logits.float()
+                total_loss += float(
+                    torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+                )
+                preds.extend(logits.argmax(-1).tolist())
+                labels.extend(batch["labels"].tolist())
+        metrics = compute_metrics(metric_names, preds, labels)
+        metrics["loss"] = total_loss / max(1, len(labels))
+        return metrics
+
+    def _batch(self, features: Features) -> dict[str, Tensor]:
+        batch = self.collator(features)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _autocast(self) -> Any:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()

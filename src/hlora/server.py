@@ -1,0 +1,339 @@
+"""The federated round loop, written once against :class:`hlora.protocol.Transport`.
+
+Each round: pick the clients, send each its instruction (factors at its own rank), collect the
+replies, validate and aggregate them with the chosen strategy (a client whose update fails
+validation is dropped with a logged reason), evaluate the global model, append a metrics record
+and checkpoint the state. The in-process engine and the Flower engine both drive this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hlora.aggregation import (
+    AggregationOptions,
+    ClientUpdate,
+    GlobalUpdate,
+    InvalidUpdateError,
+    LowRankDelta,
+    UpdateSpec,
+    get_strategy,
+)
+from hlora.checkpoint import ClientState, ServerState, save_state
+from hlora.errors import HloraError
+from hlora.protocol import (
+    RoundResult,
+    TrainInstruction,
+    Transport,
+    instruction_bytes,
+    update_bytes,
+)
+from hlora.report import MetricsLog, RoundProgress
+
+logger = logging.getLogger(__name__)
+
+
+class FederationError(HloraError):
+    """A round cannot go on (e.g. fewer valid updates than ``min_clients``)."""
+
+
+@dataclass(frozen=True)
+class ClientSlot:
+    """The server's view of one client."""
+
+    client_id: str
+    rank: int
+    num_examples: int
+
+
+EvaluateFn = Callable[..., dict[str, float]]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the round loop needs from the run configuration."""
+
+    mode: str  # a strategy name, or "local"
+    rounds: int
+    clients_per_round: int  # 0: all
+    scaling: float
+    seed: int
+    min_clients: int
+    eval_every: int
+    eval_truncations: str  # never | final | every
+    options: AggregationOptions
+
+
+def _seed(*parts: int) -> int:
+    """A deterministic 31-bit seed from integers (independent of Python's hash seed)."""
+    value = 0x345678
+    for p in parts:
+        value = (value * 1_000_003 + p + 0x9E3779B1) % (2**31 - 1)
+    return value
+
+
+class RoundLoop:
+    """Drives rounds over a transport (see the module docstring).
+
+    Args:
+        settings: Loop settings.
+        clients: Every client of the federation.
+        spec: Expected layers and head shapes of every update.
+        initial_extras: The pretrained model's head (the starting global head).
+        transport: Delivers instructions and collects replies.
+        evaluate: ``evaluate(deltas, extras, base_version=..., base_delta=...) -> metrics``.
+        metrics: The run's metrics log.
+        checkpoint_path: Where the state is saved after every round.
+        fingerprint: Identifies the configuration (stored in checkpoints).
+        progress: Terminal progress display.
+    """
+
+    def __init__(
+        self,
+        settings: LoopSettings,
+        clients: Sequence[ClientSlot],
+        spec: UpdateSpec,
+        initial_extras: Mapping[str, Tensor],
+        transport: Transport,
+        evaluate: EvaluateFn,
+        metrics: MetricsLog,
+        checkpoint_path: Path,
+        fingerprint: str,
+        progress: RoundProgress,
+    ) -> None:
+        self.settings = settings
+        self.clients = {c.client_id: c for c in clients}
+        self.order = [c.client_id for c in clients]
+        self.spec = spec
+        self.initial_extras = {k: v.detach().cpu().clone() for k, v in initial_extras.items()}
+        self.transport = transport
+        self.evaluate = evaluate
+        self.metrics = metrics
+        self.checkpoint_path = checkpoint_path
+        self.fingerprint = fingerprint
+        self.progress = progress
+        self.strategy = None if settings.mode == "local" else get_strategy(settings.mode)
+
+    def initial_state(self) -> ServerState:
+        """The state before round 1."""
+        return ServerState(round_num=0, global_update=None, extras=dict(self.initial_extras))
+
+    # -- one round -----------------------------------------------------------------------
+
+    def sample(self, round_num: int) -> list[str]:
+        """The clients taking part in ``round_num`` (seeded; all when clients_per_round = 0)."""
+        k = self.settings.clients_per_round
+        if k == 0 or k >= len(self.order):
+            return list(self.order)
+        rng = random.Random(_seed(self.settings.seed, round_num, 7))
+        chosen = set(rng.sample(self.order, k))
+        return [c for c in self.order if c in chosen]
+
+    def instruction(self, state: ServerState, client_id: str, round_num: int) -> TrainInstruction:
+        """What ``client_id`` gets in ``round_num``."""
+        slot = self.clients[client_id]
+        s = self.settings
+        index = self.order.index(client_id)
+        factors = None
+        extras: Mapping[str, Tensor] = state.extras
+        init_seed = _seed(s.seed, 0, 1)  # round 1: one common init per rank
+        if s.mode == "local":
+            own = state.local.get(client_id)
+            if own is not None:
+                factors, extras = own.factors, own.extras
+        elif state.global_update is not None and not state.global_update.merge_into_base:
+            factors = state.global_update.client_factors(slot.rank, s.scaling)
+        elif state.global_update is not None:  # flora: fresh adapters every round
+            init_seed = _seed(s.seed, round_num, 1)
+        return TrainInstruction(
+            client_id=client_id,
+            round_num=round_num,
+            rank=slot.rank,
+            scaling=s.scaling,
+            factors=factors,
+            extras=extras,
+            init_seed=init_seed,
+            train_seed=_seed(s.seed, round_num, 2, index),
+            base_version=state.base_version,
+            base_delta=state.base_delta,
+        )
+
+    def aggregate(
+        self, updates: list[ClientUpdate], dropped: list[dict[str, str]]
+    ) -> tuple[GlobalUpdate, list[ClientUpdate]]:
+        """Aggregate, dropping (and recording) every client whose update is invalid."""
+        strategy = self.strategy
+        if strategy is None:
+            raise FederationError("the 'local' mode does not aggregate")
+        expected = {cid: slot.rank for cid, slot in self.clients.items()}
+        remaining = list(updates)
+        while True:
+            if len(remaining) < self.settings.min_clients:
+                raise FederationError(
+                    f"only {len(remaining)} valid client updates in this round, fewer than "
+                    f"federation.min_clients = {self.settings.min_clients}"
+                )
+            try:
+                result = strategy.aggregate(remaining, self.settings.options, self.spec, expected)
+                return result, remaining
+            except InvalidUpdateError as err:
+                dropped.append({"client_id": err.client_id, "reason": err.reason})
+                self.progress.log(f"dropped {err.client_id}: {err.reason}")
+                logger.warning("dropping client %s: %s", err.client_id, err.reason)
+                remaining = [u for u in remaining if u.client_id != err.client_id]
+
+    def run_round(self, state: ServerState, round_num: int) -> tuple[ServerState, dict[str, Any]]:
+        """Run one round and return the new state and its metrics record."""
+        start = time.perf_counter()
+        chosen = self.sample(round_num)
+        instructions = [self.instruction(state, cid, round_num) for cid in chosen]
+        self.progress.start_round(round_num, len(instructions))
+        sent = {i.client_id: instruction_bytes(i) for i in instructions}
+        result: RoundResult = self.transport.run_round(instructions)
+        dropped = [{"client_id": f.client_id, "reason": f.reason} for f in result.failures]
+        for f in result.failures:
+            self.progress.log(f"dropped {f.client_id}: {f.reason}")
+        replies = {r.update.client_id: r for r in result.replies}
+        updates = [r.update for r in result.replies]
+        new_state = replace(state, round_num=round_num)
+        if self.settings.mode == "local":
+            if len(updates) < self.settings.min_clients:
+                raise FederationError(
+                    f"only {len(updates)} client updates in this round, fewer than "
+                    f"federation.min_clients = {self.settings.min_clients}"
+                )
+            local = dict(state.local)
+            for u in updates:
+                local[u.client_id] = ClientState(dict(u.factors), dict(u.extras))
+            new_state = replace(new_state, local=local)
+            kept = updates
+        else:
+            aggregate, kept = self.aggregate(updates, dropped)
+            new_state = replace(new_state, global_update=aggregate, extras=dict(aggregate.extras))
+            if aggregate.merge_into_base:
+                new_state = replace(
+                    new_state,
+                    base_version=state.base_version + 1,
+                    base_delta=_accumulate(state.base_delta, aggregate.layers),
+                    global_update=replace(aggregate, layers={}),
+                )
+        kept_ids = {u.client_id for u in kept}
+        clients_record = []
+        for cid in chosen:
+            reply = replies.get(cid)
+            entry: dict[str, Any] = {
+                "client_id": cid,
+                "rank": self.clients[cid].rank,
+                "num_examples": self.clients[cid].num_examples,
+                "bytes_sent": sent[cid],
+                "bytes_received": update_bytes(reply.update) if reply else 0,
+                "loss": reply.loss if reply else None,
+                "seconds": reply.seconds if reply else None,
+                "accepted": cid in kept_ids,
+            }
+            clients_record.append(entry)
+        losses = [
+            replies[c].loss * replies[c].update.num_examples
+            for c in kept_ids
+            if math.isfinite(replies[c].loss)
+        ]
+        weight = sum(replies[c].update.num_examples for c in kept_ids)
+        elapsed = time.perf_counter() - start
+        new_state = replace(new_state, wall_time_s=state.wall_time_s + elapsed)
+        record: dict[str, Any] = {
+            "round": round_num,
+            "strategy": self.settings.mode,
+            "train_loss": sum(losses) / weight if weight else None,
+            "clients": clients_record,
+            "dropped": dropped,
+            "bytes_sent": sum(e["bytes_sent"] for e in clients_record),
+            "bytes_received": sum(e["bytes_received"] for e in clients_record),
+            "round_time_s": elapsed,
+        }
+        final = round_num == self.settings.rounds
+        if final or round_num % self.settings.eval_every == 0:
+            eval_start = time.perf_counter()
+            record["eval"] = self.evaluate_global(new_state)
+            truncations = self.settings.eval_truncations
+            if truncations == "every" or (truncations == "final" and final):
+                by_rank = self.evaluate_truncations(new_state)
+                if by_rank:
+                    record["eval_by_rank"] = by_rank
+            record["eval_time_s"] = time.perf_counter() - eval_start
+        record["wall_time_s"] = new_state.wall_time_s
+        return new_state, record
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def evaluate_global(self, state: ServerState) -> dict[str, float]:
+        """Metrics of the global model (``local``: the mean over the clients' own models)."""
+        if self.settings.mode == "local":
+            per_client = []
+            for cid in self.order:
+                own = state.local.get(cid)
+                if own is None:
+                    continue
+                deltas = {n: f.delta(self.settings.scaling) for n, f in own.factors.items()}
+                per_client.append(
+                    self.evaluate(deltas, own.extras, base_version=0, base_delta=None)
+                )
+            keys = per_client[0].keys()
+            return {k: sum(m[k] for m in per_client) / len(per_client) for k in keys}
+        g = state.global_update
+        deltas = {} if g is None else g.dense_layers()
+        return self.evaluate(
+            deltas, state.extras, base_version=state.base_version, base_delta=state.base_delta
+        )
+
+    def evaluate_truncations(self, state: ServerState) -> dict[str, dict[str, float]]:
+        """Metrics of each client rank's truncation of the global update (not for flora/local)."""
+        g = state.global_update
+        if g is None or g.merge_into_base or self.settings.mode == "local":
+            return {}
+        out = {}
+        for rank in sorted({c.rank for c in self.clients.values()}):
+            factors = g.client_factors(rank, self.settings.scaling)
+            deltas = {n: f.delta(self.settings.scaling) for n, f in factors.items()}
+            out[str(rank)] = self.evaluate(deltas, state.extras, base_version=0, base_delta=None)
+        return out
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self, state: ServerState | None = None) -> ServerState:
+        """Run the remaining rounds from ``state`` (None: from the start)."""
+        state = state or self.initial_state()
+        with self.progress:
+            for round_num in range(state.round_num + 1, self.settings.rounds + 1):
+                state, record = self.run_round(state, round_num)
+                self.metrics.append(record)
+                save_state(self.checkpoint_path, state, self.fingerprint)
+                self.progress.end_round(record)
+        return state
+
+
+def _accumulate(
+    base: Mapping[str, LowRankDelta] | None, increment: Mapping[str, LowRankDelta]
+) -> dict[str, LowRankDelta]:
+    """Concatenate a flora round's increment onto the cumulative base update (exact)."""
+    out = {}
+    for name, inc in increment.items():
+        left = inc.left * inc.scale if inc.scale != 1.0 else inc.left
+        if base is None:
+            out[name] = LowRankDelta(left=left, right=inc.right)
+        else:
+            prev = base[name]
+            out[name] = LowRankDelta(
+                left=torch.cat([prev.left, left], dim=-1),
+                right=torch.cat([prev.right, inc.right], dim=-2),
+            )
+    return out
