@@ -141,10 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers(verbose: bool) -> None:
+    """Keep transformers' load reports and weight-loading bars off the terminal."""
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: one clear error line and a non-zero exit for bad input."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    _quiet_transformers(args.verbose)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,89 @@
+"""Configuration: defaults, TOML, overrides and one clear message per bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hlora.config import RunConfig, load_config, parse_override, to_toml
+from hlora.errors import ConfigError
+
+
+def test_defaults_are_the_documented_main_job() -> None:
+    config = load_config()
+    assert config.model.name == "minilm"
+    assert config.data.task == "mrpc"
+    assert config.data.partition == "dirichlet" and config.data.alpha == 0.5
+    assert config.federation.num_clients == 10
+    assert set(config.federation.ranks) == {2, 4, 8, 16}
+    assert config.federation.strategy == "hlora"
+
+
+def test_toml_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[federation]\nranks = [4, 8]\nrounds = 3\n[data]\ntask = "rte"\n')
+    config = load_config(path, ("federation.rounds=5", "model.name=roberta-large"))
+    assert config.federation.ranks == (4, 8)
+    assert config.federation.rounds == 5
+    assert config.data.task == "rte"
+    assert config.model.name == "roberta-large"
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    config = load_config(None, ("federation.ranks=[1, 3]", "data.alpha=0.1"))
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("federation.strategy=avg", "'federation.strategy': 'avg' (allowed: hlora"),
+        ("federation.num_clients=0", "invalid value for 'federation.num_clients': 0"),
+        ("federation.clients_per_round=20", "at most federation.num_clients = 10"),
+        ("federation.ranks=[]", "invalid value for 'federation.ranks': [] (expected at least one"),
+        ("federation.ranks=[4, -1]", "invalid value for 'federation.ranks': -1"),
+        ("federation.rank_rule=list", "rank_rule 'list' needs one rank per client (10)"),
+        ("federation.rank_rule=memory", "rank_rule 'memory' needs at least one budget"),
+        ("federation.strategy=fedavg", "strategy 'fedavg' needs one rank for every client"),
+        ("federation.rounds=1.5", "invalid value for 'federation.rounds': 1.5"),
+        ("train.learning_rate=0", "invalid value for 'train.learning_rate': 0"),
+        ("train.batch_size=true", "invalid value for 'train.batch_size': True"),
+        ("train.device=tpu", "invalid value for 'train.device': 'tpu' (allowed: auto, cpu, cuda)"),
+        ("data.task=sst2", "invalid value for 'data.task': 'sst2' (allowed: mrpc, rte, qqp"),
+        ("data.partition=shards", "invalid value for 'data.partition': 'shards'"),
+        ("data.alpha=0", "invalid value for 'data.alpha': 0"),
+        ("model.lora_scaling=-2", "invalid value for 'model.lora_scaling': -2"),
+        ("server.svd_method=lanczos", "invalid value for 'server.svd_method': 'lanczos'"),
+        ("server.eval_truncations=sometimes", "invalid value for 'server.eval_truncations'"),
+        ("federation.colour=blue", "unknown config key 'federation.colour' (allowed in"),
+        ("network.port=1", "unknown config section 'network' (allowed: model, data"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, (override,))
+    assert message in str(info.value)
+
+
+def test_bad_files_and_override_syntax(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file '.*missing\.toml' does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nrounds = 2\n")
+    with pytest.raises(ConfigError, match=r"config file '.*bad\.toml' is not valid TOML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("federation = 3\n")
+    with pytest.raises(ConfigError, match="config section 'federation' must be a table"):
+        load_config(wrong)
+    with pytest.raises(ConfigError, match=r"invalid --set 'rounds=3': expected section\.key=value"):
+        parse_override("rounds=3")
+
+
+def test_bare_words_are_strings() -> None:
+    assert parse_override("model.name=roberta-large") == ("model", "name", "roberta-large")
+    assert parse_override("federation.rounds=3") == ("federation", "rounds", 3)
+    assert isinstance(RunConfig().to_dict()["federation"]["ranks"], list)
