@@ -13,9 +13,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-## The main job (for now: the aggregation benchmark on the CPU).
+# GLUE data: $(HLORA_DATA_DIR) if set, else ../shared/data/glue when present (else the hub).
+SHARED_GLUE := $(abspath ../shared/data/glue)
+export HLORA_DATA_DIR ?= $(if $(wildcard $(SHARED_GLUE)/MRPC/train.tsv),$(SHARED_GLUE),)
+
+## The main job: a real federated fine-tuning run with the default configuration.
 run: $(STAMP)
-	$(BIN)/python benchmarks/aggregation.py $(ARGS)
+	$(BIN)/hlora run $(ARGS)
 
 ## Lint, type-check and the default test suite (everything that runs on a CPU).
 test: $(STAMP)

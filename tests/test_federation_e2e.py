@@ -302,3 +302,24 @@ def test_real_minilm_on_a_64_example_mrpc_slice(glue_dir: Path, tmp_path: Path) 
     assert record["eval"]["accuracy"] > 0.0
     assert [c["rank"] for c in record["clients"]] == [2, 8]
     assert (result.run_dir / "adapters" / "r8" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_decoder_federation(glue_dir: Path, tmp_path: Path) -> None:
+    overrides = (
+        "model.name=smollm2-135m",
+        f'data.data_dir="{glue_dir}"',
+        "data.train_limit=16",
+        "data.dev_limit=8",
+        "federation.num_clients=2",
+        "federation.rounds=1",
+        "federation.ranks=[2, 4]",
+        "train.batch_size=8",
+        "model.max_length=64",
+        f'output.dir="{tmp_path}"',
+        "output.progress=false",
+    )
+    result = run(load_config(None, overrides), progress=False)
+    (record,) = _records(result.run_dir)
+    assert 0.0 <= record["eval"]["accuracy"] <= 1.0
+    assert (result.run_dir / "adapters" / "r4" / "adapter_config.json").is_file()

@@ -34,10 +34,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.config or args.set:
             raise HloraError("--resume takes the run folder's own config.toml: drop CONFIG/--set")
         result = resume(Path(args.resume), progress=progress)
+    elif getattr(args, "engine", "inprocess") == "flower-sim":
+        result = _run_flower_sim(_config(args), progress)
     else:
         result = run(_config(args), progress=progress)
     _print_result(result.summary, result.run_dir)
     return 0
+
+
+def _run_flower_sim(config: RunConfig, progress: bool | None) -> Any:
+    """``hlora run --engine flower-sim``: the federation in Flower's simulation runtime."""
+    from hlora.engines.flower_app import run_flower_simulation
+    from hlora.federation import new_run_dir
+
+    show = config.output.progress if progress is None else progress
+    return run_flower_simulation(config, new_run_dir(config), progress=show)
 
 
 def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
@@ -121,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="run a federation in one process")
     common(p_run)
     p_run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p_run.add_argument(
+        "--engine",
+        choices=("inprocess", "flower-sim"),
+        default="inprocess",
+        help="inprocess: every client in this process; flower-sim: Flower's simulation (Ray)",
+    )
     p_run.set_defaults(func=cmd_run)
 
     p_cmp = sub.add_parser("compare", help="run several strategies on the same partitions")

@@ -128,6 +128,9 @@ class DataConfig:
             "Dirichlet concentration of the label (or quantity) skew; smaller = more skewed"
         ),
     )
+    min_client_examples: int = field(
+        default=8, metadata=_help("every client gets at least this many training examples")
+    )
     train_limit: int = field(default=0, metadata=_help("use the first N train examples (0: all)"))
     dev_limit: int = field(default=0, metadata=_help("use the first N dev examples (0: all)"))
 
@@ -135,6 +138,7 @@ class DataConfig:
         _choice("data.task", self.task, TASK_NAMES)
         _choice("data.partition", self.partition, PARTITION_SCHEMES)
         _number("data.alpha", self.alpha, low=0.0, low_open=True)
+        _positive_int("data.min_client_examples", self.min_client_examples)
         _non_negative_int("data.train_limit", self.train_limit)
         _non_negative_int("data.dev_limit", self.dev_limit)
 
@@ -151,7 +155,7 @@ class FederationConfig:
     clients_per_round: int = field(
         default=0, metadata=_help("clients sampled each round (0: all take part)")
     )
-    rounds: int = field(default=8, metadata=_help("federated rounds"))
+    rounds: int = field(default=10, metadata=_help("federated rounds"))
     rank_rule: str = field(
         default="cycle",
         metadata=_help(
@@ -223,7 +227,7 @@ class TrainConfig:
     """Local training of each client in each round."""
 
     local_epochs: float = field(
-        default=1.0, metadata=_help("passes over the client's data per round (fractions allowed)")
+        default=0.5, metadata=_help("passes over the client's data per round (fractions allowed)")
     )
     batch_size: int = field(default=16, metadata=_help("examples per step"))
     learning_rate: float = field(default=5e-4, metadata=_help("AdamW learning rate"))

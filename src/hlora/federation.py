@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -111,7 +110,6 @@ def build_federation(config: RunConfig) -> Federation:
     )
     backbone = load_backbone(config.model.name, task.task.num_labels, seed=fed.seed)
     centralized = fed.strategy == "centralized"
-    # Ranks need the layer shapes; a probe bank is cheap to avoid: compute shapes from a bank.
     targets = config.model.target_modules or None
     if centralized:
         labels = [e.label for e in task.train]
@@ -126,6 +124,7 @@ def build_federation(config: RunConfig) -> Federation:
             config.data.partition,
             alpha=config.data.alpha,
             seed=fed.seed,
+            min_size=max(1, min(config.data.min_client_examples, len(labels) // fed.num_clients)),
         )
         ids = [f"client{k:02d}" for k in range(fed.num_clients)]
         ranks = []  # filled after the bank knows the shapes
@@ -353,8 +352,3 @@ def export_adapters(federation: Federation, state: ServerState, folder: Path) ->
         factors = best_rank_factors(delta, rank, bank.scaling)
         paths.append(bank.export_peft(rank, factors, state.extras, folder / f"r{rank}"))
     return paths
-
-
-def set_thread_env() -> None:
-    """Keep tokenizers quiet in forked processes."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,98 @@
+"""Round-loop behaviour: invalid updates are dropped, min_clients, rank assignment."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlora.adapters import LayerShape
+from hlora.aggregation import LoraFactors
+from hlora.config import load_config
+from hlora.errors import ConfigError
+from hlora.federation import assign_ranks, run
+from hlora.runtime import ModelRuntime
+from hlora.server import FederationError
+from test_federation_e2e import tiny_overrides
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
+    original = ModelRuntime.train_client
+
+    def poisoned(self, instruction, features):  # type: ignore[no-untyped-def]
+        reply = original(self, instruction, features)
+        if instruction.client_id != victim:
+            return reply
+        factors = dict(reply.update.factors)
+        name = next(iter(factors))
+        nan_a = torch.full_like(factors[name].A, float("nan"))
+        factors[name] = LoraFactors(A=nan_a, B=factors[name].B)
+        return dataclasses.replace(reply, update=dataclasses.replace(reply.update, factors=factors))
+
+    monkeypatch.setattr(ModelRuntime, "train_client", poisoned)
+
+
+def test_invalid_update_is_dropped_and_the_round_goes_on(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _poison(monkeypatch, "client01")
+    overrides = tiny_overrides(tiny_bert_dir, glue_dir, tmp_path, **{"federation.rounds": 1})
+    result = run(load_config(None, tuple(overrides)), progress=False)
+    (record,) = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    (dropped,) = record["dropped"]
+    assert dropped["client_id"] == "client01"
+    assert "contains non-finite values" in dropped["reason"]
+    accepted = {c["client_id"]: c["accepted"] for c in record["clients"]}
+    assert accepted == {"client00": True, "client01": False, "client02": True}
+    assert "eval" in record
+
+
+def test_too_few_valid_updates_stop_the_run(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _poison(monkeypatch, "client02")
+    overrides = tiny_overrides(
+        tiny_bert_dir, glue_dir, tmp_path, **{"federation.rounds": 1, "federation.min_clients": 3}
+    )
+    with pytest.raises(
+        FederationError,
+        match=r"only 2 valid client updates in this round, fewer than federation\.min_clients = 3",
+    ):
+        run(load_config(None, tuple(overrides)), progress=False)
+
+
+SHAPES = {f"l{i}": LayerShape(384, 384) for i in range(12)}  # 12 x (384 + 384) per rank unit
+
+
+def test_rank_rules() -> None:
+    cycle = load_config(None, ("federation.num_clients=5", "federation.ranks=[2, 8]"))
+    assert assign_ranks(cycle, SHAPES) == [2, 8, 2, 8, 2]
+    listed = load_config(
+        None,
+        ("federation.num_clients=3", "federation.rank_rule=list", "federation.ranks=[1, 5, 3]"),
+    )
+    assert assign_ranks(listed, SHAPES) == [1, 5, 3]
+    # 16 bytes x r x 12 x 768 = 0.140625 MiB per rank unit.
+    memory = load_config(
+        None,
+        (
+            "federation.num_clients=3",
+            "federation.rank_rule=memory",
+            "federation.ranks=[2, 4, 8, 16]",
+            "federation.memory_budgets_mb=[0.3, 1.2, 100]",
+        ),
+    )
+    assert assign_ranks(memory, SHAPES) == [2, 8, 16]
+    tiny = load_config(
+        None,
+        (
+            "federation.num_clients=1",
+            "federation.rank_rule=memory",
+            "federation.memory_budgets_mb=[0.1]",
+        ),
+    )
+    with pytest.raises(ConfigError, match=r"client 0 has 0.1 MiB, the smallest rank 2 needs 0.28"):
+        assign_ranks(tiny, SHAPES)
