@@ -309,13 +309,13 @@ def test_smollm2_decoder_federation(glue_dir: Path, tmp_path: Path) -> None:
     overrides = (
         "model.name=smollm2-135m",
         f'data.data_dir="{glue_dir}"',
-        "data.train_limit=16",
+        "data.train_limit=8",
         "data.dev_limit=8",
         "federation.num_clients=2",
         "federation.rounds=1",
         "federation.ranks=[2, 4]",
-        "train.batch_size=8",
-        "model.max_length=64",
+        "train.batch_size=4",
+        "model.max_length=48",
         f'output.dir="{tmp_path}"',
         "output.progress=false",
     )

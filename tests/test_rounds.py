@@ -96,3 +96,22 @@ def test_rank_rules() -> None:
     )
     with pytest.raises(ConfigError, match=r"client 0 has 0.1 MiB, the smallest rank 2 needs 0.28"):
         assign_ranks(tiny, SHAPES)
+
+
+def test_flora_cumulative_update_stays_exact_and_bounded() -> None:
+    from hlora.aggregation import LowRankDelta
+    from hlora.server import _accumulate
+
+    gen = torch.Generator().manual_seed(0)
+    total = torch.zeros(6, 5, dtype=torch.float64)
+    base = None
+    for _ in range(4):
+        inc = LowRankDelta(
+            left=torch.randn(6, 3, generator=gen, dtype=torch.float64),
+            right=torch.randn(3, 5, generator=gen, dtype=torch.float64),
+            scale=0.5,
+        )
+        total = total + inc.dense()
+        base = _accumulate(base, {"w": inc})
+        assert base["w"].rank <= 5
+        torch.testing.assert_close(base["w"].dense(), total)

@@ -230,7 +230,7 @@ class TrainConfig:
         default=0.5, metadata=_help("passes over the client's data per round (fractions allowed)")
     )
     batch_size: int = field(default=16, metadata=_help("examples per step"))
-    learning_rate: float = field(default=5e-4, metadata=_help("AdamW learning rate"))
+    learning_rate: float = field(default=2e-3, metadata=_help("AdamW learning rate"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     warmup_ratio: float = field(
         default=0.1,

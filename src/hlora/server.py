@@ -29,6 +29,7 @@ from hlora.aggregation import (
     UpdateSpec,
     get_strategy,
 )
+from hlora.aggregation.factored import qr_svd
 from hlora.checkpoint import ClientState, ServerState, save_state
 from hlora.errors import HloraError
 from hlora.protocol import (
@@ -324,16 +325,22 @@ class RoundLoop:
 def _accumulate(
     base: Mapping[str, LowRankDelta] | None, increment: Mapping[str, LowRankDelta]
 ) -> dict[str, LowRankDelta]:
-    """Concatenate a flora round's increment onto the cumulative base update (exact)."""
+    """Concatenate a flora round's increment onto the cumulative base update (exact).
+
+    Once the stacked rank exceeds ``min(out, in)`` the factors are re-factored exactly by the
+    QR-based SVD into ``min(out, in)`` components, so the cumulative update never takes more
+    room than the dense matrix.
+    """
     out = {}
     for name, inc in increment.items():
         left = inc.left * inc.scale if inc.scale != 1.0 else inc.left
-        if base is None:
-            out[name] = LowRankDelta(left=left, right=inc.right)
-        else:
-            prev = base[name]
-            out[name] = LowRankDelta(
-                left=torch.cat([prev.left, left], dim=-1),
-                right=torch.cat([prev.right, inc.right], dim=-2),
-            )
+        right = inc.right
+        if base is not None:
+            left = torch.cat([base[name].left, left], dim=-1)  # (out, R_total)
+            right = torch.cat([base[name].right, right], dim=-2)  # (R_total, in)
+        if left.shape[-1] > min(left.shape[-2], right.shape[-1]):
+            u, s, vh = qr_svd(left, right)
+            root = s.clamp_min(0).sqrt()
+            left, right = u * root, root.unsqueeze(-1) * vh
+        out[name] = LowRankDelta(left=left, right=right)
     return out
