@@ -164,7 +164,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(
             tiny_bert_dir,
             glue_dir,
             tmp_path,
-            **{"federation.rounds": 3, "output.name": name, "data.train_limit": 96},
+            **{"federation.rounds": 3, "output.name": name, "data.train_limit": 192},
         )
         argv = [sys.executable, "-m", "hlora.cli", "run", "--no-progress"]
         for o in overrides:

@@ -1,0 +1,333 @@
+"""Flower message content for hlora's protocol: pure, bit-exact encode/decode functions.
+
+Only the LoRA factors, the head (``extras``) and, for ``flora``, the cumulative base update
+travel; the backbone never does. Layout of a :class:`~flwr.app.RecordDict`:
+
+Instruction (server -> client)::
+
+    "hlora.instruction"  ConfigRecord  client-id, round, rank, scaling, init-seed, train-seed,
+                                       base-version, has-factors, has-base-delta,
+                                       base-delta-scales (one per base-delta layer, sorted)
+    "hlora.factors"      ArrayRecord   "<layer>/A" (r, in), "<layer>/B" (out, r)
+    "hlora.extras"       ArrayRecord   head name -> tensor
+    "hlora.base-delta"   ArrayRecord   "<layer>/left" (out, k), "<layer>/right" (k, in),
+                                       optional "<layer>/S" (k,)   (only with has-base-delta)
+
+Reply (client -> server)::
+
+    "hlora.reply"        ConfigRecord  client-id, rank, scaling
+    "hlora.train"        MetricRecord  num-examples, loss, steps, seconds
+    "hlora.factors", "hlora.extras"    as above
+
+Tensors travel as :class:`~flwr.app.Array` in NumPy's ``.npy`` form (Flower's own), except
+``bfloat16``, which NumPy lacks: its raw little-endian bytes travel with ``stype = "torch.raw"``.
+Either way the decoded tensor has the sent dtype, shape and bits.
+
+A malformed reply (missing record or key, wrong dtype or shape, unreadable bytes) raises
+:class:`hlora.aggregation.InvalidUpdateError` naming the client, so the round loop drops it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import Tensor
+
+from hlora.aggregation import ClientUpdate, InvalidUpdateError, LoraFactors, LowRankDelta
+from hlora.errors import HloraError
+from hlora.protocol import TrainInstruction, TrainReply
+
+INSTRUCTION = "hlora.instruction"
+REPLY = "hlora.reply"
+TRAIN_METRICS = "hlora.train"
+FACTORS = "hlora.factors"
+EXTRAS = "hlora.extras"
+BASE_DELTA = "hlora.base-delta"
+
+_RAW_STYPE = "torch.raw"
+_SEP = "/"
+
+
+class CodecError(HloraError):
+    """Message content that cannot be decoded (missing key, wrong type or dtype)."""
+
+
+# -- tensors <-> Array ---------------------------------------------------------------------
+
+
+def tensor_to_array(tensor: Tensor) -> Array:
+    """One tensor as a Flower :class:`Array` (bit-exact; any dtype NumPy or torch knows).
+
+    Args:
+        tensor: Any shape; it is detached and copied to the CPU.
+
+    Returns:
+        An ``Array`` with ``.npy`` bytes (``stype = "numpy.ndarray"``), or raw bytes with
+        ``stype = "torch.raw"`` and ``dtype = "bfloat16"`` for bfloat16 tensors.
+    """
+    t = tensor.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        raw = t.contiguous().view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+        return Array(dtype="bfloat16", shape=tuple(t.shape), stype=_RAW_STYPE, data=raw)
+    return Array(t.numpy())
+
+
+def array_to_tensor(array: Array) -> Tensor:
+    """The tensor an :class:`Array` holds (inverse of :func:`tensor_to_array`).
+
+    Raises:
+        CodecError: Unknown serialization type or unreadable bytes.
+    """
+    try:
+        if array.stype == _RAW_STYPE:
+            if array.dtype != "bfloat16":
+                raise CodecError(f"raw array of dtype {array.dtype!r} (only bfloat16 is raw)")
+            ints = np.frombuffer(array.data, dtype="<i2").astype(np.int16, copy=True)
+            return torch.from_numpy(ints).view(torch.bfloat16).reshape(tuple(array.shape))
+        return torch.from_numpy(np.array(array.numpy(), copy=True))
+    except CodecError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OSError) as err:
+        raise CodecError(f"unreadable array ({array.stype}, {array.dtype}): {err}") from err
+
+
+def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+    """Name -> tensor as an :class:`ArrayRecord` (insertion order kept)."""
+    return ArrayRecord({name: tensor_to_array(t) for name, t in tensors.items()})
+
+
+def record_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
+    """Inverse of :func:`tensors_to_record`.
+
+    Raises:
+        CodecError: A value that is not an ``Array`` or cannot be read.
+    """
+    out = {}
+    for name, value in record.items():
+        if not isinstance(value, Array):
+            raise CodecError(f"array {name!r} is a {type(value).__name__}, not an Array")
+        out[name] = array_to_tensor(value)
+    return out
+
+
+def _factors_to_record(factors: Mapping[str, LoraFactors]) -> ArrayRecord:
+    flat: dict[str, Tensor] = {}
+    for name, f in factors.items():
+        flat[f"{name}{_SEP}A"] = f.A
+        flat[f"{name}{_SEP}B"] = f.B
+    return tensors_to_record(flat)
+
+
+def _record_to_factors(record: ArrayRecord) -> dict[str, LoraFactors]:
+    flat = record_to_tensors(record)
+    layers = sorted({key.rsplit(_SEP, 1)[0] for key in flat})
+    out = {}
+    for name in layers:
+        a, b = flat.get(f"{name}{_SEP}A"), flat.get(f"{name}{_SEP}B")
+        if a is None or b is None:
+            raise CodecError(f"layer {name!r} lacks its {'A' if a is None else 'B'} factor")
+        out[name] = LoraFactors(A=a, B=b)
+    unexpected = set(flat) - {f"{n}{_SEP}{p}" for n in layers for p in "AB"}
+    if unexpected:
+        raise CodecError(f"unexpected factor keys {sorted(unexpected)[:3]}")
+    return out
+
+
+def _base_delta_to_record(delta: Mapping[str, LowRankDelta]) -> tuple[ArrayRecord, list[float]]:
+    flat: dict[str, Tensor] = {}
+    scales = []
+    for name in sorted(delta):
+        d = delta[name]
+        flat[f"{name}{_SEP}left"] = d.left
+        flat[f"{name}{_SEP}right"] = d.right
+        if d.singular_values is not None:
+            flat[f"{name}{_SEP}S"] = d.singular_values
+        scales.append(float(d.scale))
+    return tensors_to_record(flat), scales
+
+
+def _record_to_base_delta(record: ArrayRecord, scales: list[float]) -> dict[str, LowRankDelta]:
+    flat = record_to_tensors(record)
+    layers = sorted({key.rsplit(_SEP, 1)[0] for key in flat})
+    if len(scales) != len(layers):
+        raise CodecError(f"{len(layers)} base-delta layers but {len(scales)} scales")
+    out = {}
+    for name, scale in zip(layers, scales, strict=True):
+        left, right = flat.get(f"{name}{_SEP}left"), flat.get(f"{name}{_SEP}right")
+        if left is None or right is None:
+            raise CodecError(f"base-delta layer {name!r} lacks a factor")
+        out[name] = LowRankDelta(
+            left=left, right=right, scale=scale, singular_values=flat.get(f"{name}{_SEP}S")
+        )
+    return out
+
+
+# -- records access with clear errors ------------------------------------------------------
+
+
+def _get(content: RecordDict, key: str, kind: type) -> Any:
+    if key not in content:
+        raise CodecError(f"message has no {key!r} record (has: {sorted(content)})")
+    record = content[key]
+    if not isinstance(record, kind):
+        raise CodecError(f"record {key!r} is a {type(record).__name__}, not a {kind.__name__}")
+    return record
+
+
+def _value(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in record:
+        raise CodecError(f"missing key {key!r}")
+    value = record[key]
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise CodecError(f"key {key!r} is a bool, expected {kind}")
+    if not isinstance(value, kind):
+        raise CodecError(f"key {key!r} is a {type(value).__name__}, expected {kind}")
+    return value
+
+
+# -- instructions ----------------------------------------------------------------------------
+
+
+def encode_instruction(instruction: TrainInstruction) -> RecordDict:
+    """A :class:`TrainInstruction` as message content (see the module docstring)."""
+    config: dict[str, Any] = {
+        "client-id": instruction.client_id,
+        "round": int(instruction.round_num),
+        "rank": int(instruction.rank),
+        "scaling": float(instruction.scaling),
+        "init-seed": int(instruction.init_seed),
+        "train-seed": int(instruction.train_seed),
+        "base-version": int(instruction.base_version),
+        "has-factors": instruction.factors is not None,
+        "has-base-delta": instruction.base_delta is not None,
+    }
+    records: dict[str, Any] = {
+        FACTORS: _factors_to_record(instruction.factors or {}),
+        EXTRAS: tensors_to_record(instruction.extras),
+    }
+    if instruction.base_delta is not None:
+        records[BASE_DELTA], scales = _base_delta_to_record(instruction.base_delta)
+        config["base-delta-scales"] = scales
+    records[INSTRUCTION] = ConfigRecord(config)
+    return RecordDict(records)
+
+
+def decode_instruction(content: RecordDict) -> TrainInstruction:
+    """Inverse of :func:`encode_instruction`.
+
+    Raises:
+        CodecError: Missing records or keys, wrong types, unreadable arrays.
+    """
+    cfg = _get(content, INSTRUCTION, ConfigRecord)
+    factors = None
+    if _value(cfg, "has-factors", bool):
+        factors = _record_to_factors(_get(content, FACTORS, ArrayRecord))
+    base_delta = None
+    if _value(cfg, "has-base-delta", bool):
+        scales = [float(s) for s in _value(cfg, "base-delta-scales", list)]
+        base_delta = _record_to_base_delta(_get(content, BASE_DELTA, ArrayRecord), scales)
+    return TrainInstruction(
+        client_id=_value(cfg, "client-id", str),
+        round_num=_value(cfg, "round", int),
+        rank=_value(cfg, "rank", int),
+        scaling=float(_value(cfg, "scaling", (int, float))),
+        factors=factors,
+        extras=record_to_tensors(_get(content, EXTRAS, ArrayRecord)),
+        init_seed=_value(cfg, "init-seed", int),
+        train_seed=_value(cfg, "train-seed", int),
+        base_version=_value(cfg, "base-version", int),
+        base_delta=base_delta,
+    )
+
+
+# -- replies -----------------------------------------------------------------------------------
+
+
+def encode_reply(reply: TrainReply) -> RecordDict:
+    """A :class:`TrainReply` as message content (see the module docstring)."""
+    u = reply.update
+    return RecordDict(
+        {
+            REPLY: ConfigRecord(
+                {"client-id": u.client_id, "rank": int(u.rank), "scaling": float(u.scaling)}
+            ),
+            TRAIN_METRICS: MetricRecord(
+                {
+                    "num-examples": int(u.num_examples),
+                    "loss": float(reply.loss),
+                    "steps": int(reply.steps),
+                    "seconds": float(reply.seconds),
+                }
+            ),
+            FACTORS: _factors_to_record(u.factors),
+            EXTRAS: tensors_to_record(u.extras),
+        }
+    )
+
+
+def decode_reply(content: RecordDict, client_id: str) -> TrainReply:
+    """Inverse of :func:`encode_reply`, with structural checks.
+
+    Args:
+        content: The reply message's content.
+        client_id: The client the server expects this reply from (the node's client id).
+
+    Raises:
+        InvalidUpdateError: Naming ``client_id``: a missing record or key, a reply for another
+            client, non-floating tensors, factors that are not ``A (r, in)`` / ``B (out, r)``
+            of the declared rank, or unreadable bytes.
+    """
+    try:
+        cfg = _get(content, REPLY, ConfigRecord)
+        metrics = _get(content, TRAIN_METRICS, MetricRecord)
+        sender = _value(cfg, "client-id", str)
+        if sender != client_id:
+            raise CodecError(f"reply is for client {sender!r}")
+        rank = _value(cfg, "rank", int)
+        factors = _record_to_factors(_get(content, FACTORS, ArrayRecord))
+        extras = record_to_tensors(_get(content, EXTRAS, ArrayRecord))
+        num_examples = _value(metrics, "num-examples", int)
+        loss = float(_value(metrics, "loss", (int, float)))
+        steps = _value(metrics, "steps", int)
+        seconds = float(_value(metrics, "seconds", (int, float)))
+        scaling = float(_value(cfg, "scaling", (int, float)))
+    except CodecError as err:
+        raise InvalidUpdateError(client_id, f"malformed reply: {err}") from err
+    for name, f in factors.items():
+        for part, t in (("A", f.A), ("B", f.B)):
+            if not t.is_floating_point():
+                raise InvalidUpdateError(client_id, f"factor {name}/{part} has dtype {t.dtype}")
+        if f.A.dim() != 2 or f.B.dim() != 2 or f.A.shape[0] != rank or f.B.shape[1] != rank:
+            raise InvalidUpdateError(
+                client_id,
+                f"factors of {name!r} are A {tuple(f.A.shape)}, B {tuple(f.B.shape)}: "
+                f"expected A (r, in), B (out, r) with r = {rank}",
+            )
+    for name, t in extras.items():
+        if not t.is_floating_point():
+            raise InvalidUpdateError(client_id, f"head tensor {name!r} has dtype {t.dtype}")
+    if num_examples < 1:
+        raise InvalidUpdateError(client_id, f"num-examples is {num_examples}, expected >= 1")
+    if not math.isfinite(seconds) or steps < 0:
+        raise InvalidUpdateError(client_id, f"bad training record: {steps} steps, {seconds} s")
+    update = ClientUpdate(
+        client_id=client_id,
+        num_examples=num_examples,
+        rank=rank,
+        scaling=scaling,
+        factors=factors,
+        extras=extras,
+    )
+    return TrainReply(update=update, loss=loss, steps=steps, seconds=seconds)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays in a message's content (``.npy`` headers included)."""
+    return sum(
+        record.count_bytes() for record in content.values() if isinstance(record, ArrayRecord)
+    )

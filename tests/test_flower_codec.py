@@ -1,0 +1,251 @@
+"""Flower codec: bit-exact round trips and clear rejection of malformed replies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from hlora.aggregation import ClientUpdate, InvalidUpdateError, LoraFactors, LowRankDelta
+from hlora.engines.flower_codec import (
+    EXTRAS,
+    FACTORS,
+    INSTRUCTION,
+    REPLY,
+    TRAIN_METRICS,
+    CodecError,
+    array_to_tensor,
+    decode_instruction,
+    decode_reply,
+    encode_instruction,
+    encode_reply,
+    tensor_to_array,
+)
+from hlora.protocol import TrainInstruction, TrainReply
+
+LAYERS = {
+    "encoder.layer.0.attention.self.query": (6, 5),
+    "encoder.layer.0.attention.self.value": (6, 5),
+    "encoder.layer.1.attention.self.query": (7, 4),
+}
+
+
+def _factors(rank: int, seed: int = 0) -> dict[str, LoraFactors]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: LoraFactors(A=torch.randn(rank, i, generator=g), B=torch.randn(o, rank, generator=g))
+        for name, (o, i) in LAYERS.items()
+    }
+
+
+def _extras() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "classifier.weight": torch.randn(2, 6, generator=g),
+        "classifier.bias": torch.randn(2, generator=g, dtype=torch.float64),
+    }
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def _instruction(**kw: object) -> TrainInstruction:
+    values: dict[str, object] = {
+        "client_id": "client01",
+        "round_num": 3,
+        "rank": 4,
+        "scaling": 2.0,
+        "factors": _factors(4),
+        "extras": _extras(),
+        "init_seed": 123,
+        "train_seed": 2**31 - 2,
+        "base_version": 0,
+        "base_delta": None,
+    }
+    values.update(kw)
+    return TrainInstruction(**values)  # type: ignore[arg-type]
+
+
+def _assert_instruction_equal(a: TrainInstruction, b: TrainInstruction) -> None:
+    for field in ("client_id", "round_num", "rank", "scaling", "init_seed", "train_seed"):
+        assert getattr(a, field) == getattr(b, field), field
+    assert a.base_version == b.base_version
+    assert (a.factors is None) == (b.factors is None)
+    if a.factors is not None and b.factors is not None:
+        assert set(a.factors) == set(b.factors)
+        for name, f in a.factors.items():
+            assert _same(f.A, b.factors[name].A) and _same(f.B, b.factors[name].B)
+    assert set(a.extras) == set(b.extras)
+    for name, t in a.extras.items():
+        assert _same(t, b.extras[name])
+    assert (a.base_delta is None) == (b.base_delta is None)
+    if a.base_delta is not None and b.base_delta is not None:
+        assert set(a.base_delta) == set(b.base_delta)
+        for name, d in a.base_delta.items():
+            e = b.base_delta[name]
+            assert _same(d.left, e.left) and _same(d.right, e.right) and d.scale == e.scale
+            assert (d.singular_values is None) == (e.singular_values is None)
+            if d.singular_values is not None and e.singular_values is not None:
+                assert _same(d.singular_values, e.singular_values)
+
+
+def _through_message(content: RecordDict) -> RecordDict:
+    """Content as a receiver sees it after Flower's own (de)serialization."""
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    return recorddict_from_proto(recorddict_to_proto(content))
+
+
+def test_instruction_round_trip_is_bit_exact() -> None:
+    original = _instruction()
+    _assert_instruction_equal(original, decode_instruction(encode_instruction(original)))
+
+
+def test_instruction_without_factors_round_trips() -> None:
+    original = _instruction(factors=None, round_num=1)
+    decoded = decode_instruction(encode_instruction(original))
+    assert decoded.factors is None
+    _assert_instruction_equal(original, decoded)
+
+
+def test_instruction_with_flora_base_delta_round_trips() -> None:
+    g = torch.Generator().manual_seed(5)
+    delta = {
+        name: LowRankDelta(
+            left=torch.randn(o, 6, generator=g),
+            right=torch.randn(6, i, generator=g),
+            scale=0.37,
+            singular_values=torch.rand(6, generator=g) if k == 0 else None,
+        )
+        for k, (name, (o, i)) in enumerate(LAYERS.items())
+    }
+    original = _instruction(factors=None, base_version=2, base_delta=delta)
+    _assert_instruction_equal(original, decode_instruction(encode_instruction(original)))
+
+
+def test_round_trip_survives_flower_serialization() -> None:
+    original = _instruction()
+    content = _through_message(encode_instruction(original))
+    _assert_instruction_equal(original, decode_instruction(content))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64]
+)
+def test_every_dtype_round_trips_bit_exact(dtype: torch.dtype) -> None:
+    t = (torch.randn(3, 4) * 100).to(dtype)
+    t[0, 0] = float("nan") if dtype.is_floating_point else 7
+    back = array_to_tensor(tensor_to_array(t))
+    assert back.dtype == dtype and back.shape == t.shape
+    assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_non_contiguous_tensor_round_trips() -> None:
+    t = torch.randn(4, 6).t()
+    assert _same(array_to_tensor(tensor_to_array(t)), t.contiguous())
+
+
+def _reply(nan_loss: bool = False) -> TrainReply:
+    update = ClientUpdate(
+        client_id="client02",
+        num_examples=17,
+        rank=2,
+        scaling=2.0,
+        factors=_factors(2, seed=3),
+        extras=_extras(),
+    )
+    return TrainReply(update, math.nan if nan_loss else 0.6931, steps=5, seconds=1.25)
+
+
+@pytest.mark.parametrize("nan_loss", [False, True])
+def test_reply_round_trip_is_bit_exact(nan_loss: bool) -> None:
+    original = _reply(nan_loss)
+    back = decode_reply(_through_message(encode_reply(original)), "client02")
+    u, v = original.update, back.update
+    assert (v.client_id, v.num_examples, v.rank, v.scaling) == (
+        u.client_id,
+        u.num_examples,
+        u.rank,
+        u.scaling,
+    )
+    for name, f in u.factors.items():
+        assert _same(f.A, v.factors[name].A) and _same(f.B, v.factors[name].B)
+    for name, t in u.extras.items():
+        assert _same(t, v.extras[name])
+    assert back.steps == 5 and back.seconds == 1.25
+    assert math.isnan(back.loss) if nan_loss else back.loss == 0.6931
+
+
+def _broken(edit: str) -> RecordDict:
+    content = encode_reply(_reply())
+    if edit == "no-factors":
+        del content[FACTORS]
+    elif edit == "no-metrics":
+        del content[TRAIN_METRICS]
+    elif edit == "no-key":
+        del content[REPLY]["rank"]
+    elif edit == "missing-B":
+        del content[FACTORS]["encoder.layer.0.attention.self.query/B"]
+    elif edit == "int-factor":
+        content[FACTORS]["encoder.layer.0.attention.self.query/A"] = Array(
+            torch.ones(2, 5, dtype=torch.int32).numpy()
+        )
+    elif edit == "wrong-rank":
+        content[REPLY]["rank"] = 3
+    elif edit == "garbage":
+        content[EXTRAS]["classifier.bias"] = Array(
+            dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"not an npy"
+        )
+    elif edit == "record-type":
+        content[EXTRAS] = ConfigRecord({"x": 1})
+    elif edit == "no-examples":
+        content[TRAIN_METRICS]["num-examples"] = 0
+    return content
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "no-factors",
+        "no-metrics",
+        "no-key",
+        "missing-B",
+        "int-factor",
+        "wrong-rank",
+        "garbage",
+        "record-type",
+        "no-examples",
+    ],
+)
+def test_malformed_reply_raises_invalid_update_naming_the_client(edit: str) -> None:
+    with pytest.raises(InvalidUpdateError) as info:
+        decode_reply(_broken(edit), "client02")
+    assert info.value.client_id == "client02"
+    assert "client02" in str(info.value)
+
+
+def test_reply_for_another_client_is_rejected() -> None:
+    with pytest.raises(InvalidUpdateError, match="client07"):
+        decode_reply(encode_reply(_reply()), "client07")
+
+
+def test_malformed_instruction_raises_codec_error() -> None:
+    content = encode_instruction(_instruction())
+    del content[INSTRUCTION]["train-seed"]
+    with pytest.raises(CodecError, match="train-seed"):
+        decode_instruction(content)
+    content = encode_instruction(_instruction())
+    del content[FACTORS]
+    with pytest.raises(CodecError, match=FACTORS):
+        decode_instruction(content)
+
+
+def test_only_factors_and_head_travel() -> None:
+    content = encode_instruction(_instruction())
+    assert set(content) == {INSTRUCTION, FACTORS, EXTRAS}
+    arrays = content[FACTORS]
+    assert isinstance(arrays, ArrayRecord)
+    assert len(arrays) == 2 * len(LAYERS)

@@ -1,0 +1,566 @@
+"""The Flower engine end to end: simulation (Ray) against the in-process engine.
+
+Tiny random BERT, real MRPC slices, 3 clients x 2 rounds. Flower, Ray, uv and torch write only
+into temporary folders; every process started is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+
+from hlora.aggregation import ClientUpdate, LoraFactors
+from hlora.config import RunConfig, load_config, replace, to_toml
+from hlora.engines.flower_codec import decode_instruction, encode_reply
+from hlora.errors import ConfigError
+from hlora.federation import build_federation, run
+from hlora.protocol import TrainInstruction, TrainReply
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml [tool.flwr.app]
+
+
+def tiny_overrides(model_dir: Path, glue: Path, out: Path, **extra: object) -> list[str]:
+    """The tiny federation of ``tests/test_federation_e2e.py`` (copied, not imported)."""
+    values: dict[str, object] = {
+        "model.name": f'"{model_dir}"',
+        "model.max_length": 64,
+        "model.lora_dropout": 0.0,
+        "data.data_dir": f'"{glue}"',
+        "data.train_limit": 48,
+        "data.dev_limit": 24,
+        "federation.num_clients": 3,
+        "federation.rounds": 2,
+        "federation.ranks": "[2, 4]",
+        "train.batch_size": 8,
+        "train.learning_rate": 0.01,
+        "train.device": '"cpu"',
+        "output.dir": f'"{out}"',
+        "output.progress": "false",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def flower_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Temporary homes for Flower, Ray, uv and torch; no telemetry. Yields the folder."""
+    # Ray's socket paths must stay short: a folder directly under /tmp, not pytest's tmp_path.
+    home = Path(tempfile.mkdtemp(prefix="hlora-flwr-", dir="/tmp"))
+    for name, sub in [
+        ("FLWR_HOME", "flwr"),
+        ("RAY_TMPDIR", "ray"),
+        ("UV_CACHE_DIR", "uv"),
+        ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+    ]:
+        (home / sub).mkdir()
+        monkeypatch.setenv(name, str(home / sub))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _tiny_config(tiny_bert_dir: Path, glue_dir: Path, out: Path, **extra: object) -> RunConfig:
+    return load_config(None, tuple(tiny_overrides(tiny_bert_dir, glue_dir, out, **extra)))
+
+
+def test_node_partitions_match_build_federation(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    from hlora.engines.flower_app import client_runtime, partition_features
+
+    config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path)
+    federation = build_federation(config)
+    _, backbone = client_runtime(config)
+    for k, slot in enumerate(federation.clients):
+        mine = partition_features(config, backbone, k, config.federation.num_clients)
+        assert mine == list(federation.train_features[slot.client_id])
+
+
+# -- the transport and node identity against a fake grid (fast, no Flower runtime) --------------
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Flower sets in a ServerApp process before messages can be created."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 0 if name == "_node_id" else 1)
+
+
+class FakeGrid:
+    """Answers each message with ``behaviour[node](message)`` (None: no reply)."""
+
+    def __init__(self, behaviour: dict[int, Callable[[Message], Message | None]]) -> None:
+        self.behaviour = behaviour
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.behaviour)
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list:
+        out = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do
+            self.sent.append(m)
+            reply = self.behaviour[m.metadata.dst_node_id](m)
+            if reply is not None:
+                out.append(reply)
+        return out
+
+
+def _train_ok(message: Message) -> Message:
+    ins = decode_instruction(message.content)
+    factors = {
+        "layer": LoraFactors(A=torch.ones(ins.rank, 5), B=torch.zeros(6, ins.rank)),
+    }
+    update = ClientUpdate(ins.client_id, 10, ins.rank, ins.scaling, factors, dict(ins.extras))
+    return Message(encode_reply(TrainReply(update, 0.5, 2, 0.1)), reply_to=message)
+
+
+def _train_error(message: Message) -> Message:
+    return Message(Error(code=1, reason="boom"), reply_to=message)
+
+
+def _superlink_error(message: Message) -> Message:
+    reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=message)
+    reply.metadata.__dict__["_src_node_id"] = 0  # the SuperLink's own error replies
+    return reply
+
+
+def _malformed(message: Message) -> Message:
+    reply = _train_ok(message)
+    del reply.content["hlora.factors"]
+    return reply
+
+
+def _instructions(n: int) -> list[TrainInstruction]:
+    return [
+        TrainInstruction(
+            client_id=f"client{k:02d}",
+            round_num=1,
+            rank=2,
+            scaling=2.0,
+            factors=None,
+            extras={"head": torch.zeros(2)},
+            init_seed=1,
+            train_seed=k,
+        )
+        for k in range(n)
+    ]
+
+
+def test_transport_turns_errors_silence_and_bad_replies_into_failures(
+    task_identity: None,
+) -> None:
+    from hlora.engines.flower_app import FlowerTransport
+
+    grid = FakeGrid(
+        {
+            10: _train_ok,
+            11: _train_error,
+            12: lambda m: None,
+            13: _malformed,
+            14: _superlink_error,
+        }
+    )
+    done: list[tuple[str, int, float | None]] = []
+    transport = FlowerTransport(
+        grid,  # type: ignore[arg-type]
+        {f"client{k:02d}": 10 + k for k in range(5)},
+        timeout=5,
+        on_client_done=lambda c, r, loss: done.append((c, r, loss)),
+    )
+    result = transport.run_round(_instructions(5))
+    assert [r.update.client_id for r in result.replies] == ["client00"]
+    assert result.replies[0].loss == 0.5
+    reasons = {f.client_id: f.reason for f in result.failures}
+    assert reasons["client01"] == "node 11: error 1: boom"
+    assert reasons["client02"] == "node 12: no reply within 5 s"
+    assert reasons["client03"].startswith("node 13: malformed reply")
+    assert reasons["client04"] == "node 14: error 5: Node Unavailable"
+    assert [m.metadata.group_id for m in grid.sent] == ["1"] * 5
+    assert [m.metadata.message_type for m in grid.sent] == [MessageType.TRAIN] * 5
+    assert done[0] == ("client00", 2, 0.5) and [d[2] for d in done[1:]] == [None] * 4
+    assert transport.wire_bytes["client00"][1] > 0 and transport.wire_bytes["client01"][1] == 0
+
+
+def _query_answer(partition: int, rank: int = 0, memory_mb: float = 0.0) -> Callable:
+    def answer(message: Message) -> Message:
+        info = ConfigRecord(
+            {
+                "partition-id": partition,
+                "num-partitions": 3,
+                "num-examples": 10 + partition,
+                "rank": rank,
+                "memory-mb": memory_mb,
+            }
+        )
+        return Message(RecordDict({"hlora.node": info}), reply_to=message)
+
+    return answer
+
+
+def test_query_maps_nodes_to_clients_and_ranks(task_identity: None) -> None:
+    from hlora.adapters import LayerShape
+    from hlora.engines.flower_app import node_rank, query_nodes
+
+    grid = FakeGrid(
+        {
+            7: _query_answer(2, memory_mb=0.01),
+            5: _query_answer(0, rank=8),
+            9: _query_answer(1),
+        }
+    )
+    infos = query_nodes(grid, 3, wait_s=1, timeout=None)  # type: ignore[arg-type]
+    assert [(i.node_id, i.client_id, i.num_examples) for i in infos] == [
+        (5, "client00", 10),
+        (9, "client01", 11),
+        (7, "client02", 12),
+    ]
+    config = load_config(None, ("federation.num_clients=3", "federation.ranks=[2, 4, 8]"))
+    shapes = {"layer": LayerShape(out_features=64, in_features=64)}  # 128 params per rank
+    rule = [2, 4, 8]  # cycle
+    # declared rank wins; no declaration: the rule; 0.01 MiB fits 16 B x 128 x r <= 10485 -> 4
+    assert [node_rank(config, shapes, i, rule) for i in infos] == [8, 4, 4]
+
+
+def test_query_rejects_duplicate_partitions(task_identity: None) -> None:
+    from hlora.engines.flower_app import query_nodes
+    from hlora.server import FederationError
+
+    grid = FakeGrid({1: _query_answer(0), 2: _query_answer(0), 3: _query_answer(1)})
+    with pytest.raises(FederationError, match="both declare partition-id 0"):
+        query_nodes(grid, 3, wait_s=1, timeout=None)  # type: ignore[arg-type]
+
+
+def test_declared_rank_outside_the_config_is_an_error() -> None:
+    from hlora.adapters import LayerShape
+    from hlora.engines.flower_app import NodeInfo, node_rank
+
+    config = load_config(None, ("federation.num_clients=3", "federation.ranks=[2, 4]"))
+    info = NodeInfo(node_id=1, partition_id=0, num_partitions=3, num_examples=5, rank=16)
+    with pytest.raises(ConfigError, match="declares rank 16"):
+        node_rank(config, {"l": LayerShape(8, 8)}, info, [2, 4, 2])
+
+
+def test_simulation_refuses_centralized_and_used_run_folders(tmp_path: Path) -> None:
+    from hlora.engines.flower_app import run_flower_simulation
+
+    config = load_config(None, ("federation.strategy=centralized",))
+    with pytest.raises(ConfigError, match="centralized"):
+        run_flower_simulation(config, tmp_path / "a", progress=False)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.toml").write_text("")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_flower_simulation(load_config(), tmp_path / "b", progress=False)
+
+
+def test_cli_engine_option_dispatches_to_the_simulation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import hlora.engines.flower_app as flower_app
+    from hlora.cli import build_parser, main
+    from hlora.federation import RunResult
+
+    assert build_parser().parse_args(["run"]).engine == "inprocess"
+    calls = []
+
+    def fake(config: RunConfig, run_dir: Path, *, progress: bool) -> RunResult:
+        calls.append((config.federation.num_clients, run_dir, progress))
+        return RunResult(run_dir, {"final": {"accuracy": 0.5}})
+
+    monkeypatch.setattr(flower_app, "run_flower_simulation", fake)
+    args = ["run", "--engine", "flower-sim", "--no-progress", "--output", str(tmp_path)]
+    assert main([*args, "--set", "federation.num_clients=3", "--set", "output.name=x"]) == 0
+    assert calls == [(3, tmp_path / "x", False)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["hlora", "flora"])
+def test_flower_simulation_matches_inprocess(
+    strategy: str, tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
+) -> None:
+    from hlora.engines.flower_app import run_flower_simulation
+
+    config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path, **{"federation.strategy": strategy})
+    reference = run(replace(config, output={"name": "inprocess"}), progress=False)
+    flower = run_flower_simulation(
+        replace(config, output={"name": "flower"}), tmp_path / "flower", progress=False
+    )
+
+    ref_clients = json.loads((reference.run_dir / "clients.json").read_text())
+    fl_clients = json.loads((flower.run_dir / "clients.json").read_text())
+    assert [{k: c[k] for k in ("client_id", "rank", "num_examples")} for c in fl_clients] == (
+        ref_clients
+    )
+
+    ref, got = _records(reference.run_dir), _records(flower.run_dir)
+    assert [r["round"] for r in got] == [1, 2]
+    for a, b in zip(ref, got, strict=True):
+        assert b["dropped"] == []
+        # Same payload per client: only factors and head travel, at the same ranks.
+        for ca, cb in zip(a["clients"], b["clients"], strict=True):
+            assert cb["client_id"] == ca["client_id"] and cb["accepted"]
+            assert cb["bytes_sent"] == ca["bytes_sent"] > 0
+            assert cb["bytes_received"] == ca["bytes_received"] > 0
+            assert math.isclose(cb["loss"], ca["loss"], rel_tol=1e-4, abs_tol=1e-5)
+        # Same seeds, same data: the metrics agree up to float summation order (threads).
+        assert b["eval"]["accuracy"] == a["eval"]["accuracy"]
+        assert b["eval"]["f1"] == a["eval"]["f1"]
+        assert math.isclose(b["eval"]["loss"], a["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
+    assert (flower.run_dir / "summary.json").is_file()
+    assert sorted(p.name for p in (flower.run_dir / "adapters").glob("r*")) == ["r2", "r4"]
+
+
+# -- deployment on 127.0.0.1 --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen, *, kill: bool = False) -> None:
+    """Stop a process we started and every process below it, each by its PID."""
+    psutil = pytest.importorskip("psutil")
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    if proc.poll() is None:
+        (proc.kill if kill else proc.terminate)()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            (child.kill if kill else child.terminate)()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(alive, timeout=15)
+
+
+class LocalDeployment:
+    """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1, each its own process.
+
+    Args:
+        home: Folder for ``FLWR_HOME``, logs and state.
+        num_nodes: SuperNodes; node ``i`` declares ``partition-id=i``.
+    """
+
+    FEDERATION = "hlora-local"
+
+    def __init__(self, home: Path, num_nodes: int) -> None:
+        self.home = home
+        self.num_nodes = num_nodes
+        self.port = _free_port()
+        self.env = dict(os.environ)
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.home / f"{name}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            return subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.home,
+                start_new_session=True,
+            )
+
+    def start(self) -> None:
+        flwr_home = Path(self.env["FLWR_HOME"])
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.FEDERATION}"\n\n[superlink.{self.FEDERATION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        bin_dir = Path(sys.executable).parent
+        self.superlink = self._spawn(
+            "superlink",
+            [
+                str(bin_dir / "flower-superlink"),
+                "--insecure",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        _wait_for_port(self.port)
+        for i in range(self.num_nodes):
+            self.nodes.append(
+                self._spawn(
+                    f"node{i}",
+                    [
+                        str(bin_dir / "flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{self.port}",
+                        "--port",
+                        str(_free_port()),
+                        "--node-config",
+                        f"partition-id={i} num-partitions={self.num_nodes}",
+                    ],
+                )
+            )
+
+    def run(self, app_dir: Path, run_config: str) -> subprocess.Popen:
+        """``flwr run APP FEDERATION --stream --run-config ...`` (not waited for)."""
+        bin_dir = Path(sys.executable).parent
+        return self._spawn(
+            "flwr-run",
+            [
+                str(bin_dir / "flwr"),
+                "run",
+                str(app_dir),
+                self.FEDERATION,
+                "--stream",
+                "--run-config",
+                run_config,
+            ],
+        )
+
+    def stop(self) -> None:
+        for proc in self.nodes:
+            _stop(proc)
+        if self.superlink is not None:
+            _stop(self.superlink)
+
+    def tail(self, lines: int = 30) -> str:
+        out = []
+        for log in self.logs:
+            text = log.read_text(errors="replace").splitlines() if log.exists() else []
+            out.append(f"== {log.name}\n" + "\n".join(text[-lines:]))
+        return "\n".join(out)
+
+
+def _write_config(config: RunConfig, path: Path) -> Path:
+    path.write_text(to_toml(config), encoding="utf-8")
+    return path
+
+
+def _run_config(config_path: Path, run_dir: Path, round_timeout: int) -> str:
+    return f'hlora-config="{config_path}" run-dir="{run_dir}" round-timeout={round_timeout}'
+
+
+def _wait(proc: subprocess.Popen, deployment: LocalDeployment, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish in {timeout:.0f} s\n{deployment.tail()}")
+
+
+@pytest.mark.distributed
+def test_flower_deployment_on_loopback(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
+) -> None:
+    config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path)
+    reference = run(replace(config, output={"name": "inprocess"}), progress=False)
+    config_path = _write_config(config, tmp_path / "run.toml")
+    run_dir = tmp_path / "deployed"
+    deployment = LocalDeployment(flower_env, num_nodes=3)
+    flwr_run = None
+    try:
+        deployment.start()
+        flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300))
+        _wait(flwr_run, deployment, 600)
+        assert (run_dir / "summary.json").is_file(), deployment.tail()
+    finally:
+        if flwr_run is not None:
+            _stop(flwr_run)
+        deployment.stop()
+    ref, got = _records(reference.run_dir), _records(run_dir)
+    assert [r["round"] for r in got] == [1, 2]
+    clients = json.loads((run_dir / "clients.json").read_text())
+    assert [c["client_id"] for c in clients] == ["client00", "client01", "client02"]
+    for a, b in zip(ref, got, strict=True):
+        assert b["dropped"] == []
+        assert [c["bytes_received"] for c in b["clients"]] == [
+            c["bytes_received"] for c in a["clients"]
+        ]
+        assert b["eval"]["accuracy"] == a["eval"]["accuracy"]
+        assert math.isclose(b["eval"]["loss"], a["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
+
+
+@pytest.mark.distributed
+def test_flower_deployment_survives_a_killed_supernode(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
+) -> None:
+    config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path, **{"federation.rounds": 3})
+    config_path = _write_config(config, tmp_path / "run.toml")
+    run_dir = tmp_path / "deployed"
+    deployment = LocalDeployment(flower_env, num_nodes=3)
+    flwr_run = None
+    try:
+        deployment.start()
+        flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300))
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 400
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            if time.monotonic() > deadline or flwr_run.poll() is not None:
+                pytest.fail(f"round 1 did not finish\n{deployment.tail()}")
+            time.sleep(0.5)
+        _stop(deployment.nodes[2], kill=True)  # node of partition 2 dies after round 1
+        _wait(flwr_run, deployment, 600)
+        assert (run_dir / "summary.json").is_file(), deployment.tail()
+    finally:
+        if flwr_run is not None:
+            _stop(flwr_run)
+        deployment.stop()
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert records[0]["dropped"] == []
+    node_id = next(
+        c["node_id"]
+        for c in json.loads((run_dir / "clients.json").read_text())
+        if c["client_id"] == "client02"
+    )
+    for record in records[1:]:  # round 2: killed during it or before; round 3: known offline
+        dropped = record["dropped"]
+        assert [d["client_id"] for d in dropped] == ["client02"]
+        assert f"node {node_id}" in dropped[0]["reason"]
+        accepted = {c["client_id"]: c["accepted"] for c in record["clients"]}
+        assert accepted == {"client00": True, "client01": True, "client02": False}
+        assert record["bytes_received"] > 0 and "eval" in record
