@@ -87,3 +87,12 @@ def test_bare_words_are_strings() -> None:
     assert parse_override("model.name=roberta-large") == ("model", "name", "roberta-large")
     assert parse_override("federation.rounds=3") == ("federation", "rounds", 3)
     assert isinstance(RunConfig().to_dict()["federation"]["ranks"], list)
+
+
+def test_every_experiment_config_is_valid() -> None:
+    folder = Path(__file__).resolve().parents[1] / "experiments"
+    files = sorted(folder.glob("*.toml"))
+    assert len(files) >= 5
+    for path in files:
+        config = load_config(path)
+        assert config.output.name

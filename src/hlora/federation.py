@@ -73,7 +73,7 @@ def assign_ranks(config: RunConfig, shapes: dict[str, LayerShape]) -> list[int]:
     return ranks
 
 
-def _pair_examples(examples: Sequence[Example], backbone: Backbone) -> list[Example]:
+def pair_examples(examples: Sequence[Example], backbone: Backbone) -> list[Example]:
     """Decoders get an explicit newline between the two texts (their tokenizers add none)."""
     if backbone.architecture != "decoder":
         return list(examples)
@@ -141,10 +141,10 @@ def build_federation(config: RunConfig) -> Federation:
     collator = DynamicPaddingCollator(backbone.tokenizer)
     runtime = ModelRuntime(bank, collator, config.train, device)
     train_all = tokenize_pairs(
-        backbone.tokenizer, _pair_examples(task.train, backbone), config.model.max_length
+        backbone.tokenizer, pair_examples(task.train, backbone), config.model.max_length
     )
     dev = tokenize_pairs(
-        backbone.tokenizer, _pair_examples(task.dev, backbone), config.model.max_length
+        backbone.tokenizer, pair_examples(task.dev, backbone), config.model.max_length
     )
     clients = [
         ClientSlot(cid, rank, len(part)) for cid, rank, part in zip(ids, ranks, parts, strict=True)

@@ -65,13 +65,13 @@ from hlora.federation import (
     CONFIG_FILE,
     Federation,
     RunResult,
-    _pair_examples,
     assign_ranks,
     build_federation,
     fingerprint,
     finish,
     loop_settings,
     new_run_dir,
+    pair_examples,
 )
 from hlora.models import Backbone, load_backbone
 from hlora.protocol import ClientFailure, RoundResult, TrainInstruction, TrainReply
@@ -490,7 +490,7 @@ def partition_features(
     )
     mine = [task.train[i] for i in parts[partition_id]]
     return tokenize_pairs(
-        backbone.tokenizer, _pair_examples(mine, backbone), config.model.max_length
+        backbone.tokenizer, pair_examples(mine, backbone), config.model.max_length
     )
 
 
