@@ -334,7 +334,7 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
     write_json(run_dir / SUMMARY_FILE, summary)
     plot_convergence(
         {config.federation.strategy: records},
-        federation.task.task.metrics[-1],
+        federation.task.task.metrics[0],
         run_dir / PLOT_FILE,
         title=f"{config.data.task} · {config.model.name}",
     )
