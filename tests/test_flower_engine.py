@@ -564,3 +564,262 @@ def test_flower_deployment_survives_a_killed_supernode(
         accepted = {c["client_id"]: c["accepted"] for c in record["clients"]}
         assert accepted == {"client00": True, "client01": True, "client02": False}
         assert record["bytes_received"] > 0 and "eval" in record
+
+
+# -- TLS and SuperNode authentication on 127.0.0.1 -----------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _make_certificates(folder: Path) -> None:
+    """A CA (``ca.crt``) and a server certificate for 127.0.0.1 it signed (``server.pem``)."""
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(
+        "req",
+        "-x509",
+        *curve,
+        "-days",
+        "2",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=hlora-test-ca",
+        cwd=folder,
+    )
+    _openssl(
+        "req",
+        *curve,
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=superlink",
+        cwd=folder,
+    )
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+        cwd=folder,
+    )
+
+
+def _make_node_key(path: Path) -> None:
+    """An ECDSA P-384 key pair in OpenSSH format: ``path`` (private), ``path.pub``."""
+    if shutil.which("ssh-keygen"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(path)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        return
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    Path(f"{path}.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+
+
+def _flwr_cli(deployment: LocalDeployment, *args: str) -> subprocess.CompletedProcess[str]:
+    """``flwr ARGS`` against the deployment's SuperLink (bounded: 60 s)."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), *args],
+        env=deployment.env,
+        cwd=deployment.home,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _listed_nodes(deployment: LocalDeployment) -> dict[str, str]:
+    """Node id -> status, from ``flwr supernode list --format json``."""
+    out = _flwr_cli(deployment, "supernode", "list", deployment.FEDERATION, "--format", "json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    listing = json.loads(out.stdout[out.stdout.index("{") :])
+    assert listing["success"], listing
+    return {str(n["node-id"]): str(n["status"]) for n in listing["nodes"]}
+
+
+@pytest.mark.distributed
+def test_flower_tls_and_supernode_auth(tmp_path: Path, flower_env: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command-line tool is not installed")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    _make_certificates(certs)
+    _make_node_key(tmp_path / "registered")
+    _make_node_key(tmp_path / "stranger")
+
+    deployment = LocalDeployment(flower_env, num_nodes=0)
+    flwr_home = Path(deployment.env["FLWR_HOME"])
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{deployment.FEDERATION}"\n\n'
+        f"[superlink.{deployment.FEDERATION}]\n"
+        f'address = "127.0.0.1:{deployment.port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n'
+    )
+    bin_dir = Path(sys.executable).parent
+
+    def supernode(name: str, key: Path) -> subprocess.Popen:
+        proc = deployment._spawn(
+            name,
+            [
+                str(bin_dir / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{deployment.port}",
+                "--root-certificates",
+                str(certs / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(key),
+                "--port",
+                str(_free_port()),
+                "--node-config",
+                "partition-id=0 num-partitions=1",
+            ],
+        )
+        deployment.nodes.append(proc)
+        return proc
+
+    try:
+        deployment.superlink = deployment._spawn(
+            "superlink",
+            [
+                str(bin_dir / "flower-superlink"),
+                "--port",
+                str(deployment.port),
+                "--disable-runtime-dependency-installation",
+                "--ssl-ca-certfile",
+                str(certs / "ca.crt"),
+                "--ssl-certfile",
+                str(certs / "server.pem"),
+                "--ssl-keyfile",
+                str(certs / "server.key"),
+                "--enable-supernode-auth",
+            ],
+        )
+        _wait_for_port(deployment.port)
+        # The CLI talks to the SuperLink over TLS (root-certificates in FLWR_HOME/config.toml).
+        deadline = time.monotonic() + 60
+        while True:
+            reg = _flwr_cli(
+                deployment,
+                "supernode",
+                "register",
+                str(tmp_path / "registered.pub"),
+                deployment.FEDERATION,
+            )
+            if reg.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)  # the port may open before the Control API answers
+        assert reg.returncode == 0, reg.stdout + reg.stderr + deployment.tail()
+        listed = _listed_nodes(deployment)
+        assert list(listed.values()) == ["registered"], listed
+        (node_id,) = listed
+
+        registered = supernode("registered", tmp_path / "registered")
+        stranger = supernode("stranger", tmp_path / "stranger")
+
+        # (b) the unregistered key is refused: the SuperNode gives up and exits non-zero.
+        try:
+            code = stranger.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the unregistered SuperNode still runs after 90 s\n{deployment.tail()}")
+        log = (flower_env / "stranger.log").read_text(errors="replace")
+        assert code != 0, log
+        assert "Failed to activate SuperNode" in log, log
+
+        # (a) the registered one is online, under the id registration gave it.
+        deadline = time.monotonic() + 90
+        while (listed := _listed_nodes(deployment)).get(node_id) != "online":
+            if time.monotonic() > deadline or registered.poll() is not None:
+                pytest.fail(f"registered SuperNode not online: {listed}\n{deployment.tail()}")
+            time.sleep(1.0)
+        assert list(listed) == [node_id], listed  # the stranger never became a node
+        assert f"SuperNode ID: {node_id}" in (flower_env / "registered.log").read_text()
+        assert "No SuperNode found with the given public key" in (
+            flower_env / "superlink.log"
+        ).read_text(errors="replace")
+    finally:
+        deployment.stop()
+
+
+# -- a restarted server resumes ------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_flower_simulation_resumes_a_stopped_run(
+    tiny_bert_dir: Path,
+    glue_dir: Path,
+    tmp_path: Path,
+    flower_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hlora.engines.flower_app import run_flower_simulation
+    from hlora.report import RoundProgress
+
+    config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path, **{"federation.rounds": 3})
+    reference = run(replace(config, output={"name": "inprocess"}), progress=False)
+    flower = replace(config, output={"name": "flower"})
+    run_dir = tmp_path / "flower"
+
+    end_round = RoundProgress.end_round
+
+    def stop_after_round_1(self: RoundProgress, record: dict) -> None:
+        end_round(self, record)
+        if record["round"] == 1:  # round 1 is logged and checkpointed: the server dies
+            raise RuntimeError("server stopped after round 1")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RoundProgress, "end_round", stop_after_round_1)
+        with pytest.raises(RuntimeError, match="after round 1"):
+            run_flower_simulation(flower, run_dir, progress=False)
+    assert [r["round"] for r in _records(run_dir)] == [1]
+    assert not (run_dir / "summary.json").exists()
+    # The same configuration resumes; another one is still refused.
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_flower_simulation(replace(flower, federation={"rounds": 4}), run_dir, progress=False)
+    result = run_flower_simulation(flower, run_dir, progress=False)
+
+    ref, got = _records(reference.run_dir), _records(result.run_dir)
+    assert [r["round"] for r in got] == [1, 2, 3]
+    for a, b in zip(ref, got, strict=True):
+        assert b["dropped"] == []
+        for ca, cb in zip(a["clients"], b["clients"], strict=True):
+            assert cb["client_id"] == ca["client_id"] and cb["accepted"]
+            assert cb["bytes_received"] == ca["bytes_received"] > 0
+            assert math.isclose(cb["loss"], ca["loss"], rel_tol=1e-4, abs_tol=1e-5)
+        assert b["eval"]["accuracy"] == a["eval"]["accuracy"]
+        assert math.isclose(b["eval"]["loss"], a["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
+    assert json.loads((run_dir / "summary.json").read_text())

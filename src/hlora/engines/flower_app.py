@@ -33,6 +33,7 @@ module-level ``server_app`` / ``client_app`` are the entry points of a deploymen
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -48,6 +49,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from hlora.adapters import LayerShape, LoraBank
 from hlora.aggregation import InvalidUpdateError
+from hlora.checkpoint import ServerState, load_state
 from hlora.config import RunConfig, load_config, replace, to_toml
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
 from hlora.data.glue import get_task, load_task
@@ -341,18 +343,35 @@ def _make_loop(
     )
 
 
-def check_runnable(config: RunConfig, run_dir: Path) -> None:
+def check_runnable(config: RunConfig, run_dir: Path) -> ServerState | None:
     """Refuse what the Flower engine cannot run, before anything starts.
 
+    A run folder that already holds ``config.toml`` is refused unless it also holds a
+    checkpoint of this same configuration: then the run resumes from it.
+
+    Returns:
+        The checkpointed state to resume from, or None for a new run.
+
     Raises:
-        ConfigError: The ``centralized`` reference mode, or a run folder already in use.
+        ConfigError: The ``centralized`` reference mode, or a run folder already in use (by
+            another configuration, or without a checkpoint).
+        CheckpointError: A corrupt checkpoint.
     """
     if config.federation.strategy == "centralized":
         raise ConfigError(
             "strategy 'centralized' has one client and no federation: use --engine inprocess"
         )
-    if (run_dir / CONFIG_FILE).exists():
-        raise ConfigError(f"run folder '{run_dir}' already holds a run: choose another output.name")
+    if not (run_dir / CONFIG_FILE).exists():
+        return None
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if checkpoint.exists() and fingerprint(load_config(run_dir / CONFIG_FILE)) == fingerprint(
+        config
+    ):
+        return load_state(checkpoint, fingerprint(config))
+    raise ConfigError(
+        f"run folder '{run_dir}' already holds a run (of another configuration, or with no "
+        "finished round to resume from): choose another output.name"
+    )
 
 
 def serve(
@@ -366,10 +385,14 @@ def serve(
 ) -> RunResult:
     """The whole server side of a Flower run: query nodes, run the rounds, write the run folder.
 
+    A run folder holding a checkpoint of the same configuration resumes after the checkpoint's
+    round (see :func:`check_runnable`): ``metrics.jsonl`` is cut back to that round and the nodes
+    must map to the same clients, ranks and example counts as in ``clients.json``.
+
     Raises:
         HloraError: Bad input, missing nodes, or a round that cannot go on.
     """
-    check_runnable(config, run_dir)
+    resumed = check_runnable(config, run_dir)
     federation = build_federation(config)  # the server's model: evaluation and the update spec
     infos = query_nodes(
         grid, config.federation.num_clients, wait_s=node_wait_s, timeout=round_timeout
@@ -381,6 +404,15 @@ def serve(
         for i in infos
     ]
     federation = dataclasses.replace(federation, clients=slots)
+    if resumed is not None:
+        before = json.loads((run_dir / "clients.json").read_text(encoding="utf-8"))
+        now = [s.__dict__ for s in slots]
+        if [{k: c[k] for k in now[0]} for c in before] != now:
+            raise FederationError(
+                f"cannot resume '{run_dir}': the nodes now declare {now}, the run had {before}"
+            )
+        MetricsLog(run_dir / "metrics.jsonl").truncate_to_round(resumed.round_num)
+        logger.info("resuming %s after round %d", run_dir, resumed.round_num)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(to_toml(config), encoding="utf-8")
     write_json(
@@ -389,7 +421,7 @@ def serve(
     )
     transport = FlowerTransport(grid, {i.client_id: i.node_id for i in infos}, round_timeout)
     with RoundProgress(config.federation.rounds, enabled=progress) as bar:
-        state = _make_loop(federation, run_dir, bar, transport).run()
+        state = _make_loop(federation, run_dir, bar, transport).run(resumed)
     return finish(federation, run_dir, state)
 
 
