@@ -27,6 +27,7 @@ from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
 from hlora.models import Backbone, load_backbone
+from hlora.protocol import Transport
 from hlora.report import MetricsLog, RoundProgress, plot_convergence, summarize, write_json
 from hlora.runtime import Features, ModelRuntime, resolve_device
 from hlora.server import ClientSlot, LoopSettings, RoundLoop
@@ -185,8 +186,17 @@ def loop_settings(config: RunConfig) -> LoopSettings:
     )
 
 
-def make_loop(federation: Federation, run_dir: Path, progress: RoundProgress) -> RoundLoop:
-    """The round loop over the in-process engine."""
+def make_loop(
+    federation: Federation,
+    run_dir: Path,
+    progress: RoundProgress,
+    transport: Transport | None = None,
+) -> RoundLoop:
+    """The round loop over ``transport`` (default: the in-process engine).
+
+    The global model is evaluated on this process's model (``federation.runtime``) whatever the
+    transport.
+    """
     config = federation.config
     runtime = federation.runtime
     metric_names = federation.task.task.metrics
@@ -204,7 +214,8 @@ def make_loop(federation: Federation, run_dir: Path, progress: RoundProgress) ->
             base_delta=base_delta,
         )
 
-    transport = InProcessTransport(runtime, federation.train_features, progress.client_done)
+    if transport is None:
+        transport = InProcessTransport(runtime, federation.train_features, progress.client_done)
     return RoundLoop(
         loop_settings(config),
         federation.clients,

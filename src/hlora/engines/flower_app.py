@@ -71,7 +71,7 @@ from hlora.federation import (
     build_federation,
     fingerprint,
     finish,
-    loop_settings,
+    make_loop,
     new_run_dir,
     pair_examples,
 )
@@ -311,36 +311,8 @@ class FlowerTransport:
 def _make_loop(
     federation: Federation, run_dir: Path, progress: RoundProgress, transport: FlowerTransport
 ) -> RoundLoop:
-    config = federation.config
-    runtime = federation.runtime
-    metric_names = federation.task.task.metrics
-
-    def evaluate(
-        deltas: Any, extras: Any, *, base_version: int, base_delta: Any
-    ) -> dict[str, float]:
-        return runtime.evaluate(
-            deltas,
-            extras,
-            federation.dev_features,
-            metric_names,
-            config.server.eval_batch_size,
-            base_version=base_version,
-            base_delta=base_delta,
-        )
-
     transport.on_client_done = progress.client_done
-    return RoundLoop(
-        loop_settings(config),
-        federation.clients,
-        federation.spec,
-        federation.initial_extras,
-        transport,
-        evaluate,
-        MetricsLog(run_dir / "metrics.jsonl"),
-        run_dir / CHECKPOINT_FILE,
-        fingerprint(config),
-        progress,
-    )
+    return make_loop(federation, run_dir, progress, transport)
 
 
 def check_runnable(config: RunConfig, run_dir: Path) -> ServerState | None:
