@@ -18,26 +18,7 @@ from hlora.cli import main
 from hlora.config import load_config
 from hlora.federation import run
 from hlora.runtime import ModelRuntime
-
-
-def tiny_overrides(model_dir: Path, glue: Path, out: Path, **extra: object) -> list[str]:
-    values: dict[str, object] = {
-        "model.name": f'"{model_dir}"',
-        "model.max_length": 64,
-        "model.lora_dropout": 0.0,
-        "data.data_dir": f'"{glue}"',
-        "data.train_limit": 48,
-        "data.dev_limit": 24,
-        "federation.num_clients": 3,
-        "federation.rounds": 2,
-        "federation.ranks": "[2, 4]",
-        "train.batch_size": 8,
-        "train.learning_rate": 0.01,
-        "output.dir": f'"{out}"',
-        "output.progress": "false",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+from tiny_models import tiny_overrides
 
 
 def _records(run_dir: Path) -> list[dict]:

@@ -30,30 +30,9 @@ from hlora.engines.flower_codec import decode_instruction, encode_reply
 from hlora.errors import ConfigError
 from hlora.federation import build_federation, run
 from hlora.protocol import TrainInstruction, TrainReply
+from tiny_models import tiny_overrides
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App: pyproject.toml [tool.flwr.app]
-
-
-def tiny_overrides(model_dir: Path, glue: Path, out: Path, **extra: object) -> list[str]:
-    """The tiny federation of ``tests/test_federation_e2e.py`` (copied, not imported)."""
-    values: dict[str, object] = {
-        "model.name": f'"{model_dir}"',
-        "model.max_length": 64,
-        "model.lora_dropout": 0.0,
-        "data.data_dir": f'"{glue}"',
-        "data.train_limit": 48,
-        "data.dev_limit": 24,
-        "federation.num_clients": 3,
-        "federation.rounds": 2,
-        "federation.ranks": "[2, 4]",
-        "train.batch_size": 8,
-        "train.learning_rate": 0.01,
-        "train.device": '"cpu"',
-        "output.dir": f'"{out}"',
-        "output.progress": "false",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
 
 
 def _records(run_dir: Path) -> list[dict]:

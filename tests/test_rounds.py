@@ -16,7 +16,7 @@ from hlora.errors import ConfigError
 from hlora.federation import assign_ranks, run
 from hlora.runtime import ModelRuntime
 from hlora.server import FederationError
-from test_federation_e2e import tiny_overrides
+from tiny_models import tiny_overrides
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, victim: str) -> None:

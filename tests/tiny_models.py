@@ -138,3 +138,32 @@ def build_tiny_llama_backbone(num_labels: int = 2, seed: int = 0) -> Backbone:
         model = LlamaForSequenceClassification(config)
     model.eval()
     return build_backbone(model, tokenizer, "tiny-llama")
+
+
+def tiny_overrides(model_dir: Path, glue: Path, out: Path, **extra: object) -> list[str]:
+    """``--set`` overrides of a tiny federation: 3 clients x 2 rounds of the tiny BERT on MRPC.
+
+    Args:
+        model_dir: A saved tiny model folder (the ``tiny_bert_dir`` fixture).
+        glue: The GLUE folder (the ``glue_dir`` fixture).
+        out: Parent folder of the run folders.
+        **extra: ``section.key`` -> TOML value, overriding the defaults below.
+    """
+    values: dict[str, object] = {
+        "model.name": f'"{model_dir}"',
+        "model.max_length": 64,
+        "model.lora_dropout": 0.0,
+        "data.data_dir": f'"{glue}"',
+        "data.train_limit": 48,
+        "data.dev_limit": 24,
+        "federation.num_clients": 3,
+        "federation.rounds": 2,
+        "federation.ranks": "[2, 4]",
+        "train.batch_size": 8,
+        "train.learning_rate": 0.01,
+        "train.device": '"cpu"',
+        "output.dir": f'"{out}"',
+        "output.progress": "false",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

@@ -81,6 +81,32 @@ def pair_examples(examples: Sequence[Example], backbone: Backbone) -> list[Examp
     return [Example(e.text_a, "\n" + e.text_b, e.label) for e in examples]
 
 
+def load_run_task(config: RunConfig) -> TaskData:
+    """The run's task, with the configured data folder and limits."""
+    return load_task(
+        config.data.task,
+        config.data.data_dir or None,
+        train_limit=config.data.train_limit or None,
+        dev_limit=config.data.dev_limit or None,
+    )
+
+
+def client_partitions(config: RunConfig, task: TaskData, num_clients: int) -> list[list[int]]:
+    """Each client's train indices: seeded, disjoint, at least ``min_client_examples`` each.
+
+    Every engine derives partitions here, so they train on the same examples.
+    """
+    labels = [e.label for e in task.train]
+    return partition_indices(
+        labels,
+        num_clients,
+        config.data.partition,
+        alpha=config.data.alpha,
+        seed=config.federation.seed,
+        min_size=max(1, min(config.data.min_client_examples, len(labels) // num_clients)),
+    )
+
+
 @dataclass
 class Federation:
     """Everything a run needs, built and checked."""
@@ -103,30 +129,16 @@ def build_federation(config: RunConfig) -> Federation:
         HloraError: Any bad input (config, data, model, ranks).
     """
     fed = config.federation
-    task = load_task(
-        config.data.task,
-        config.data.data_dir or None,
-        train_limit=config.data.train_limit or None,
-        dev_limit=config.data.dev_limit or None,
-    )
+    task = load_run_task(config)
     backbone = load_backbone(config.model.name, task.task.num_labels, seed=fed.seed)
     centralized = fed.strategy == "centralized"
     targets = config.model.target_modules or None
     if centralized:
-        labels = [e.label for e in task.train]
-        parts = [list(range(len(labels)))]
+        parts = [list(range(len(task.train)))]
         ranks = [fed.centralized_rank or max(fed.ranks)]
         ids = ["central"]
     else:
-        labels = [e.label for e in task.train]
-        parts = partition_indices(
-            labels,
-            fed.num_clients,
-            config.data.partition,
-            alpha=config.data.alpha,
-            seed=fed.seed,
-            min_size=max(1, min(config.data.min_client_examples, len(labels) // fed.num_clients)),
-        )
+        parts = client_partitions(config, task, fed.num_clients)
         ids = [f"client{k:02d}" for k in range(fed.num_clients)]
         ranks = []  # filled after the bank knows the shapes
     bank = LoraBank(

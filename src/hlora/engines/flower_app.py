@@ -52,8 +52,7 @@ from hlora.aggregation import InvalidUpdateError
 from hlora.checkpoint import ServerState, load_state
 from hlora.config import RunConfig, load_config, replace, to_toml
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
-from hlora.data.glue import get_task, load_task
-from hlora.data.partition import partition_indices
+from hlora.data.glue import get_task
 from hlora.engines.flower_codec import (
     content_bytes,
     decode_instruction,
@@ -69,8 +68,10 @@ from hlora.federation import (
     RunResult,
     assign_ranks,
     build_federation,
+    client_partitions,
     fingerprint,
     finish,
+    load_run_task,
     make_loop,
     new_run_dir,
     pair_examples,
@@ -461,9 +462,9 @@ def partition_features(
 ) -> Features:
     """This node's tokenized training examples, derived as :func:`build_federation` does.
 
-    Same :func:`load_task` call, same :func:`partition_indices` (seeded by
-    ``federation.seed``), then the examples of partition ``partition_id`` tokenized with the
-    backbone's tokenizer.
+    Same :func:`~hlora.federation.load_run_task` and
+    :func:`~hlora.federation.client_partitions` (seeded by ``federation.seed``), then the
+    examples of partition ``partition_id`` tokenized with the backbone's tokenizer.
 
     Args:
         config: The run configuration (``data.data_dir`` already resolved for this node).
@@ -477,21 +478,8 @@ def partition_features(
     """
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id {partition_id} is not in [0, {num_partitions})")
-    task = load_task(
-        config.data.task,
-        config.data.data_dir or None,
-        train_limit=config.data.train_limit or None,
-        dev_limit=config.data.dev_limit or None,
-    )
-    labels = [e.label for e in task.train]
-    parts = partition_indices(
-        labels,
-        num_partitions,
-        config.data.partition,
-        alpha=config.data.alpha,
-        seed=config.federation.seed,
-        min_size=min(config.data.min_client_examples, len(labels) // num_partitions),
-    )
+    task = load_run_task(config)
+    parts = client_partitions(config, task, num_partitions)
     mine = [task.train[i] for i in parts[partition_id]]
     return tokenize_pairs(
         backbone.tokenizer, pair_examples(mine, backbone), config.model.max_length
