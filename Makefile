@@ -23,7 +23,7 @@ run: $(STAMP)
 
 ## Lint, type-check and the default test suite (everything that runs on a CPU).
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/mypy
 	$(BIN)/pytest $(PYTEST_ARGS)
 

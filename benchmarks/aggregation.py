@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from floors import matmul_rate
 from hlora.aggregation import AggregationOptions, ClientUpdate, LoraFactors, aggregate_hlora
 
 RANK_SET = (4, 8, 16, 32, 64)
@@ -124,6 +125,21 @@ def reference(updates: list[ClientUpdate], name: str) -> torch.Tensor:
     return acc
 
 
+def exact_flops(out_f: int, in_f: int, total_rank: int) -> float:
+    """FLOPs of the exact factored path for one layer (Householder QR with explicit Q of each
+    stacked side ``4 m R^2 - 4/3 R^3``, core product ``2 R^3``, core SVD with vectors ``21 R^3``,
+    outputs ``2 (m + n) R^2``)."""
+    r = total_rank
+    return 6.0 * (out_f + in_f) * r * r - 8.0 / 3.0 * r**3 + 23.0 * r**3
+
+
+def dense_flops(out_f: int, in_f: int, total_rank: int) -> float:
+    """FLOPs of the dense method for one layer: form ``dW`` (``2 m n R``), then a thin SVD with
+    vectors (``4 m^2 n + 8 m n^2 + 9 n^3``, ``m >= n``)."""
+    m, n = max(out_f, in_f), min(out_f, in_f)
+    return 2.0 * out_f * in_f * total_rank + 4.0 * m * m * n + 8.0 * m * n * n + 9.0 * n**3
+
+
 def run_case(args: argparse.Namespace, case: Case, num_clients: int) -> dict[str, object]:
     """Time both methods on one case and measure hlora's error; returns one table row."""
     device = torch.device(args.device)
@@ -171,6 +187,15 @@ def run_case(args: argparse.Namespace, case: Case, num_clients: int) -> dict[str
             max_trunc_gap = max(max_trunc_gap, gap)
         else:
             max_rel = max(max_rel, float((ours - ref).norm() / ref.norm()))
+    # Floors: each method's FLOP count at the measured matrix rate.
+    biggest = max(case.shapes, key=lambda s: s[0] * s[1])
+    rate = matmul_rate(device, biggest[0], total_rank, biggest[1])
+    dense_floor = sum(c * dense_flops(o, i, total_rank) for (o, i), c in case.shapes.items()) / rate
+    ours_floor = (
+        None
+        if many
+        else sum(c * exact_flops(o, i, total_rank) for (o, i), c in case.shapes.items()) / rate
+    )
     return {
         "case": case.name,
         "clients": num_clients,
@@ -184,6 +209,9 @@ def run_case(args: argparse.Namespace, case: Case, num_clients: int) -> dict[str
         "max_rel_error": max_rel if not many else None,
         "trunc_error_gap": max_trunc_gap if many else None,
         "checked_layers": len(check),
+        "matmul_gflops": rate / 1e9,
+        "ours_floor_s": ours_floor,
+        "dense_floor_s": dense_floor,
     }
 
 
@@ -225,6 +253,14 @@ def main() -> None:
         print(
             f"{r['case']:14} {r['clients']:>7} {r['total_rank']:>5} {r['method']:>10} "
             f"{r['ours_s']:>8.3f} {dense:>9} {r['speedup_vs_dense']:>7.1f}x {rel:>9} {gap:>9}"
+        )
+    for r in rows:
+        ours_floor = r["ours_floor_s"]
+        ours = "-" if ours_floor is None else f"{ours_floor:.3f} s ({ours_floor / r['ours_s']:.0%})"
+        print(
+            f"floors at {r['matmul_gflops']:.1f} GFLOP/s (K={r['clients']}): hlora {ours}, "
+            f"dense {r['dense_floor_s']:.3f} s ({r['dense_floor_s'] / r['dense_s']:.0%}) "
+            "(floor / measured in brackets)"
         )
     if any(r["dense_extrapolated"] for r in rows):
         print("* dense time extrapolated from a sample of matrices per shape")

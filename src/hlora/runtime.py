@@ -84,9 +84,9 @@ class ModelRuntime:
     def train_client(self, instruction: TrainInstruction, features: Features) -> TrainReply:
         """Local training of one client (see :class:`TrainConfig`).
 
-        AdamW over the active adapter's factors and head, linear warm-up then decay, gradient
-        clipping, length-grouped batches with dynamic padding, bf16 autocast on CUDA. Data
-        order and dropout are seeded by ``instruction.train_seed``.
+        AdamW (fused on CUDA) over the active adapter's factors and head, linear warm-up then
+        decay, gradient clipping, length-grouped batches with dynamic padding, bf16 autocast on
+        CUDA. Data order and dropout are seeded by ``instruction.train_seed``.
 
         Returns:
             The client's update (factors ``A (r, in)``, ``B (out, r)`` and head) and its mean
@@ -104,7 +104,12 @@ class ModelRuntime:
             bank.set_factors(rank, {n: (f.A, f.B) for n, f in instruction.factors.items()})
         bank.set_extras(rank, instruction.extras)
         params = bank.trainable_parameters(rank)
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            fused=self.device.type == "cuda",
+        )
         lengths = [len(f["input_ids"]) for f in features]
         batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
         total_steps = max(1, math.ceil(cfg.local_epochs * batches_per_epoch))

@@ -1,0 +1,170 @@
+"""Tables and convergence plots of the experiments (``docs/RESULTS.md``).
+
+Reads run folders named ``<experiment>-<strategy>-s<seed>`` (as ``experiments/cpu_protocol.sh``
+writes them), groups them over seeds and prints Markdown tables: mean and standard deviation
+(over seeds, ``n - 1`` denominator) of the final dev accuracy and F1, the rounds at which each
+seed first reached the target accuracy, seconds per round and bytes per round. Writes one PNG
+per experiment with the seed-mean curves.
+
+    python experiments/results.py runs/cpu-protocol --plots docs/results --target 0.70
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hlora.report import load_run_records, plot_convergence, summarize
+
+RUN_NAME = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
+
+# Experiment -> (title, groups in plot order, with their labels).
+EXPERIMENTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "e1": (
+        "E1: naive LoRA averaging vs hlora, every client at rank 8",
+        [("e1-fedavg", "fedavg (r=8)"), ("e1-hlora", "hlora (r=8)")],
+    ),
+    "e2": (
+        "E2: hlora, homogeneous vs heterogeneous ranks",
+        [("e1-hlora", "hlora, all r=8"), ("e3-hlora", "hlora, r in {2,4,8,16}")],
+    ),
+    "e3": (
+        "E3: every strategy, ranks {2,4,8,16}",
+        [
+            ("e3-hlora", "hlora"),
+            ("e3-zeropad", "zeropad"),
+            ("e3-flora", "flora"),
+            ("e3-centralized", "centralized (r=16)"),
+            ("e3-local", "local"),
+        ],
+    ),
+}
+
+
+def collect(root: Path) -> dict[str, dict[int, list[dict[str, Any]]]]:
+    """Group -> seed -> round records, for every finished run folder under ``root``."""
+    groups: dict[str, dict[int, list[dict[str, Any]]]] = defaultdict(dict)
+    for folder in sorted(root.iterdir()):
+        match = RUN_NAME.match(folder.name)
+        if not match or not (folder / "summary.json").is_file():
+            continue
+        groups[match["group"]][int(match["seed"])] = load_run_records(folder)
+    return groups
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def group_row(
+    label: str, runs: Mapping[int, Sequence[Mapping[str, Any]]], target: float
+) -> dict[str, str]:
+    """One table row: a strategy over its seeds."""
+    summaries = {
+        s: summarize(r, ("accuracy", "f1"), targets={"accuracy": target}) for s, r in runs.items()
+    }
+    acc = [x["final"]["accuracy"] for x in summaries.values() if x["final"]["accuracy"] is not None]
+    f1 = [x["final"]["f1"] for x in summaries.values() if x["final"]["f1"] is not None]
+    reached = [summaries[s]["rounds_to_target"]["accuracy"] for s in sorted(summaries)]
+    train_s = [r["round_time_s"] for records in runs.values() for r in records]
+    bytes_round = [
+        (r.get("bytes_sent", 0) + r.get("bytes_received", 0)) for rs in runs.values() for r in rs
+    ]
+    return {
+        "strategy": label,
+        "seeds": str(len(runs)),
+        "final accuracy": _mean_std(acc),
+        "final F1": _mean_std(f1),
+        f"round reaching acc >= {target:.2f} (per seed)": ", ".join(
+            "-" if r is None else str(r) for r in reached
+        ),
+        "train s / round (median)": f"{statistics.median(train_s):.1f}",
+        "MB / round (both ways)": f"{statistics.fmean(bytes_round) / 1e6:.2f}",
+    }
+
+
+def markdown(rows: Sequence[Mapping[str, str]]) -> str:
+    """A Markdown table of ``rows`` (all with the same keys)."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(row[k] for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def seed_mean_records(runs: Mapping[int, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Round records whose ``eval`` metrics and ``train_loss`` are the mean over seeds."""
+    by_round: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for records in runs.values():
+        for record in records:
+            by_round[int(record["round"])].append(record)
+    out = []
+    for round_num in sorted(by_round):
+        records = by_round[round_num]
+        mean: dict[str, Any] = {"round": round_num}
+        losses = [r["train_loss"] for r in records if r.get("train_loss") is not None]
+        if losses:
+            mean["train_loss"] = statistics.fmean(losses)
+        evals = [r["eval"] for r in records if "eval" in r]
+        if evals:
+            mean["eval"] = {
+                k: statistics.fmean(e[k] for e in evals)
+                for k in evals[0]
+                if all(isinstance(e.get(k), float) and math.isfinite(e[k]) for e in evals)
+            }
+        out.append(mean)
+    return out
+
+
+def truncation_rows(runs: Mapping[int, Sequence[Mapping[str, Any]]]) -> list[dict[str, str]]:
+    """Final accuracy of each client rank's truncation of the global update, over seeds."""
+    per_rank: dict[str, list[float]] = defaultdict(list)
+    for records in runs.values():
+        by_rank = records[-1].get("eval_by_rank", {})
+        for rank, metrics in by_rank.items():
+            per_rank[rank].append(metrics["accuracy"])
+    return [
+        {"rank": rank, "final accuracy": _mean_std(values)}
+        for rank, values in sorted(per_rank.items(), key=lambda kv: int(kv[0]))
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, help="folder holding the run folders")
+    parser.add_argument("--plots", type=Path, default=Path("docs/results"))
+    parser.add_argument("--target", type=float, default=0.70, help="target dev accuracy")
+    args = parser.parse_args()
+    groups = collect(args.runs)
+    for key, (title, members) in EXPERIMENTS.items():
+        present = [(g, label) for g, label in members if g in groups]
+        if not present:
+            continue
+        print(f"### {title}\n")
+        print(markdown([group_row(label, groups[g], args.target) for g, label in present]))
+        print()
+        path = plot_convergence(
+            {label: seed_mean_records(groups[g]) for g, label in present},
+            "accuracy",
+            args.plots / f"{key}_mrpc.png",
+            title=f"{title} (MRPC dev, mean of seeds)",
+        )
+        print(f"![{key}]({path.name})\n")
+    for group in ("e3-hlora", "e3-zeropad"):
+        if group in groups:
+            print(f"### {group}: each client rank's truncation of the final global update\n")
+            print(markdown(truncation_rows(groups[group])))
+            print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The scripts that produce the published figures: benchmark floors, the simulation benchmark's
+measurement, and the experiment tables (mean and spread over seeds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from hlora.adapters import LoraBank
+from tiny_models import build_tiny_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(relative: str) -> ModuleType:
+    """Import a script from the repository by path (its folder on ``sys.path`` for siblings)."""
+    path = ROOT / relative
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- floors ------------------------------------------------------------------------------------
+
+
+def test_lora_flops_per_token_counts_the_encoder_linears_only() -> None:
+    floors = _load("benchmarks/floors.py")
+    backbone = build_tiny_backbone(seed=0)
+    # Tiny BERT: 2 layers, hidden 32, intermediate 64: per layer 4 h^2 + 2 h i = 8192 weights.
+    linear = 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    expected = 4.0 * linear + 12.0 * 2 * 32 * 10.0
+    assert floors.lora_training_flops_per_token(backbone.model, 10.0) == expected
+    # The count is the same once peft has wrapped the layers (LoRA factors are left out).
+    bank = LoraBank(backbone, [4], scaling=2.0)
+    assert floors.lora_training_flops_per_token(bank.model.get_base_model(), 10.0) == expected
+
+
+def test_measured_rates_are_positive_and_finite() -> None:
+    floors = _load("benchmarks/floors.py")
+    cpu = torch.device("cpu")
+    rate = floors.matmul_rate(cpu, 64, 64, 64, seconds=0.05)
+    bandwidth = floors.copy_bandwidth(cpu, mib=4, seconds=0.05)
+    assert math.isfinite(rate) and rate > 0
+    assert math.isfinite(bandwidth) and bandwidth > 0
+
+
+def test_exact_aggregation_flops_beat_dense_at_small_total_rank() -> None:
+    aggregation = _load("benchmarks/aggregation.py")
+    exact = aggregation.exact_flops(1024, 1024, 248)
+    dense = aggregation.dense_flops(1024, 1024, 248)
+    assert exact == pytest.approx(6 * 2048 * 248**2 + (23 - 8 / 3) * 248**3)
+    assert dense == pytest.approx(2 * 1024**2 * 248 + 21 * 1024**3)
+    assert dense / exact > 10
+
+
+# -- the simulation benchmark's measurement ----------------------------------------------------
+
+
+def test_simulation_measure_runs_one_round_of_k_clients(
+    tiny_bert_dir: Path, glue_dir: Path
+) -> None:
+    simulation = _load("benchmarks/simulation.py")
+    row = simulation.measure(
+        3,
+        4,
+        "cpu",
+        str(glue_dir),
+        model=str(tiny_bert_dir),
+        extra_overrides=("model.max_length=64",),
+    )
+    assert row["clients"] == 3
+    assert row["examples"] == 12
+    assert row["isolated_s"] > 0 and row["round_s"] > 0
+    assert row["overhead"] == pytest.approx(row["round_s"] / row["isolated_s"])
+    assert row["peak_rss_mib"] >= row["rss_loaded_mib"] > 0
+
+
+# -- experiment tables -------------------------------------------------------------------------
+
+
+def _write_run(folder: Path, accuracies: list[float], seconds: float, nbytes: int) -> None:
+    folder.mkdir(parents=True)
+    lines = []
+    for round_num, acc in enumerate(accuracies, start=1):
+        record: dict[str, Any] = {
+            "round": round_num,
+            "train_loss": 1.0 / round_num,
+            "bytes_sent": nbytes,
+            "bytes_received": nbytes,
+            "round_time_s": seconds,
+            "eval": {"accuracy": acc, "f1": acc / 2, "loss": 0.5},
+        }
+        if round_num == len(accuracies):
+            record["eval_by_rank"] = {"2": {"accuracy": acc - 0.1}, "16": {"accuracy": acc}}
+        lines.append(json.dumps(record))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "summary.json").write_text("{}")
+
+
+@pytest.fixture
+def fake_runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    _write_run(root / "e3-hlora-s0", [0.60, 0.72, 0.75], 10.0, 1_000_000)
+    _write_run(root / "e3-hlora-s1", [0.65, 0.68, 0.71], 12.0, 1_000_000)
+    _write_run(root / "e3-hlora-s2", [0.70, 0.71, 0.73], 50.0, 1_000_000)
+    _write_run(root / "e1-fedavg-s0", [0.60, 0.61], 10.0, 500_000)
+    (root / "e1-fedavg-s1").mkdir()  # unfinished: no summary.json, left out
+    (root / "notes").mkdir()  # not a run name, left out
+    return root
+
+
+def test_collect_groups_finished_runs_by_seed(fake_runs: Path) -> None:
+    results = _load("experiments/results.py")
+    groups = results.collect(fake_runs)
+    assert sorted(groups) == ["e1-fedavg", "e3-hlora"]
+    assert sorted(groups["e3-hlora"]) == [0, 1, 2]
+    assert sorted(groups["e1-fedavg"]) == [0]
+
+
+def test_group_row_reports_mean_std_target_rounds_median_time_and_bytes(fake_runs: Path) -> None:
+    results = _load("experiments/results.py")
+    groups = results.collect(fake_runs)
+    row = results.group_row("hlora", groups["e3-hlora"], 0.70)
+    finals = [0.75, 0.71, 0.73]
+    expected = f"{statistics.fmean(finals):.3f} ± {statistics.stdev(finals):.3f}"
+    assert row["final accuracy"] == expected == "0.730 ± 0.020"
+    assert row["final F1"] == "0.365 ± 0.010"
+    assert row["round reaching acc >= 0.70 (per seed)"] == "2, 3, 1"
+    assert row["train s / round (median)"] == "12.0"  # one slow seed does not move the median
+    assert row["MB / round (both ways)"] == "2.00"
+    single = results.group_row("fedavg", groups["e1-fedavg"], 0.70)
+    assert single["final accuracy"] == "0.610 ± 0.000"
+    assert single["round reaching acc >= 0.70 (per seed)"] == "-"
+
+
+def test_seed_mean_records_average_each_round(fake_runs: Path) -> None:
+    results = _load("experiments/results.py")
+    groups = results.collect(fake_runs)
+    mean = results.seed_mean_records(groups["e3-hlora"])
+    assert [r["round"] for r in mean] == [1, 2, 3]
+    assert mean[0]["eval"]["accuracy"] == pytest.approx((0.60 + 0.65 + 0.70) / 3)
+    assert mean[2]["train_loss"] == pytest.approx(1 / 3)
+
+
+def test_truncation_rows_by_rank(fake_runs: Path) -> None:
+    results = _load("experiments/results.py")
+    rows = results.truncation_rows(results.collect(fake_runs)["e3-hlora"])
+    assert [r["rank"] for r in rows] == ["2", "16"]
+    assert rows[0]["final accuracy"] == "0.630 ± 0.020"
+
+
+def test_results_main_prints_tables_and_writes_plots(
+    fake_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    results = _load("experiments/results.py")
+    plots = tmp_path / "plots"
+    monkeypatch.setattr(sys, "argv", ["results.py", str(fake_runs), "--plots", str(plots)])
+    results.main()
+    out = capsys.readouterr().out
+    assert "| hlora | 3 | 0.730 ± 0.020 |" in out
+    assert "| fedavg (r=8) | 1 | 0.610 ± 0.000 |" in out
+    assert sorted(p.name for p in plots.iterdir()) == ["e1_mrpc.png", "e2_mrpc.png", "e3_mrpc.png"]
