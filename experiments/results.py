@@ -2,9 +2,10 @@
 
 Reads run folders named ``<experiment>-<strategy>-s<seed>`` (as ``experiments/cpu_protocol.sh``
 writes them), groups them over seeds and prints Markdown tables: mean and standard deviation
-(over seeds, ``n - 1`` denominator) of the final dev accuracy and F1, the rounds at which each
-seed first reached the target accuracy, seconds per round and bytes per round. Writes one PNG
-per experiment with the seed-mean curves.
+(over seeds, ``n - 1`` denominator) of the final dev accuracy, F1 and cross-entropy, the round at
+which each seed first reached the target accuracy, the median seconds per round and the bytes
+per round. Writes one PNG per experiment and metric (dev accuracy, dev loss) with the curves
+averaged over seeds.
 
     python experiments/results.py runs/cpu-protocol --plots docs/results --target 0.70
 """
@@ -71,10 +72,12 @@ def group_row(
 ) -> dict[str, str]:
     """One table row: a strategy over its seeds."""
     summaries = {
-        s: summarize(r, ("accuracy", "f1"), targets={"accuracy": target}) for s, r in runs.items()
+        s: summarize(r, ("accuracy", "f1", "loss"), targets={"accuracy": target})
+        for s, r in runs.items()
     }
     acc = [x["final"]["accuracy"] for x in summaries.values() if x["final"]["accuracy"] is not None]
     f1 = [x["final"]["f1"] for x in summaries.values() if x["final"]["f1"] is not None]
+    loss = [x["final"]["loss"] for x in summaries.values() if x["final"]["loss"] is not None]
     reached = [summaries[s]["rounds_to_target"]["accuracy"] for s in sorted(summaries)]
     train_s = [r["round_time_s"] for records in runs.values() for r in records]
     bytes_round = [
@@ -85,6 +88,7 @@ def group_row(
         "seeds": str(len(runs)),
         "final accuracy": _mean_std(acc),
         "final F1": _mean_std(f1),
+        "final dev loss": _mean_std(loss),
         f"round reaching acc >= {target:.2f} (per seed)": ", ".join(
             "-" if r is None else str(r) for r in reached
         ),
@@ -152,13 +156,15 @@ def main() -> None:
         print(f"### {title}\n")
         print(markdown([group_row(label, groups[g], args.target) for g, label in present]))
         print()
-        path = plot_convergence(
-            {label: seed_mean_records(groups[g]) for g, label in present},
-            "accuracy",
-            args.plots / f"{key}_mrpc.png",
-            title=f"{title} (MRPC dev, mean of seeds)",
-        )
-        print(f"![{key}]({path.name})\n")
+        curves = {label: seed_mean_records(groups[g]) for g, label in present}
+        for metric, suffix in (("accuracy", ""), ("loss", "_loss")):
+            path = plot_convergence(
+                curves,
+                metric,
+                args.plots / f"{key}_mrpc{suffix}.png",
+                title=f"{title} (MRPC dev {metric}, mean of seeds)",
+            )
+            print(f"![{key} {metric}](results/{path.name})\n")
     for group in ("e3-hlora", "e3-zeropad"):
         if group in groups:
             print(f"### {group}: each client rank's truncation of the final global update\n")

@@ -140,6 +140,7 @@ def test_group_row_reports_mean_std_target_rounds_median_time_and_bytes(fake_run
     expected = f"{statistics.fmean(finals):.3f} ± {statistics.stdev(finals):.3f}"
     assert row["final accuracy"] == expected == "0.730 ± 0.020"
     assert row["final F1"] == "0.365 ± 0.010"
+    assert row["final dev loss"] == "0.500 ± 0.000"
     assert row["round reaching acc >= 0.70 (per seed)"] == "2, 3, 1"
     assert row["train s / round (median)"] == "12.0"  # one slow seed does not move the median
     assert row["MB / round (both ways)"] == "2.00"
@@ -174,4 +175,5 @@ def test_results_main_prints_tables_and_writes_plots(
     out = capsys.readouterr().out
     assert "| hlora | 3 | 0.730 ± 0.020 |" in out
     assert "| fedavg (r=8) | 1 | 0.610 ± 0.000 |" in out
-    assert sorted(p.name for p in plots.iterdir()) == ["e1_mrpc.png", "e2_mrpc.png", "e3_mrpc.png"]
+    names = sorted(p.name for p in plots.iterdir())
+    assert names == [f"e{i}_mrpc{s}.png" for i in (1, 2, 3) for s in ("", "_loss")]
