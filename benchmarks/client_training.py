@@ -128,9 +128,8 @@ def run_trainer(
     args: argparse.Namespace,
     *,
     padded: bool,
-    max_steps: int = -1,
 ) -> float:
-    """Seconds of one epoch (or ``max_steps``) of ``Trainer`` + peft with default arguments."""
+    """Seconds of one epoch of ``Trainer`` + peft with default arguments."""
     import datasets
 
     device = torch.device(args.device)
@@ -156,7 +155,6 @@ def run_trainer(
             per_device_train_batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             num_train_epochs=1,
-            max_steps=max_steps,
             bf16=device.type == "cuda",
             use_cpu=device.type == "cpu",
             report_to="none",
@@ -204,7 +202,6 @@ def main() -> None:
     features = load_features(args.model, args.data_dir, args.examples, args.max_length)
     useful = sum(len(f["input_ids"]) for f in features)
     warm_rows = features[: args.batch_size * args.warmup_steps]
-    warm_epochs = 1.0
 
     def build() -> Backbone:
         return make_backbone(args.model, args.seed)
@@ -213,7 +210,7 @@ def main() -> None:
     methods: dict[str, tuple[Callable[[Backbone], float], Callable[[Backbone], float]]] = {
         "hlora": (
             lambda b: run_hlora(b, features, args, 1.0),
-            lambda b: run_hlora(b, warm_rows, args, warm_epochs),
+            lambda b: run_hlora(b, warm_rows, args, 1.0),
         ),
         "trainer-dynamic": (
             lambda b: run_trainer(b, features, args, padded=False),
