@@ -177,3 +177,50 @@ def test_results_main_prints_tables_and_writes_plots(
     assert "| fedavg (r=8) | 1 | 0.610 ± 0.000 |" in out
     names = sorted(p.name for p in plots.iterdir())
     assert names == [f"e{i}_mrpc{s}.png" for i in (1, 2, 3) for s in ("", "_loss")]
+
+
+# -- aggregation bias on given updates -------------------------------------------------------
+
+
+def _update(cid: str, n: int, rank: int, seed: int) -> Any:
+    from hlora.aggregation import ClientUpdate, LoraFactors
+
+    gen = torch.Generator().manual_seed(seed)
+    factors = {
+        "layer": LoraFactors(
+            A=torch.randn(rank, 12, generator=gen), B=torch.randn(10, rank, generator=gen)
+        )
+    }
+    return ClientUpdate(cid, n, rank, 2.0, factors)
+
+
+def test_aggregation_bias_rows_measure_each_strategy_against_the_exact_update() -> None:
+    bias = _load("experiments/aggregation_bias.py")
+    updates = [_update("a", 30, 4, 1), _update("b", 10, 4, 2)]
+    rows = {r["update"]: r for r in bias.round_rows(updates, 2.0, 1)}
+    assert set(rows) == {"hlora", "zeropad", "flora", "fedavg", "hlora, rank-4 truncation"}
+    assert rows["hlora"]["error"] < 1e-5 and rows["flora"]["error"] < 1e-5
+    # Naive averaging: s * mean(B) @ mean(A) against s * mean(B A), by hand.
+    a1, b1 = updates[0].factors["layer"].A.double(), updates[0].factors["layer"].B.double()
+    a2, b2 = updates[1].factors["layer"].A.double(), updates[1].factors["layer"].B.double()
+    exact = 2.0 * (0.75 * b1 @ a1 + 0.25 * b2 @ a2)
+    naive = 2.0 * (0.75 * b1 + 0.25 * b2) @ (0.75 * a1 + 0.25 * a2)
+    expected = float((naive - exact).norm() / exact.norm())
+    assert rows["fedavg"]["error"] == pytest.approx(expected, rel=1e-4)
+    assert rows["zeropad"]["error"] == pytest.approx(expected, rel=1e-4)
+    assert rows["fedavg"]["norm_ratio"] == pytest.approx(
+        float(naive.norm() / exact.norm()), rel=1e-4
+    )
+    # The exact update has rank 8 > 4: the rank-4 truncation loses the trailing singular values.
+    s = torch.linalg.svdvals(exact)
+    optimal = float(s[4:].norm() / s.norm())
+    assert rows["hlora, rank-4 truncation"]["error"] == pytest.approx(optimal, rel=1e-4)
+
+
+def test_aggregation_bias_leaves_fedavg_out_for_mixed_ranks() -> None:
+    bias = _load("experiments/aggregation_bias.py")
+    rows = bias.round_rows([_update("a", 5, 2, 1), _update("b", 5, 4, 2)], 2.0, 3)
+    names = [r["update"] for r in rows]
+    assert "fedavg" not in names
+    assert names[-2:] == ["hlora, rank-2 truncation", "hlora, rank-4 truncation"]
+    assert all(r["round"] == 3 for r in rows)
