@@ -24,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
@@ -50,11 +51,20 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _current_rss_mib() -> float:
-    """Resident set of this process now (Linux ``/proc/self/statm``)."""
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
+def _current_rss_mib() -> float | None:
+    """Resident set of this process now (Linux ``/proc/self/statm``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except OSError:
+        return None
     return pages * resource.getpagesize() / 2**20
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc ``malloc_trim``; a no-op elsewhere)."""
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _sync(device: torch.device) -> None:
@@ -119,7 +129,7 @@ def measure(
         _sync(torch_device)
         round_s = time.perf_counter() - start
         rss_after = _current_rss_mib()
-        ctypes.CDLL(None).malloc_trim(0)  # hand freed heap pages back: what is still held
+        _trim_heap()  # what is still held, without the allocator's free pages
         rss_trimmed = _current_rss_mib()
     result: dict[str, Any] = {
         "clients": clients,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole experiment grid of docs/RESULTS.md at full length (20 rounds of half an epoch; 50
-# rounds with 100 clients), for a GPU machine: E1, E2 and E3 on MRPC and RTE, Dirichlet 0.5 and
+# rounds with 100 clients), for a GPU machine: E1, E2 and E3 on MRPC, RTE and the local QQP
+# sample (qqp-sample, its own 10 % dev split: not comparable with GLUE's QQP dev), Dirichlet 0.5 and
 # IID, seeds 0-2, all-MiniLM-L6-v2; E3 with 100 clients (20 per round, ranks up to 8); E1 and E3
 # on MRPC with SmolLM2-135M. Every strategy gets the same settings.
 #
@@ -37,7 +38,7 @@ grid() {  # folder, extra --set arguments for every run...
   done
 }
 
-for task in mrpc rte; do
+for task in mrpc rte qqp-sample; do
   grid "$out/$model/$task-dirichlet" --set data.task=$task
   grid "$out/$model/$task-iid" --set data.task=$task --set data.partition=iid
 done
