@@ -76,17 +76,19 @@ def roberta_large_random(tokenizer: Any, seed: int) -> Backbone:
     return Backbone(model, tokenizer, "roberta-large-random", "encoder", ("query", "value"))
 
 
-def make_backbone(name: str, seed: int) -> Backbone:
-    """A fresh backbone (``minilm``, ``roberta-large-random``, or anything load_backbone takes)."""
+def make_backbone(name: str, tokenizer_source: str, seed: int) -> Backbone:
+    """A fresh backbone (``roberta-large-random``, or anything load_backbone takes)."""
     if name == "roberta-large-random":
-        return roberta_large_random(load_backbone("minilm", 2, seed=seed).tokenizer, seed)
+        return roberta_large_random(load_backbone(tokenizer_source, 2, seed=seed).tokenizer, seed)
     return load_backbone(name, 2, seed=seed)
 
 
-def load_features(model_name: str, data_dir: str | None, examples: int, max_length: int) -> Any:
+def load_features(
+    model_name: str, tokenizer_source: str, data_dir: str | None, examples: int, max_length: int
+) -> Any:
     """The first ``examples`` MRPC training pairs, tokenized without padding."""
     task = load_task("mrpc", data_dir, train_limit=examples)
-    tokenizer = load_backbone("minilm", 2).tokenizer
+    tokenizer = load_backbone(tokenizer_source, 2).tokenizer
     features = tokenize_pairs(tokenizer, task.train, max_length)
     if model_name == "roberta-large-random":  # one segment type only
         for f in features:
@@ -185,6 +187,12 @@ def _fresh(build: Callable[[], Backbone], device: torch.device) -> Backbone:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", help="minilm | roberta-large-random | ...")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="model name or folder whose tokenizer to use (default: the model's own; "
+        "minilm for roberta-large-random)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-dir", default=os.environ.get("HLORA_DATA_DIR"))
     parser.add_argument("--examples", type=int, default=512, help="MRPC pairs in the epoch")
@@ -199,12 +207,17 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     device = torch.device(args.device)
 
-    features = load_features(args.model, args.data_dir, args.examples, args.max_length)
+    tokenizer_source = args.tokenizer or (
+        "minilm" if args.model == "roberta-large-random" else args.model
+    )
+    features = load_features(
+        args.model, tokenizer_source, args.data_dir, args.examples, args.max_length
+    )
     useful = sum(len(f["input_ids"]) for f in features)
     warm_rows = features[: args.batch_size * args.warmup_steps]
 
     def build() -> Backbone:
-        return make_backbone(args.model, args.seed)
+        return make_backbone(args.model, tokenizer_source, args.seed)
 
     results: dict[str, float] = {}
     methods: dict[str, tuple[Callable[[Backbone], float], Callable[[Backbone], float]]] = {
