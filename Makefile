@@ -13,9 +13,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# GLUE data: $(HLORA_DATA_DIR) if set, else ../shared/data/glue when present (else the hub).
+# GLUE data: $(HLORA_DATA_DIR) if set (made absolute: Flower's processes start elsewhere), else
+# ../shared/data/glue when present (else the hub).
 SHARED_GLUE := $(abspath ../shared/data/glue)
-export HLORA_DATA_DIR ?= $(if $(wildcard $(SHARED_GLUE)/MRPC/train.tsv),$(SHARED_GLUE),)
+export HLORA_DATA_DIR := $(if $(HLORA_DATA_DIR),$(abspath $(HLORA_DATA_DIR)),$(if $(wildcard $(SHARED_GLUE)/MRPC/train.tsv),$(SHARED_GLUE),))
 
 ## The main job: a real federated fine-tuning run with the default configuration.
 run: $(STAMP)
