@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from floors import matmul_rate
+from floors import matmul_rate, sync
 from hlora.aggregation import AggregationOptions, ClientUpdate, LoraFactors, aggregate_hlora
 
 RANK_SET = (4, 8, 16, 32, 64)
@@ -68,20 +68,15 @@ def make_updates(
     return updates
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
     """Best wall time of ``repeats`` runs after one warm-up run, and the last result."""
     result = fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return min(times), result
 

@@ -40,7 +40,7 @@ import torch
 import transformers
 from peft import LoraConfig, TaskType, get_peft_model
 
-from floors import lora_training_flops_per_token, matmul_rate
+from floors import lora_training_flops_per_token, matmul_rate, sync
 from hlora.adapters import LoraBank
 from hlora.config import TrainConfig
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
@@ -96,11 +96,6 @@ def load_features(
     return features
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_hlora(
     backbone: Backbone, features: list[dict[str, Any]], args: argparse.Namespace, epochs: float
 ) -> float:
@@ -117,10 +112,10 @@ def run_hlora(
     instruction = TrainInstruction(
         "bench", 1, RANK, SCALING, None, bank.get_extras(RANK), init_seed=0, train_seed=0
     )
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     runtime.train_client(instruction, features)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -171,10 +166,10 @@ def run_trainer(
             train_dataset=dataset,
             data_collator=transformers.DataCollatorWithPadding(backbone.tokenizer),
         )
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         trainer.train()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start
 
 

@@ -12,7 +12,8 @@ import time
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -30,14 +31,14 @@ def matmul_rate(
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    sync(device)
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         for _ in range(10):
             a @ b
-        _sync(device)
+        sync(device)
         best = min(best, (time.perf_counter() - start) / 10)
     return 2.0 * m * k * n / best
 
@@ -47,13 +48,13 @@ def copy_bandwidth(device: torch.device, mib: int = 256, seconds: float = 1.0) -
     src = torch.empty(mib * 2**20 // 4, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     dst.copy_(src)
-    _sync(device)
+    sync(device)
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * src.numel() * 4 / best
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from floors import sync
 from hlora.checkpoint import save_state
 from hlora.config import load_config
 from hlora.federation import build_federation, fingerprint, make_loop
@@ -65,11 +66,6 @@ def _trim_heap() -> None:
     """Hand freed heap pages back to the system (glibc ``malloc_trim``; a no-op elsewhere)."""
     with contextlib.suppress(AttributeError, OSError):
         ctypes.CDLL(None).malloc_trim(0)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(
@@ -116,17 +112,17 @@ def measure(
         rss_warm = _current_rss_mib()
         isolated = 0.0
         for instruction in instructions:
-            _sync(torch_device)
+            sync(torch_device)
             start = time.perf_counter()
             runtime.train_client(instruction, federation.train_features[instruction.client_id])
-            _sync(torch_device)
+            sync(torch_device)
             isolated += time.perf_counter() - start
-        _sync(torch_device)
+        sync(torch_device)
         start = time.perf_counter()
         new_state, record = loop.run_round(state, 1)
         loop.metrics.append(record)
         save_state(run_dir / "checkpoint.safetensors", new_state, fingerprint(config))
-        _sync(torch_device)
+        sync(torch_device)
         round_s = time.perf_counter() - start
         rss_after = _current_rss_mib()
         _trim_heap()  # what is still held, without the allocator's free pages

@@ -77,13 +77,12 @@ def round_rows(updates: list[ClientUpdate], scaling: float, round_num: int) -> l
     ranks = sorted({u.rank for u in updates})
     strategies = ["hlora", "zeropad", "flora"] + (["fedavg"] if len(ranks) == 1 else [])
     rows = []
-    for name in strategies:
-        g = get_strategy(name).aggregate(updates, options)
+    results = {name: get_strategy(name).aggregate(updates, options) for name in strategies}
+    for name, g in results.items():
         error, ratio = compare(g.dense_layers(), exact)
         rows.append({"round": round_num, "update": name, "error": error, "norm_ratio": ratio})
-    g = get_strategy("hlora").aggregate(updates, options)
     for rank in ranks:
-        factors = g.client_factors(rank, scaling)
+        factors = results["hlora"].client_factors(rank, scaling)
         dense = {n: f.delta(scaling) for n, f in factors.items()}
         error, ratio = compare(dense, exact)
         label = f"hlora, rank-{rank} truncation"

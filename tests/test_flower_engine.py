@@ -471,6 +471,23 @@ def _wait(proc: subprocess.Popen, deployment: LocalDeployment, timeout: float) -
         pytest.fail(f"flwr run did not finish in {timeout:.0f} s\n{deployment.tail()}")
 
 
+@contextlib.contextmanager
+def _deployed_run(
+    flower_env: Path, config_path: Path, run_dir: Path
+) -> Iterator[tuple[LocalDeployment, subprocess.Popen]]:
+    """Three SuperNodes on loopback and ``flwr run`` of ``config_path``; both stopped on exit."""
+    deployment = LocalDeployment(flower_env, num_nodes=3)
+    flwr_run = None
+    try:
+        deployment.start()
+        flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300))
+        yield deployment, flwr_run
+    finally:
+        if flwr_run is not None:
+            _stop(flwr_run)
+        deployment.stop()
+
+
 @pytest.mark.distributed
 def test_flower_deployment_on_loopback(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
@@ -479,17 +496,9 @@ def test_flower_deployment_on_loopback(
     reference = run(replace(config, output={"name": "inprocess"}), progress=False)
     config_path = _write_config(config, tmp_path / "run.toml")
     run_dir = tmp_path / "deployed"
-    deployment = LocalDeployment(flower_env, num_nodes=3)
-    flwr_run = None
-    try:
-        deployment.start()
-        flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300))
+    with _deployed_run(flower_env, config_path, run_dir) as (deployment, flwr_run):
         _wait(flwr_run, deployment, 600)
         assert (run_dir / "summary.json").is_file(), deployment.tail()
-    finally:
-        if flwr_run is not None:
-            _stop(flwr_run)
-        deployment.stop()
     ref, got = _records(reference.run_dir), _records(run_dir)
     assert [r["round"] for r in got] == [1, 2]
     clients = json.loads((run_dir / "clients.json").read_text())
@@ -510,11 +519,7 @@ def test_flower_deployment_survives_a_killed_supernode(
     config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path, **{"federation.rounds": 3})
     config_path = _write_config(config, tmp_path / "run.toml")
     run_dir = tmp_path / "deployed"
-    deployment = LocalDeployment(flower_env, num_nodes=3)
-    flwr_run = None
-    try:
-        deployment.start()
-        flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300))
+    with _deployed_run(flower_env, config_path, run_dir) as (deployment, flwr_run):
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 400
         while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
@@ -524,10 +529,6 @@ def test_flower_deployment_survives_a_killed_supernode(
         _stop(deployment.nodes[2], kill=True)  # node of partition 2 dies after round 1
         _wait(flwr_run, deployment, 600)
         assert (run_dir / "summary.json").is_file(), deployment.tail()
-    finally:
-        if flwr_run is not None:
-            _stop(flwr_run)
-        deployment.stop()
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2, 3]
     assert records[0]["dropped"] == []
