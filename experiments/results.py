@@ -5,14 +5,18 @@ writes them), groups them over seeds and prints Markdown tables: mean and standa
 (over seeds, ``n - 1`` denominator) of the final dev accuracy, F1 and cross-entropy, the round at
 which each seed first reached the target accuracy, the median seconds per round and the bytes
 per round. Writes one PNG per experiment and metric (dev accuracy, dev loss) with the curves
-averaged over seeds.
+averaged over seeds, named ``<experiment>_<cell>[_loss].png``. With ``--bias``, prints instead
+the table of one or more ``aggregation_bias.py`` JSON files (one column per strategy or
+truncation, one row per round).
 
-    python experiments/results.py runs/cpu-protocol --plots docs/results --target 0.70
+    python experiments/results.py runs/cpu-protocol/mrpc-dirichlet --cell mrpc --target 0.70
+    python experiments/results.py --bias runs/cpu-protocol/bias/e1-mrpc-iid.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import statistics
@@ -142,12 +146,41 @@ def truncation_rows(runs: Mapping[int, Sequence[Mapping[str, Any]]]) -> list[dic
     ]
 
 
+def bias_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """One table row per round of ``aggregation_bias.py`` rows: ``error (norm ratio)`` per update.
+
+    Args:
+        rows: Its JSON ``rows``: ``{"round", "update", "error", "norm_ratio"}`` each.
+
+    Returns:
+        Rows keyed ``round`` and then each update's name, in the order they first appear.
+    """
+    by_round: dict[int, dict[str, str]] = {}
+    for r in rows:
+        cell = f"{r['error']:.2g} ({r['norm_ratio']:.3f})"
+        by_round.setdefault(int(r["round"]), {"round": str(r["round"])})[str(r["update"])] = cell
+    columns: dict[str, None] = {}
+    for row in by_round.values():
+        columns.update(dict.fromkeys(row))
+    return [{c: row.get(c, "-") for c in columns} for _, row in sorted(by_round.items())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", type=Path, help="folder holding the run folders")
+    parser.add_argument("runs", type=Path, nargs="?", help="folder holding the run folders")
     parser.add_argument("--plots", type=Path, default=Path("docs/results"))
+    parser.add_argument("--cell", default="mrpc", help="name of the grid cell, for plot names")
     parser.add_argument("--target", type=float, default=0.70, help="target dev accuracy")
+    parser.add_argument("--bias", type=Path, nargs="+", help="aggregation_bias.py JSON files")
     args = parser.parse_args()
+    if args.bias:
+        for file in args.bias:
+            print(f"### {file.stem}: error (norm ratio) against the exact update\n")
+            print(markdown(bias_rows(json.loads(file.read_text())["rows"])))
+            print()
+        return
+    if args.runs is None:
+        parser.error("give a folder of runs, or --bias FILE...")
     groups = collect(args.runs)
     for key, (title, members) in EXPERIMENTS.items():
         present = [(g, label) for g, label in members if g in groups]
@@ -161,8 +194,8 @@ def main() -> None:
             path = plot_convergence(
                 curves,
                 metric,
-                args.plots / f"{key}_mrpc{suffix}.png",
-                title=f"{title} (MRPC dev {metric}, mean of seeds)",
+                args.plots / f"{key}_{args.cell}{suffix}.png",
+                title=f"{title} ({args.cell} dev {metric}, mean of seeds)",
             )
             print(f"![{key} {metric}](results/{path.name})\n")
     for group in ("e3-hlora", "e3-zeropad"):

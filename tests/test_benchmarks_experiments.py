@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -170,13 +172,79 @@ def test_results_main_prints_tables_and_writes_plots(
 ) -> None:
     results = _load("experiments/results.py")
     plots = tmp_path / "plots"
-    monkeypatch.setattr(sys, "argv", ["results.py", str(fake_runs), "--plots", str(plots)])
+    argv = ["results.py", str(fake_runs), "--plots", str(plots), "--cell", "rte-iid"]
+    monkeypatch.setattr(sys, "argv", argv)
     results.main()
     out = capsys.readouterr().out
     assert "| hlora | 3 | 0.730 ± 0.020 |" in out
     assert "| fedavg (r=8) | 1 | 0.610 ± 0.000 |" in out
     names = sorted(p.name for p in plots.iterdir())
-    assert names == [f"e{i}_mrpc{s}.png" for i in (1, 2, 3) for s in ("", "_loss")]
+    assert names == [f"e{i}_rte-iid{s}.png" for i in (1, 2, 3) for s in ("", "_loss")]
+
+
+def test_bias_rows_make_one_row_per_round_with_error_and_norm() -> None:
+    results = _load("experiments/results.py")
+    rows = [
+        {"round": 1, "update": "hlora", "error": 1.2e-6, "norm_ratio": 1.0},
+        {"round": 1, "update": "fedavg", "error": 0.315, "norm_ratio": 0.8431},
+        {"round": 2, "update": "hlora", "error": 9e-7, "norm_ratio": 1.0},
+    ]
+    table = results.bias_rows(rows)
+    assert table == [
+        {"round": "1", "hlora": "1.2e-06 (1.000)", "fedavg": "0.32 (0.843)"},
+        {"round": "2", "hlora": "9e-07 (1.000)", "fedavg": "-"},
+    ]
+
+
+# -- the protocol scripts ------------------------------------------------------------------------
+
+
+def _grid_calls(tmp_path: Path, script: str) -> list[list[str]]:
+    """Source experiments/grid.sh with a recording `hlora`, run SCRIPT, return each call's args."""
+    log = tmp_path / "calls.jsonl"
+    program = f"""
+set -euo pipefail
+source {ROOT / "experiments" / "grid.sh"}
+hlora() {{ python -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> {log}; }}
+RUN_ARGS=(--no-progress)
+LOCAL_ARGS=(--set server.eval_every=3)
+{script}
+"""
+    subprocess.run(["bash", "-c", program], check=True, cwd=ROOT, capture_output=True)
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_grid_runs_every_strategy_per_seed_with_later_sets_winning(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    calls = _grid_calls(tmp_path, f'GRID_REFS="local" grid {out} "0 1" --set data.task=rte')
+    names = [c[c.index("--set", c.index("--output")) + 1] for c in calls]
+    order = ("e3-hlora", "e1-fedavg", "e1-hlora", "e3-zeropad", "e3-flora", "e3-local")
+    assert names == [f"output.name={run}-s{seed}" for seed in (0, 1) for run in order]
+    first = calls[0]
+    assert first[:4] == ["run", "experiments/e3_mrpc.toml", "--no-progress", "--output"]
+    # The cell's settings come after the common ones, the strategy last: later --set wins.
+    sets = [first[i + 1] for i, a in enumerate(first) if a == "--set"]
+    assert sets[1:] == ["federation.seed=0", "data.task=rte", "federation.strategy=hlora"]
+    assert calls[5][-2:] == ["--set", "server.eval_every=3"]  # the local reference's thinning
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_grid_skips_finished_runs_and_restarts_unfinished_ones(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "e3-hlora-s0").mkdir(parents=True)
+    (out / "e3-hlora-s0" / "summary.json").write_text("{}")
+    (out / "e1-fedavg-s0").mkdir()
+    (out / "e1-fedavg-s0" / "stale").write_text("half a run")
+    calls = _grid_calls(tmp_path, f'GRID_REFS="" grid {out} "0"')
+    assert len(calls) == 4  # e3-hlora skipped; no references
+    assert not (out / "e1-fedavg-s0").exists()  # an unfinished run starts again from nothing
+
+
+@pytest.mark.parametrize("script", ["cpu_protocol.sh", "full_protocol.sh", "grid.sh"])
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_protocol_scripts_parse(script: str) -> None:
+    subprocess.run(["bash", "-n", str(ROOT / "experiments" / script)], check=True)
 
 
 # -- aggregation bias on given updates -------------------------------------------------------

@@ -1,0 +1,64 @@
+# Shared by cpu_protocol.sh and full_protocol.sh (sourced, not run): one run, and one cell of the
+# grid. The caller sets the array RUN_ARGS (arguments for every `hlora run`) and may set
+# LOCAL_ARGS (extra arguments for the `local` reference, which evaluates every client's model).
+
+# run FOLDER NAME CONFIG [--set ...]: one run, skipped when FOLDER/NAME/summary.json exists.
+run() {
+  local folder="$1" name="$2" config="$3"; shift 3
+  if [[ -f "$folder/$name/summary.json" ]]; then echo "skip $folder/$name"; return; fi
+  rm -rf "${folder:?}/$name"
+  echo "$(date -u +%H:%M:%S) start $folder/$name"
+  hlora run "$config" "${RUN_ARGS[@]}" --output "$folder" --set output.name="$name" "$@"
+}
+
+# grid FOLDER "SEEDS" [--set ...]: E1 (fedavg and hlora at rank 8), E3 (hlora, zeropad and flora
+# at ranks {2, 4, 8, 16}) and the references named in GRID_REFS (default "centralized local"), for
+# each seed. E2 reuses e1-hlora and e3-hlora.
+grid() {
+  local folder="$1" seeds="$2"; shift 2
+  local seed refs=" ${GRID_REFS-centralized local} "
+  for seed in $seeds; do
+    local s=(--set federation.seed="$seed" "$@")
+    run "$folder" "e3-hlora-s$seed"       experiments/e3_mrpc.toml "${s[@]}" --set federation.strategy=hlora
+    run "$folder" "e1-fedavg-s$seed"      experiments/e1_mrpc.toml "${s[@]}" --set federation.strategy=fedavg
+    run "$folder" "e1-hlora-s$seed"       experiments/e1_mrpc.toml "${s[@]}" --set federation.strategy=hlora
+    run "$folder" "e3-zeropad-s$seed"     experiments/e3_mrpc.toml "${s[@]}" --set federation.strategy=zeropad
+    run "$folder" "e3-flora-s$seed"       experiments/e3_mrpc.toml "${s[@]}" --set federation.strategy=flora
+    if [[ "$refs" == *" centralized "* ]]; then
+      run "$folder" "e3-centralized-s$seed" experiments/e3_mrpc.toml "${s[@]}" \
+        --set federation.strategy=centralized
+    fi
+    if [[ "$refs" == *" local "* ]]; then
+      run "$folder" "e3-local-s$seed" experiments/e3_mrpc.toml "${s[@]}" --set federation.strategy=local \
+        "${LOCAL_ARGS[@]}"
+    fi
+  done
+}
+
+# clients100 FOLDER "SEEDS" [--set ...]: E3 with 100 clients, 20 sampled per round, ranks {2, 4, 8}.
+clients100() {
+  local folder="$1" seeds="$2"; shift 2
+  local seed strategy
+  for seed in $seeds; do
+    for strategy in hlora zeropad flora; do
+      run "$folder" "e3-$strategy-s$seed" experiments/e3_mrpc_100clients.toml \
+        --set federation.seed="$seed" --set federation.strategy="$strategy" "$@"
+    done
+  done
+}
+
+# decoder FOLDER "SEEDS" [--set ...]: E1 and E3 (federated strategies only) on another backbone.
+decoder() {
+  local folder="$1" seeds="$2"; shift 2
+  local seed strategy
+  for seed in $seeds; do
+    for strategy in fedavg hlora; do
+      run "$folder" "e1-$strategy-s$seed" experiments/e1_mrpc.toml \
+        --set federation.seed="$seed" --set federation.strategy="$strategy" "$@"
+    done
+    for strategy in hlora zeropad flora; do
+      run "$folder" "e3-$strategy-s$seed" experiments/e3_mrpc.toml \
+        --set federation.seed="$seed" --set federation.strategy="$strategy" "$@"
+    done
+  done
+}
