@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The reduced CPU protocol behind docs/RESULTS.md, all-MiniLM-L6-v2 unless named, the same settings
-# for every strategy: every round is a quarter epoch of local training and there are 6 rounds
-# (1.5 passes over the data), except where a cell says otherwise.
+# for every strategy: 6 rounds of a quarter epoch of local training (1.5 passes over the data),
+# except where a cell says otherwise. In order:
 #
 #   1. MRPC, Dirichlet 0.5, 10 clients, seeds 0-2: E1, E2, E3 and both references;
 #   2. aggregation error on real client updates, MRPC IID (E1 and E3 ranks, 3 rounds);
-#   3. MRPC IID, seed 0: E1, E3 and the local reference (centralized ignores the partition);
-#   4. RTE, Dirichlet 0.5, seed 0: E1, E3 and both references;
-#   5. MRPC, 100 clients with 20 sampled per round, ranks {2, 4, 8}, seed 0: 8 rounds of one local
+#   3. the QQP sample, Dirichlet 0.5, 10 clients: E1, E3 and centralized for seed 0, then E1
+#      for seeds 1 and 2; 8 rounds of a twentieth of an epoch (the sample holds 21,147 training
+#      pairs, so each client still takes about 6 steps a round; 0.4 passes in all);
+#   4. MRPC IID, seed 0: E1 and hlora at ranks {2, 4, 8, 16} (centralized ignores the partition);
+#   5. RTE, Dirichlet 0.5, seed 0: E1, hlora at ranks {2, 4, 8, 16} and centralized;
+#   6. MRPC, 100 clients with 20 sampled per round, ranks {2, 4, 8}, seed 0: 8 rounds of one local
 #      epoch (each client holds about 37 pairs, so a quarter epoch would be a single step);
-#   6. SmolLM2-135M on MRPC, Dirichlet 0.5, seed 0: aggregation error (1 round) and E1, 2 rounds
-#      of a tenth of an epoch (the backbone is about 10 times MiniLM's cost per token);
-#   7. RTE IID, seed 0: E1, E3 and the local reference.
+#   7. SmolLM2-135M on MRPC, Dirichlet 0.5, seed 0: aggregation error (1 round) and E1, 2 rounds
+#      of a tenth of an epoch (the backbone costs about 10 times MiniLM per token).
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
 # A run that already has summary.json (a bias file that exists) is skipped, so the script can be
-# restarted. The whole script takes about 4 hours on 2 CPU cores; cells 1 and 2 about 105 minutes.
+# restarted. About 4 hours on 2 CPU cores, cells 1 and 2 about 105 minutes. Never start a second
+# torch process beside it on such a machine: two processes' threads on 2 cores run several
+# times slower than one after the other.
 set -euo pipefail
 out="${1:-runs/cpu-protocol}"
 data="${HLORA_DATA_DIR:-../shared/data/glue}"
@@ -39,14 +43,15 @@ bias() {
 grid "$out/mrpc-dirichlet" "0 1 2"
 bias e1-mrpc-iid experiments/e1_mrpc.toml 3 --set data.partition=iid
 bias e3-mrpc-iid experiments/e3_mrpc.toml 3 --set data.partition=iid
-GRID_REFS="local" grid "$out/mrpc-iid" "0" --set data.partition=iid
-grid "$out/rte-dirichlet" "0" --set data.task=rte
+qqp=(--set data.task=qqp-sample --set federation.rounds=8 --set train.local_epochs=0.05)
+GRID_REFS="centralized" grid "$out/qqp-dirichlet" "0" "${qqp[@]}"
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet" "1 2" "${qqp[@]}"
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora" grid "$out/mrpc-iid" "0" \
+  --set data.partition=iid
+GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora e3-hlora" grid "$out/rte-dirichlet" "0" \
+  --set data.task=rte
 clients100 "$out/mrpc-100clients" "0" --set federation.rounds=8 --set train.local_epochs=1
 bias e1-mrpc-smollm2 experiments/e1_mrpc.toml 1 --set model.name=smollm2-135m \
   --set train.local_epochs=0.1
-for strategy in fedavg hlora; do
-  run "$out/smollm2-mrpc-dirichlet" "e1-$strategy-s0" experiments/e1_mrpc.toml \
-    --set federation.strategy=$strategy --set model.name=smollm2-135m \
-    --set federation.rounds=2 --set train.local_epochs=0.1
-done
-GRID_REFS="local" grid "$out/rte-iid" "0" --set data.task=rte --set data.partition=iid
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/smollm2-mrpc-dirichlet" "0" \
+  --set model.name=smollm2-135m --set federation.rounds=2 --set train.local_epochs=0.1

@@ -11,19 +11,22 @@ run() {
   hlora run "$config" "${RUN_ARGS[@]}" --output "$folder" --set output.name="$name" "$@"
 }
 
-# grid FOLDER "SEEDS" [--set ...]: E1 (fedavg and hlora at rank 8), E3 (hlora, zeropad and flora
-# at ranks {2, 4, 8, 16}) and the references named in GRID_REFS (default "centralized local"), for
-# each seed. E2 reuses e1-hlora and e3-hlora.
+# grid FOLDER "SEEDS" [--set ...]: for each seed, the federated runs named in GRID_RUNS (default
+# all five: e3-hlora, e1-fedavg, e1-hlora, e3-zeropad, e3-flora; E1 is fedavg and hlora at rank 8,
+# E3 hlora, zeropad and flora at ranks {2, 4, 8, 16}, E2 reuses e1-hlora and e3-hlora), then the
+# references named in GRID_REFS (default "centralized local").
 grid() {
   local folder="$1" seeds="$2"; shift 2
-  local seed refs=" ${GRID_REFS-centralized local} "
+  local seed job runs=" ${GRID_RUNS-e3-hlora e1-fedavg e1-hlora e3-zeropad e3-flora} "
+  local refs=" ${GRID_REFS-centralized local} "
   for seed in $seeds; do
     local s=(--set federation.seed="$seed" "$@")
-    run "$folder" "e3-hlora-s$seed"       experiments/e3_mrpc.toml "${s[@]}" --set federation.strategy=hlora
-    run "$folder" "e1-fedavg-s$seed"      experiments/e1_mrpc.toml "${s[@]}" --set federation.strategy=fedavg
-    run "$folder" "e1-hlora-s$seed"       experiments/e1_mrpc.toml "${s[@]}" --set federation.strategy=hlora
-    run "$folder" "e3-zeropad-s$seed"     experiments/e3_mrpc.toml "${s[@]}" --set federation.strategy=zeropad
-    run "$folder" "e3-flora-s$seed"       experiments/e3_mrpc.toml "${s[@]}" --set federation.strategy=flora
+    for job in e3-hlora e1-fedavg e1-hlora e3-zeropad e3-flora; do
+      if [[ "$runs" == *" $job "* ]]; then
+        run "$folder" "$job-s$seed" "experiments/${job%%-*}_mrpc.toml" "${s[@]}" \
+          --set federation.strategy="${job#*-}"
+      fi
+    done
     if [[ "$refs" == *" centralized "* ]]; then
       run "$folder" "e3-centralized-s$seed" experiments/e3_mrpc.toml "${s[@]}" \
         --set federation.strategy=centralized

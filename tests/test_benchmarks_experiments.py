@@ -230,6 +230,19 @@ def test_grid_runs_every_strategy_per_seed_with_later_sets_winning(tmp_path: Pat
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_grid_runs_only_the_named_runs_and_references(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = f'GRID_RUNS="e1-hlora e3-flora" GRID_REFS="centralized" grid {out} "2"'
+    calls = _grid_calls(tmp_path, script)
+    assert [(c[1], c[-1]) for c in calls] == [
+        ("experiments/e1_mrpc.toml", "federation.strategy=hlora"),
+        ("experiments/e3_mrpc.toml", "federation.strategy=flora"),
+        ("experiments/e3_mrpc.toml", "federation.strategy=centralized"),
+    ]
+    assert all("federation.seed=2" in c for c in calls)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_grid_skips_finished_runs_and_restarts_unfinished_ones(tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "e3-hlora-s0").mkdir(parents=True)
