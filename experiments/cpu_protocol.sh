@@ -5,22 +5,24 @@
 #
 #   1. MRPC, Dirichlet 0.5, 10 clients, seeds 0-2: E1, E2, E3 and both references;
 #   2. aggregation error on real client updates, MRPC IID (E1 and E3 ranks, 3 rounds);
-#   3. the QQP sample, Dirichlet 0.5, 10 clients: E1, E3 and centralized for seed 0, then E1
-#      for seeds 1 and 2; 8 rounds of a twentieth of an epoch (the sample holds 21,147 training
-#      pairs, so each client still takes about 6 steps a round; 0.4 passes in all);
-#   4. MRPC IID, seed 0: E1 and hlora at ranks {2, 4, 8, 16} (centralized ignores the partition);
-#   5. RTE, Dirichlet 0.5, seed 0: E1, hlora at ranks {2, 4, 8, 16} and centralized;
+#   3. the QQP sample (all-MiniLM-L6-v2 learns it within this budget), 10 clients, 8 rounds of a
+#      twentieth of an epoch (the sample holds 21,147 training pairs, so each client still takes
+#      about 6 steps a round; 0.4 passes in all): Dirichlet 0.5, seed 0, E1, E3 and centralized;
+#      then IID, E1 and E3 for seed 0;
+#   4. SmolLM2-135M on MRPC, Dirichlet 0.5, seed 0: aggregation error (1 round) and E1, 2 rounds
+#      of a tenth of an epoch (the backbone costs about 10 times MiniLM per token);
+#   5. RTE, Dirichlet 0.5, seed 0: E1 and centralized;
 #   6. MRPC, 100 clients with 20 sampled per round, ranks {2, 4, 8}, seed 0: 8 rounds of one local
 #      epoch (each client holds about 37 pairs, so a quarter epoch would be a single step);
-#   7. SmolLM2-135M on MRPC, Dirichlet 0.5, seed 0: aggregation error (1 round) and E1, 2 rounds
-#      of a tenth of an epoch (the backbone costs about 10 times MiniLM per token).
+#   7. the QQP sample, IID, E1 for seeds 1 and 2; then MRPC IID, seed 0, E1 and hlora at ranks
+#      {2, 4, 8, 16}; then the QQP sample, Dirichlet 0.5, E1 for seeds 1 and 2.
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
 # A run that already has summary.json (a bias file that exists) is skipped, so the script can be
-# restarted. About 4 hours on 2 CPU cores, cells 1 and 2 about 105 minutes. Never start a second
-# torch process beside it on such a machine: two processes' threads on 2 cores run several
-# times slower than one after the other.
+# restarted. About 4 hours on 2 CPU cores; cells 1 and 2 take about 105 minutes. Never start a
+# second torch process beside it on such a machine: two processes' threads on 2 cores run
+# several times slower than one after the other.
 set -euo pipefail
 out="${1:-runs/cpu-protocol}"
 data="${HLORA_DATA_DIR:-../shared/data/glue}"
@@ -45,13 +47,17 @@ bias e1-mrpc-iid experiments/e1_mrpc.toml 3 --set data.partition=iid
 bias e3-mrpc-iid experiments/e3_mrpc.toml 3 --set data.partition=iid
 qqp=(--set data.task=qqp-sample --set federation.rounds=8 --set train.local_epochs=0.05)
 GRID_REFS="centralized" grid "$out/qqp-dirichlet" "0" "${qqp[@]}"
-GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet" "1 2" "${qqp[@]}"
-GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora" grid "$out/mrpc-iid" "0" \
-  --set data.partition=iid
-GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora e3-hlora" grid "$out/rte-dirichlet" "0" \
-  --set data.task=rte
-clients100 "$out/mrpc-100clients" "0" --set federation.rounds=8 --set train.local_epochs=1
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad e3-flora" grid "$out/qqp-iid" "0" \
+  "${qqp[@]}" --set data.partition=iid
 bias e1-mrpc-smollm2 experiments/e1_mrpc.toml 1 --set model.name=smollm2-135m \
   --set train.local_epochs=0.1
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/smollm2-mrpc-dirichlet" "0" \
   --set model.name=smollm2-135m --set federation.rounds=2 --set train.local_epochs=0.1
+GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/rte-dirichlet" "0" \
+  --set data.task=rte
+clients100 "$out/mrpc-100clients" "0" --set federation.rounds=8 --set train.local_epochs=1
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid" "1 2" "${qqp[@]}" \
+  --set data.partition=iid
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora" grid "$out/mrpc-iid" "0" \
+  --set data.partition=iid
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet" "1 2" "${qqp[@]}"
