@@ -13,12 +13,12 @@
 #      client and round; 0.9 passes in all), seed 0, E1 and E3 (hlora and zeropad);
 #   5. SmolLM2-135M on MRPC, Dirichlet 0.5: aggregation error (1 round of a tenth of an epoch;
 #      the backbone costs about 10 times MiniLM per token);
-#   6. cell 4, E1 for seed 1;
+#   6. cell 4, E3 (hlora and zeropad) for seeds 1 and 2;
 #   7. RTE, Dirichlet 0.5, seed 0: E1 and centralized;
 #   8. MRPC, 100 clients with 20 sampled per round, ranks {2, 4, 8}, seed 0: 8 rounds of one local
 #      epoch (each client holds about 37 pairs, so a quarter epoch would be a single step);
-#   9. SmolLM2-135M on MRPC, seed 0, E1 for 2 rounds of a tenth of an epoch; cell 4, E1 for seed
-#      2; MRPC IID, seed 0, E1; the QQP sample, Dirichlet 0.5, E1 for seeds 1 and 2.
+#   9. SmolLM2-135M on MRPC, seed 0, E1 for 2 rounds of a tenth of an epoch; cell 4, E1 for seeds
+#      1 and 2; MRPC IID, seed 0, E1; the QQP sample, Dirichlet 0.5, E1 for seeds 1 and 2.
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
@@ -57,12 +57,12 @@ GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/qqp-i
   "${long[@]}"
 bias e1-mrpc-smollm2 experiments/e1_mrpc.toml 1 --set model.name=smollm2-135m \
   --set train.local_epochs=0.1
-GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-long" "1" "${long[@]}"
+GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-iid-long" "1 2" "${long[@]}"
 GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/rte-dirichlet" "0" \
   --set data.task=rte
 clients100 "$out/mrpc-100clients" "0" --set federation.rounds=8 --set train.local_epochs=1
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/smollm2-mrpc-dirichlet" "0" \
   --set model.name=smollm2-135m --set federation.rounds=2 --set train.local_epochs=0.1
-GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-long" "2" "${long[@]}"
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-long" "1 2" "${long[@]}"
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/mrpc-iid" "0" --set data.partition=iid
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet" "1 2" "${qqp[@]}"
