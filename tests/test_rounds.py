@@ -115,3 +115,33 @@ def test_flora_cumulative_update_stays_exact_and_bounded() -> None:
         base = _accumulate(base, {"w": inc})
         assert base["w"].rank <= 5
         torch.testing.assert_close(base["w"].dense(), total)
+
+
+def _clients_per_round(run_dir: Path) -> list[list[str]]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [[c["client_id"] for c in r["clients"]] for r in records]
+
+
+def test_client_sampling_takes_k_seeded_clients_per_round(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    settings = {
+        "federation.num_clients": 6,
+        "federation.clients_per_round": 2,
+        "federation.rounds": 4,
+        "data.partition": '"iid"',
+        "server.eval_every": 4,
+    }
+    taken = []
+    for name in ("a", "b"):
+        overrides = tiny_overrides(
+            tiny_bert_dir, glue_dir, tmp_path, **settings, **{"output.name": f'"{name}"'}
+        )
+        taken.append(
+            _clients_per_round(run(load_config(None, tuple(overrides)), progress=False).run_dir)
+        )
+    first, again = taken
+    assert first == again  # the same seed draws the same clients
+    assert all(len(ids) == 2 and len(set(ids)) == 2 for ids in first)
+    assert all(set(ids) <= {f"client0{i}" for i in range(6)} for ids in first)
+    assert len({tuple(ids) for ids in first}) > 1  # a new draw each round
