@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -202,10 +203,14 @@ def test_bias_rows_make_one_row_per_round_with_error_and_norm() -> None:
 def _grid_calls(tmp_path: Path, script: str) -> list[list[str]]:
     """Source experiments/grid.sh with a recording `hlora`, run SCRIPT, return each call's args."""
     log = tmp_path / "calls.jsonl"
+    python, grid, out = (
+        shlex.quote(str(p)) for p in (sys.executable, ROOT / "experiments/grid.sh", log)
+    )
+    record = "import json, sys; print(json.dumps(sys.argv[1:]))"
     program = f"""
 set -euo pipefail
-source {ROOT / "experiments" / "grid.sh"}
-hlora() {{ python -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> {log}; }}
+source {grid}
+hlora() {{ {python} -c '{record}' "$@" >> {out}; }}
 RUN_ARGS=(--no-progress)
 LOCAL_ARGS=(--set server.eval_every=3)
 {script}
