@@ -9,7 +9,8 @@
 #
 # MODEL=roberta-large runs the paper's backbone (needs the Hugging Face hub). A run folder that
 # already has summary.json is skipped, so the script can be restarted after an interruption.
-# Tables: python experiments/results.py OUTPUT_DIR/<model>/<task>-<partition> --plots FOLDER
+# Tables: python experiments/results.py OUTPUT_DIR/<model>/<task>-<partition> --cell NAME \
+#   --plots FOLDER
 set -euo pipefail
 out="${1:-runs/full-protocol}"
 model="${2:-minilm}"
@@ -25,5 +26,5 @@ for task in mrpc rte qqp-sample; do
 done
 clients100 "$out/$model/mrpc-100clients" "0 1 2" --set model.name="$model"
 if [[ "$model" == "minilm" ]]; then
-  decoder "$out/smollm2-135m/mrpc-dirichlet" "0 1 2" --set model.name=smollm2-135m
+  GRID_REFS="" grid "$out/smollm2-135m/mrpc-dirichlet" "0 1 2" --set model.name=smollm2-135m
 fi

@@ -49,19 +49,3 @@ clients100() {
     done
   done
 }
-
-# decoder FOLDER "SEEDS" [--set ...]: E1 and E3 (federated strategies only) on another backbone.
-decoder() {
-  local folder="$1" seeds="$2"; shift 2
-  local seed strategy
-  for seed in $seeds; do
-    for strategy in fedavg hlora; do
-      run "$folder" "e1-$strategy-s$seed" experiments/e1_mrpc.toml \
-        --set federation.seed="$seed" --set federation.strategy="$strategy" "$@"
-    done
-    for strategy in hlora zeropad flora; do
-      run "$folder" "e3-$strategy-s$seed" experiments/e3_mrpc.toml \
-        --set federation.seed="$seed" --set federation.strategy="$strategy" "$@"
-    done
-  done
-}
