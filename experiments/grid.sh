@@ -2,13 +2,43 @@
 # grid. The caller sets the array RUN_ARGS (arguments for every `hlora run`) and may set
 # LOCAL_ARGS (extra arguments for the `local` reference, which evaluates every client's model).
 
-# run FOLDER NAME CONFIG [--set ...]: one run, skipped when FOLDER/NAME/summary.json exists.
+# run FOLDER NAME CONFIG [--set ...]: one run, skipped when FOLDER/NAME/summary.json exists. With
+# GRID_PLAN set to a file, the run is not started but appended to that file as one command line,
+# for run_plan.
 run() {
   local folder="$1" name="$2" config="$3"; shift 3
   if [[ -f "$folder/$name/summary.json" ]]; then echo "skip $folder/$name"; return; fi
+  local call=(start_run "$folder" "$name" "$config" "${RUN_ARGS[@]}" --output "$folder"
+    --set output.name="$name" "$@")
+  if [[ -n "${GRID_PLAN:-}" ]]; then
+    printf '%q ' "${call[@]}" >>"$GRID_PLAN"
+    printf '\n' >>"$GRID_PLAN"
+  else
+    "${call[@]}"
+  fi
+}
+
+# start_run FOLDER NAME ARGS...: `hlora run ARGS...` from nothing (an unfinished FOLDER/NAME is
+# removed first). With GRID_LOG=1 its output goes to FOLDER/NAME.log.
+start_run() {
+  local folder="$1" name="$2"; shift 2
   rm -rf "${folder:?}/$name"
   echo "$(date -u +%H:%M:%S) start $folder/$name"
-  hlora run "$config" "${RUN_ARGS[@]}" --output "$folder" --set output.name="$name" "$@"
+  if [[ "${GRID_LOG:-0}" == 1 ]]; then
+    mkdir -p "$folder"
+    hlora run "$@" >"$folder/$name.log" 2>&1 || { echo "FAILED $folder/$name"; return 1; }
+    echo "$(date -u +%H:%M:%S) done $folder/$name"
+  else
+    hlora run "$@"
+  fi
+}
+
+# run_plan FILE JOBS: the runs of a GRID_PLAN file, JOBS at a time in file order, each one's output
+# in FOLDER/NAME.log. Fails when any run failed; the others still run.
+run_plan() {
+  local plan="$1" jobs="$2" grid
+  grid="$(printf '%q' "$(realpath "${BASH_SOURCE[0]}")")"
+  GRID_LOG=1 xargs -d '\n' -P "$jobs" -I{} bash -c "source $grid; {}" <"$plan"
 }
 
 # grid FOLDER "SEEDS" [--set ...]: for each seed, the federated runs named in GRID_RUNS (default

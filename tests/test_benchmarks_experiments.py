@@ -259,6 +259,56 @@ def test_grid_skips_finished_runs_and_restarts_unfinished_ones(tmp_path: Path) -
     assert not (out / "e1-fedavg-s0").exists()  # an unfinished run starts again from nothing
 
 
+def _recording_hlora(tmp_path: Path, log: Path, fail_on: str) -> Path:
+    """A `hlora` program on PATH that appends its arguments to LOG and fails on FAIL_ON."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    program = bin_dir / "hlora"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "print('trained', sys.argv[-1])\n"
+        f"sys.exit(1 if any({fail_on!r} in a for a in sys.argv) else 0)\n"
+    )
+    program.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("xargs") is None, reason="needs bash and xargs"
+)
+def test_run_plan_runs_every_planned_run_once_with_its_own_log(tmp_path: Path) -> None:
+    out, plan, log = tmp_path / "out", tmp_path / "plan.txt", tmp_path / "calls.jsonl"
+    bin_dir = _recording_hlora(tmp_path, log, fail_on="e1-fedavg-s1")
+    (out / "e3-hlora-s0").mkdir(parents=True)
+    (out / "e3-hlora-s0" / "summary.json").write_text("{}")
+    program = f"""
+set -uo pipefail
+source {shlex.quote(str(ROOT / "experiments/grid.sh"))}
+RUN_ARGS=(--no-progress --data-dir 'a dir')
+GRID_PLAN={shlex.quote(str(plan))}
+GRID_RUNS="e3-hlora e1-fedavg" GRID_REFS="" grid {shlex.quote(str(out))} "0 1" --set x=1
+test -e {shlex.quote(str(log))} && exit 9  # planning starts nothing
+run_plan "$GRID_PLAN" 2
+"""
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    result = subprocess.run(
+        ["bash", "-c", program], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert result.returncode != 0  # one run failed ...
+    assert f"FAILED {out}/e1-fedavg-s1" in result.stdout
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    names = sorted(c[c.index("--output") + 3] for c in calls)
+    # ... the others still ran, each once; the finished run was skipped at planning time.
+    assert names == [f"output.name={n}" for n in ("e1-fedavg-s0", "e1-fedavg-s1", "e3-hlora-s1")]
+    assert all(c[2:5] == ["--no-progress", "--data-dir", "a dir"] for c in calls)
+    assert all(c[-4:-2] == ["--set", "x=1"] for c in calls)
+    assert (out / "e3-hlora-s1.log").read_text() == "trained federation.strategy=hlora\n"
+    assert len(plan.read_text().splitlines()) == 3
+
+
 @pytest.mark.parametrize("script", ["cpu_protocol.sh", "full_protocol.sh", "grid.sh"])
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_protocol_scripts_parse(script: str) -> None:
