@@ -2,11 +2,13 @@
 
 Reads run folders named ``<experiment>-<strategy>-s<seed>`` (as ``experiments/cpu_protocol.sh``
 writes them), groups them over seeds and prints Markdown tables: mean and standard deviation
-(over seeds, ``n - 1`` denominator) of the final dev accuracy, F1 and cross-entropy, the round at
-which each seed first reached the target accuracy, the median seconds per round and the bytes
-per round. Writes one PNG per experiment and metric (dev accuracy, dev loss) with the curves
-averaged over seeds, named ``<experiment>_<cell>[_loss].png``. With ``--bias``, prints instead
-the table of one or more ``aggregation_bias.py`` JSON files (one column per strategy or
+(over seeds, ``n - 1`` denominator) of the final dev accuracy, F1 and cross-entropy, and of the
+dev accuracy averaged over the evaluated rounds (the area under the accuracy curve over its
+length: a convergence-speed summary that, unlike the final value, credits reaching it early),
+the round at which each seed first reached the target accuracy, the median seconds per round
+and the bytes per round. Writes one PNG per experiment and metric (dev accuracy, dev loss) with
+the curves averaged over seeds, named ``<experiment>_<cell>[_loss].png``. With ``--bias``, prints
+instead the table of one or more ``aggregation_bias.py`` JSON files (one column per strategy or
 truncation, one row per round).
 
     python experiments/results.py runs/cpu-protocol/mrpc-dirichlet --cell mrpc --target 0.70
@@ -82,6 +84,7 @@ def group_row(
     acc = [x["final"]["accuracy"] for x in summaries.values() if x["final"]["accuracy"] is not None]
     f1 = [x["final"]["f1"] for x in summaries.values() if x["final"]["f1"] is not None]
     loss = [x["final"]["loss"] for x in summaries.values() if x["final"]["loss"] is not None]
+    curve = [statistics.fmean(a) for a in map(_accuracies, runs.values()) if a]
     reached = [summaries[s]["rounds_to_target"]["accuracy"] for s in sorted(summaries)]
     train_s = [r["round_time_s"] for records in runs.values() for r in records]
     bytes_round = [
@@ -93,12 +96,19 @@ def group_row(
         "final accuracy": _mean_std(acc),
         "final F1": _mean_std(f1),
         "final dev loss": _mean_std(loss),
+        "acc averaged over rounds": _mean_std(curve),
         f"round reaching acc >= {target:.2f} (per seed)": ", ".join(
             "-" if r is None else str(r) for r in reached
         ),
         "train s / round (median)": f"{statistics.median(train_s):.1f}",
         "MB / round (both ways)": f"{statistics.fmean(bytes_round) / 1e6:.2f}",
     }
+
+
+def _accuracies(records: Sequence[Mapping[str, Any]]) -> list[float]:
+    """The dev accuracies of one run's evaluated rounds, in order."""
+    values = [r.get("eval", {}).get("accuracy") for r in records if isinstance(r.get("eval"), dict)]
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
 
 
 def markdown(rows: Sequence[Mapping[str, str]]) -> str:

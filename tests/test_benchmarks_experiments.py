@@ -144,6 +144,9 @@ def test_group_row_reports_mean_std_target_rounds_median_time_and_bytes(fake_run
     assert row["final accuracy"] == expected == "0.730 ± 0.020"
     assert row["final F1"] == "0.365 ± 0.010"
     assert row["final dev loss"] == "0.500 ± 0.000"
+    curves = [(0.60 + 0.72 + 0.75) / 3, (0.65 + 0.68 + 0.71) / 3, (0.70 + 0.71 + 0.73) / 3]
+    expected = f"{statistics.fmean(curves):.3f} ± {statistics.stdev(curves):.3f}"
+    assert row["acc averaged over rounds"] == expected == "0.694 ± 0.017"
     assert row["round reaching acc >= 0.70 (per seed)"] == "2, 3, 1"
     assert row["train s / round (median)"] == "12.0"  # one slow seed does not move the median
     assert row["MB / round (both ways)"] == "2.00"
