@@ -74,6 +74,24 @@ def test_exact_aggregation_flops_beat_dense_at_small_total_rank() -> None:
 # -- the simulation benchmark's measurement ----------------------------------------------------
 
 
+def test_cholqr_factors_the_matrix_with_orthonormal_columns() -> None:
+    stages = _load("benchmarks/aggregation_stages.py")
+    left = torch.randn(3, 40, 6, dtype=torch.float64)
+    q, upper = stages.cholqr(left)
+    assert q.shape == (3, 40, 6) and upper.shape == (3, 6, 6)
+    torch.testing.assert_close(q @ upper, left)
+    torch.testing.assert_close(q.mT @ q, torch.eye(6, dtype=torch.float64).expand(3, 6, 6))
+    assert torch.all(torch.tril(upper, diagonal=-1) == 0)
+
+
+def test_stage_times_time_every_stage(capsys: pytest.CaptureFixture[str]) -> None:
+    stages = _load("benchmarks/aggregation_stages.py")
+    times = stages.stage_times(2, 24, 20, 5, torch.device("cpu"), repeats=1)
+    assert "qr_svd (whole)" in times and "svd(core) on CPU, fp64" in times
+    assert all(math.isfinite(t) and t >= 0 for t in times.values())
+    assert len(capsys.readouterr().out.splitlines()) == len(times)  # one line per stage
+
+
 def test_simulation_measure_runs_one_round_of_k_clients(
     tiny_bert_dir: Path, glue_dir: Path
 ) -> None:
