@@ -330,6 +330,35 @@ run_plan "$GRID_PLAN" 2
     assert len(plan.read_text().splitlines()) == 3
 
 
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("xargs") is None, reason="needs bash and xargs"
+)
+def test_full_protocol_with_jobs_runs_the_whole_grid_in_priority_order(tmp_path: Path) -> None:
+    out, log = tmp_path / "out", tmp_path / "calls.jsonl"
+    bin_dir = _recording_hlora(tmp_path, log, fail_on="no run fails")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "JOBS": "1", "MODEL_LABEL": "mini"}
+    script = str(ROOT / "experiments/full_protocol.sh")
+    subprocess.run(["bash", script, str(out), "/models/mini"], cwd=ROOT, check=True, env=env)
+    sequential = [json.loads(line) for line in log.read_text().splitlines()]
+    log.unlink()
+    parallel_out = tmp_path / "parallel"
+    env["JOBS"] = "4"
+    subprocess.run(
+        ["bash", script, str(parallel_out), "/models/mini"], cwd=ROOT, check=True, env=env
+    )
+    parallel = [json.loads(line) for line in log.read_text().splitlines()]
+    # MRPC and RTE x 2 partitions x 3 seeds x 7 runs, 100 clients (3 x 3), the QQP sample (2 x 21);
+    # no SmolLM2 cell for a backbone other than minilm.
+    assert len(sequential) == 84 + 9 + 42
+    as_set = sorted(json.dumps(c).replace(str(parallel_out), str(out)) for c in parallel)
+    assert as_set == sorted(json.dumps(c) for c in sequential)
+    folders = [c[c.index("--output") + 1] for c in sequential]
+    assert folders[0] == f"{out}/mini/mrpc-dirichlet"
+    assert folders[-1] == f"{out}/mini/qqp-sample-iid"
+    assert all("model.name=/models/mini" in c for c in sequential)
+    assert (parallel_out / "mini/mrpc-dirichlet/e3-hlora-s0.log").is_file()
+
+
 @pytest.mark.parametrize("script", ["cpu_protocol.sh", "full_protocol.sh", "grid.sh"])
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_protocol_scripts_parse(script: str) -> None:
