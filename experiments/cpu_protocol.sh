@@ -19,7 +19,8 @@
 #      epoch (each client holds about 37 pairs, so a quarter epoch would be a single step);
 #   9. SmolLM2-135M on MRPC, seed 0, E1 for 2 rounds of a tenth of an epoch; cell 4, E1 for seeds
 #      1 and 2;
-#  10. cell 4, flora for seeds 0-2 (E3 complete on the cell where the federation learns);
+#  10. cell 4, flora for seeds 0-2 (E3 complete on the cell where the federation learns), then
+#      its references (centralized and local) for seed 0;
 #  11. MRPC IID, seed 0, E1; the QQP sample, Dirichlet 0.5, E1 for seeds 1 and 2.
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
@@ -67,5 +68,6 @@ GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/smollm2-mrpc-dirichlet" "
   --set model.name=smollm2-135m --set federation.rounds=2 --set train.local_epochs=0.1
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-long" "1 2" "${long[@]}"
 GRID_REFS="" GRID_RUNS="e3-flora" grid "$out/qqp-iid-long" "0 1 2" "${long[@]}"
+GRID_RUNS="" grid "$out/qqp-iid-long" "0" "${long[@]}"
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/mrpc-iid" "0" --set data.partition=iid
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet" "1 2" "${qqp[@]}"
