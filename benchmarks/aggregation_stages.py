@@ -11,7 +11,8 @@ times the stages of the exact QR path and the alternatives for its slow parts, o
   matrix-product-bound alternative to Householder QR;
 - the whole ``qr_svd`` and ``gram_svd`` per shape, for reference.
 
-Each figure is the median of ``--repeats`` runs after one warm-up, with the device synchronized.
+Each figure is the best of ``--repeats`` runs after one warm-up, with the device synchronized
+(``aggregation.py``'s timer, on its cases' shapes).
 Every stage is printed when measured, then a table of all of them.
 
     python benchmarks/aggregation_stages.py --case llama-7b --device cuda
@@ -22,33 +23,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from floors import sync
+from aggregation import CASES, timed
 from hlora.aggregation.factored import gram_svd, qr_svd
-
-CASES: dict[str, list[tuple[int, int, int]]] = {
-    # (layers, out, in) per shape
-    "llama-7b": [(128, 4096, 4096), (64, 11008, 4096), (32, 4096, 11008)],
-    "roberta-large": [(48, 1024, 1024)],
-}
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cholqr(left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +69,7 @@ def stage_times(
             )
     results = {}
     for name, fn in rows.items():
-        results[name] = timed(fn, device, repeats)
+        results[name], _ = timed(fn, device, repeats)
         # Printed as it goes: a run cut short still shows the stages it reached.
         print(f"{layers} x {out_f}x{in_f}  {name:28s} {results[name]:.4f} s", flush=True)
     return results
@@ -104,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     results = {}
-    for layers, out_f, in_f in CASES[args.case]:
+    for (out_f, in_f), layers in CASES[args.case].shapes.items():
         shape = f"{layers} x {out_f}x{in_f}"
         results[shape] = stage_times(layers, out_f, in_f, args.rank, device, args.repeats)
     names = list(next(iter(results.values())))

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hlora.report import load_run_records, plot_convergence, summarize
+from hlora.report import eval_series, load_run_records, plot_convergence, summarize
 
 RUN_NAME = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
 
@@ -84,7 +84,8 @@ def group_row(
     acc = [x["final"]["accuracy"] for x in summaries.values() if x["final"]["accuracy"] is not None]
     f1 = [x["final"]["f1"] for x in summaries.values() if x["final"]["f1"] is not None]
     loss = [x["final"]["loss"] for x in summaries.values() if x["final"]["loss"] is not None]
-    curve = [statistics.fmean(a) for a in map(_accuracies, runs.values()) if a]
+    accuracies = [eval_series(records, "accuracy")[1] for records in runs.values()]
+    curve = [statistics.fmean(a) for a in accuracies if a]
     reached = [summaries[s]["rounds_to_target"]["accuracy"] for s in sorted(summaries)]
     train_s = [r["round_time_s"] for records in runs.values() for r in records]
     bytes_round = [
@@ -103,12 +104,6 @@ def group_row(
         "train s / round (median)": f"{statistics.median(train_s):.1f}",
         "MB / round (both ways)": f"{statistics.fmean(bytes_round) / 1e6:.2f}",
     }
-
-
-def _accuracies(records: Sequence[Mapping[str, Any]]) -> list[float]:
-    """The dev accuracies of one run's evaluated rounds, in order."""
-    values = [r.get("eval", {}).get("accuracy") for r in records if isinstance(r.get("eval"), dict)]
-    return [float(v) for v in values if v is not None and math.isfinite(v)]
 
 
 def markdown(rows: Sequence[Mapping[str, str]]) -> str:

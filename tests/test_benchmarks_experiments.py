@@ -221,22 +221,38 @@ def test_bias_rows_make_one_row_per_round_with_error_and_norm() -> None:
 # -- the protocol scripts ------------------------------------------------------------------------
 
 
+def _recording_hlora(tmp_path: Path, log: Path, fail_on: str | None = None) -> Path:
+    """A folder holding a `hlora` program that appends its arguments to LOG as one JSON line,
+    prints the last one, and fails when an argument contains FAIL_ON."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    program = bin_dir / "hlora"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "print('trained', sys.argv[-1])\n"
+        f"fail_on = {fail_on!r}\n"
+        "sys.exit(1 if fail_on and any(fail_on in a for a in sys.argv) else 0)\n"
+    )
+    program.chmod(0o755)
+    return bin_dir
+
+
 def _grid_calls(tmp_path: Path, script: str) -> list[list[str]]:
     """Source experiments/grid.sh with a recording `hlora`, run SCRIPT, return each call's args."""
     log = tmp_path / "calls.jsonl"
-    python, grid, out = (
-        shlex.quote(str(p)) for p in (sys.executable, ROOT / "experiments/grid.sh", log)
-    )
-    record = "import json, sys; print(json.dumps(sys.argv[1:]))"
+    bin_dir = _recording_hlora(tmp_path, log)
     program = f"""
 set -euo pipefail
-source {grid}
-hlora() {{ {python} -c '{record}' "$@" >> {out}; }}
+source {shlex.quote(str(ROOT / "experiments/grid.sh"))}
 RUN_ARGS=(--no-progress)
 LOCAL_ARGS=(--set server.eval_every=3)
 {script}
 """
-    subprocess.run(["bash", "-c", program], check=True, cwd=ROOT, capture_output=True)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["bash", "-c", program], check=True, cwd=ROOT, capture_output=True, env=env)
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
@@ -280,23 +296,6 @@ def test_grid_skips_finished_runs_and_restarts_unfinished_ones(tmp_path: Path) -
     assert not (out / "e1-fedavg-s0").exists()  # an unfinished run starts again from nothing
 
 
-def _recording_hlora(tmp_path: Path, log: Path, fail_on: str) -> Path:
-    """A `hlora` program on PATH that appends its arguments to LOG and fails on FAIL_ON."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    program = bin_dir / "hlora"
-    program.write_text(
-        f"#!{sys.executable}\n"
-        "import json, sys\n"
-        f"with open({str(log)!r}, 'a') as f:\n"
-        "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
-        "print('trained', sys.argv[-1])\n"
-        f"sys.exit(1 if any({fail_on!r} in a for a in sys.argv) else 0)\n"
-    )
-    program.chmod(0o755)
-    return bin_dir
-
-
 @pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("xargs") is None, reason="needs bash and xargs"
 )
@@ -335,7 +334,7 @@ run_plan "$GRID_PLAN" 2
 )
 def test_full_protocol_with_jobs_runs_the_whole_grid_in_priority_order(tmp_path: Path) -> None:
     out, log = tmp_path / "out", tmp_path / "calls.jsonl"
-    bin_dir = _recording_hlora(tmp_path, log, fail_on="no run fails")
+    bin_dir = _recording_hlora(tmp_path, log)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "JOBS": "1", "MODEL_LABEL": "mini"}
     script = str(ROOT / "experiments/full_protocol.sh")
     subprocess.run(["bash", script, str(out), "/models/mini"], cwd=ROOT, check=True, env=env)

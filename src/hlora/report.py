@@ -498,6 +498,11 @@ def _series(
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def eval_series(records: Sequence[Mapping[str, Any]], metric: str) -> tuple[list[int], list[float]]:
+    """The rounds at which ``eval[metric]`` was a finite number, and those values, by round."""
+    return _series(records, lambda r: _eval_value(r, metric))
+
+
 def plot_convergence(
     runs: Mapping[str, Sequence[Mapping[str, Any]]],
     metric: str,
@@ -540,7 +545,7 @@ def plot_convergence(
     any_metric = any_loss = False
     for index, (label, records) in enumerate(runs.items()):
         color = f"C{index % 10}"
-        rounds, values = _series(records, lambda r: _eval_value(r, metric))
+        rounds, values = eval_series(records, metric)
         if rounds:
             any_metric = True
             ax_metric.plot(rounds, values, "-o", color=color, label=label, markersize=3.5)
