@@ -21,7 +21,15 @@
 #      1 and 2;
 #  10. cell 4, flora for seeds 0-2 (E3 complete on the cell where the federation learns), then
 #      its references (centralized and local) for seed 0;
-#  11. MRPC IID, seed 0, E1; the QQP sample, Dirichlet 0.5, E1 for seeds 1 and 2.
+#  11. MRPC IID, seed 0, E1;
+#  12. cell 4's settings on the Dirichlet 0.5 partition, seed 0: E1 and E3 (hlora, zeropad, flora),
+#      the label-skewed cell at a local length where the IID federation learns;
+#  13. the same for seed 2, E1 only: of the three seeds' partitions, seed 2's puts the fewest
+#      examples on clients holding over 90 % of one class (12 %, against 62 % for seed 0);
+#  14. cell 4's references (centralized and local) for seeds 1 and 2;
+#  15. cell 4, E3 (hlora and zeropad) for seeds 3 and 4: the comparison where the strategies
+#      separate, on 5 seeds;
+#  16. cell 3, Dirichlet 0.5, E1 for seeds 1 and 2.
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
@@ -70,4 +78,9 @@ GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-long" "1 2" "${lo
 GRID_REFS="" GRID_RUNS="e3-flora" grid "$out/qqp-iid-long" "0 1 2" "${long[@]}"
 GRID_RUNS="" grid "$out/qqp-iid-long" "0" "${long[@]}"
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/mrpc-iid" "0" --set data.partition=iid
+GRID_REFS="" grid "$out/qqp-dirichlet-long" "0" "${long[@]}" --set data.partition=dirichlet
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet-long" "2" "${long[@]}" \
+  --set data.partition=dirichlet
+GRID_RUNS="" grid "$out/qqp-iid-long" "1 2" "${long[@]}"
+GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-iid-long" "3 4" "${long[@]}"
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet" "1 2" "${qqp[@]}"

@@ -364,6 +364,72 @@ def test_protocol_scripts_parse(script: str) -> None:
     subprocess.run(["bash", "-n", str(ROOT / "experiments" / script)], check=True)
 
 
+# -- label skew of a partition -------------------------------------------------------------
+
+
+def test_client_skews_count_each_clients_class_shares() -> None:
+    skew = _load("experiments/label_skew.py")
+    labels = [0, 0, 0, 1, 1, 0, 1, 1, 1, 1]
+    skews = skew.client_skews(labels, [[0, 1, 2, 5], [3, 4, 6, 7, 8], [9]], 2)
+    assert [s.size for s in skews] == [4, 5, 1]
+    assert [s.class_shares for s in skews] == [(1.0, 0.0), (0.0, 1.0), (0.0, 1.0)]
+    mixed = skew.client_skews(labels, [[0, 3, 4, 5], [1, 2, 6, 7, 8, 9]], 2)
+    assert [s.class_shares for s in mixed] == [(0.5, 0.5), (2 / 6, 4 / 6)]
+    assert [s.largest_share for s in mixed] == [0.5, 4 / 6]
+
+
+def test_share_on_one_class_clients_weights_by_size_and_uses_a_strict_threshold() -> None:
+    skew = _load("experiments/label_skew.py")
+    skews = [
+        skew.ClientSkew(30, (0.95, 0.05)),  # over 0.9
+        skew.ClientSkew(60, (0.5, 0.5)),
+        skew.ClientSkew(10, (0.1, 0.9)),  # exactly 0.9: not over
+    ]
+    assert skew.share_on_one_class_clients(skews, 0.9) == pytest.approx(0.3)
+    assert skew.share_on_one_class_clients(skews, 0.85) == pytest.approx(0.4)
+
+
+def test_label_skew_main_reports_the_partition_a_run_makes(
+    glue_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hlora.config import load_config
+    from hlora.federation import client_partitions, load_run_task
+
+    skew = _load("experiments/label_skew.py")
+    config_file = str(ROOT / "experiments" / "e1_mrpc.toml")
+    data = f"data.data_dir={json.dumps(str(glue_dir))}"
+    monkeypatch.setattr(
+        sys, "argv", ["label_skew.py", config_file, "--seeds", "1", "--data-dir", str(glue_dir)]
+    )
+    skew.main()
+    out = capsys.readouterr().out.splitlines()
+    config = load_config(config_file, (data, "federation.seed=1"))
+    task = load_run_task(config)
+    labels = [e.label for e in task.train]
+    parts = client_partitions(config, task, config.federation.num_clients)
+    sizes = [len(p) for p in parts]
+    positive = [sum(labels[i] for i in p) / len(p) for p in parts]
+    skewed = [n for n, p in zip(sizes, positive, strict=True) if max(p, 1 - p) > 0.9]
+    on_one_class = sum(skewed) / len(labels)
+    assert out[0].startswith("mrpc, dirichlet (alpha 0.5), 10 clients")
+    assert out[1] == (
+        f"seed 1: {on_one_class:.0%} of the examples on clients with over 90% of one class"
+    )
+    assert out[2].split()[1:] == [str(n) for n in sizes]
+    assert out[4].split()[2:] == [f"{p:.2f}" for p in positive]
+    assert on_one_class > 0.5  # the partition where no strategy learns (docs/RESULTS.md, 2.3)
+
+
+def test_label_skew_rejects_a_threshold_outside_the_unit_interval(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    skew = _load("experiments/label_skew.py")
+    monkeypatch.setattr(sys, "argv", ["label_skew.py", "x.toml", "--threshold", "1.5"])
+    with pytest.raises(SystemExit):
+        skew.main()
+    assert "--threshold must lie in (0, 1), got 1.5" in capsys.readouterr().err
+
+
 # -- aggregation bias on given updates -------------------------------------------------------
 
 
