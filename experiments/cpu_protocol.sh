@@ -34,7 +34,7 @@
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
 # A run that already has summary.json (a bias file that exists) is skipped, so the script can be
-# restarted. About 6 hours on 2 CPU cores; cells 1 and 2 take about 105 minutes. Never start a
+# restarted. About 8 hours on 2 CPU cores; cells 1 and 2 take about 105 minutes. Never start a
 # second torch process beside it on such a machine: two processes' threads on 2 cores run
 # several times slower than one after the other.
 set -euo pipefail
