@@ -16,6 +16,7 @@ from hlora.errors import CheckpointError
 from hlora.report import (
     MetricsLog,
     RoundProgress,
+    convergence_figure,
     format_table,
     load_run_records,
     plot_convergence,
@@ -254,6 +255,21 @@ def test_plot_convergence_two_sparse_runs(tmp_path: Path) -> None:
     assert len(data) > 5_000
     assert [p.name for p in out.parent.iterdir()] == ["accuracy.png"]  # no temp file left
     assert matplotlib.get_backend() == backend  # no global backend switch
+
+
+def test_convergence_figure_wraps_a_long_title_inside_the_figure() -> None:
+    runs = {"hlora": _sparse_run(1.0, 10, 3)}
+    title = "E1: naive LoRA averaging vs hlora, every client at rank 8 " * 2
+    fig = convergence_figure(runs, "accuracy", title=title)
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    suptitle = fig.get_suptitle()
+    assert suptitle.replace("\n", " ") == title.strip()
+    assert suptitle.count("\n") == 1
+    box = fig._suptitle.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width
+    short = convergence_figure(runs, "accuracy")
+    assert short.get_suptitle() == "accuracy by round"
 
 
 def test_plot_convergence_single_run_and_errors(tmp_path: Path) -> None:

@@ -33,16 +33,20 @@ import logging
 import math
 import os
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import rich.console
 import rich.progress
 
 from hlora.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -503,32 +507,21 @@ def eval_series(records: Sequence[Mapping[str, Any]], metric: str) -> tuple[list
     return _series(records, lambda r: _eval_value(r, metric))
 
 
-def plot_convergence(
+# The figure is 8 inches wide; a suptitle line of this many characters still fits it.
+_TITLE_CHARS = 80
+
+
+def convergence_figure(
     runs: Mapping[str, Sequence[Mapping[str, Any]]],
     metric: str,
-    out_path: str | Path,
     *,
     title: str = "",
-) -> Path:
-    """Plot the convergence of one or more runs to a PNG file.
-
-    The top panel shows ``eval[metric]`` against the round, one solid line (with point markers,
-    so sparse or single evaluations stay visible) per run; the bottom panel shows ``train_loss``
-    (or the clients' mean loss when it is missing) with the same colours. Rounds without a value
-    are skipped, so runs that evaluate every few rounds connect their evaluations.
+) -> Figure:
+    """The convergence figure of one or more runs (see :func:`plot_convergence`).
 
     The figure is drawn on an Agg canvas created here, without :mod:`matplotlib.pyplot`: no
-    global backend is switched, no window opens and no figure stays registered after return.
-    The PNG is written atomically.
-
-    Args:
-        runs: Run label -> that run's round records.
-        metric: The ``eval`` metric to plot, e.g. ``"accuracy"``.
-        out_path: The PNG file to write; its parent folders are created.
-        title: Figure title; defaults to the metric's name.
-
-    Returns:
-        ``out_path`` as a :class:`~pathlib.Path`.
+    global backend is switched, no window opens and no figure is registered. A long ``title`` is
+    wrapped onto several lines so that it stays inside the figure.
 
     Raises:
         ValueError: If ``runs`` is empty.
@@ -565,8 +558,38 @@ def plot_convergence(
     ax_loss.set_ylabel("train loss")
     ax_loss.set_xlabel("round")
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title or f"{metric} by round")
+    fig.suptitle(textwrap.fill(title or f"{metric} by round", _TITLE_CHARS))
+    return fig
 
+
+def plot_convergence(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    metric: str,
+    out_path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Plot the convergence of one or more runs to a PNG file.
+
+    The top panel shows ``eval[metric]`` against the round, one solid line (with point markers,
+    so sparse or single evaluations stay visible) per run; the bottom panel shows ``train_loss``
+    (or the clients' mean loss when it is missing) with the same colours. Rounds without a value
+    are skipped, so runs that evaluate every few rounds connect their evaluations. The figure is
+    :func:`convergence_figure`'s; the PNG is written atomically.
+
+    Args:
+        runs: Run label -> that run's round records.
+        metric: The ``eval`` metric to plot, e.g. ``"accuracy"``.
+        out_path: The PNG file to write; its parent folders are created.
+        title: Figure title; defaults to the metric's name.
+
+    Returns:
+        ``out_path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: If ``runs`` is empty.
+    """
+    fig = convergence_figure(runs, metric, title=title)
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
