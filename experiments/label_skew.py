@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hlora.config import load_config
+from hlora.config import load_config, replace
 from hlora.federation import client_partitions, load_run_task
 
 
@@ -75,15 +75,13 @@ def main() -> None:
     config = load_config(args.config, tuple(data_dir + args.overrides))
     task = load_run_task(config)
     labels = [e.label for e in task.train]
-    num_classes = max(2, max(labels) + 1)
+    num_classes = task.task.num_labels
     print(
         f"{config.data.task}, {config.data.partition} (alpha {config.data.alpha}), "
         f"{config.federation.num_clients} clients, {len(labels)} training examples"
     )
     for seed in args.seeds:
-        seeded = load_config(
-            args.config, tuple(data_dir + args.overrides + [f"federation.seed={seed}"])
-        )
+        seeded = replace(config, federation={"seed": seed})
         skews = client_skews(
             labels, client_partitions(seeded, task, seeded.federation.num_clients), num_classes
         )
