@@ -29,7 +29,15 @@
 #  14. cell 4's references (centralized and local) for seeds 1 and 2;
 #  15. cell 4, E3 (hlora and zeropad) for seeds 3 and 4: the comparison where the strategies
 #      separate, on 5 seeds;
-#  16. cell 3, Dirichlet 0.5, E1 for seeds 1 and 2.
+#  16. cell 11 completed for seed 0 (MRPC IID): E3 and both references;
+#  17. the QQP sample, IID, 100 clients with 20 sampled per round, ranks {2, 4, 8}: 6 rounds of
+#      1.5 local epochs (each client holds about 211 pairs: about 20 steps a round, so a round's
+#      average carries about half the local steps of cell 4's, at twice its cost), E3 hlora and
+#      zeropad for seeds 0-2, then flora for seed 0;
+#  18. RTE IID, seed 0: E1 and centralized;
+#  19. MRPC IID, seeds 1 and 2: E1 and E3 (hlora and zeropad);
+#  20. cell 8 (100 clients) for seeds 1 and 2;
+#  21. cell 7 completed for seed 0 (RTE, Dirichlet 0.5): E3 and local.
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
@@ -83,4 +91,21 @@ GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet-long" "2" "
   --set data.partition=dirichlet
 GRID_RUNS="" grid "$out/qqp-iid-long" "1 2" "${long[@]}"
 GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-iid-long" "3 4" "${long[@]}"
-GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet" "1 2" "${qqp[@]}"
+GRID_RUNS="e3-hlora e3-zeropad e3-flora" grid "$out/mrpc-iid" "0" --set data.partition=iid
+qqp100=(--set data.task=qqp-sample --set data.partition=iid --set federation.rounds=6
+        --set train.local_epochs=1.5)
+for seed in 0 1 2; do
+  for strategy in hlora zeropad; do
+    run "$out/qqp-iid-100clients" "e3-$strategy-s$seed" experiments/e3_mrpc_100clients.toml \
+      --set federation.seed="$seed" --set federation.strategy="$strategy" "${qqp100[@]}"
+  done
+done
+run "$out/qqp-iid-100clients" e3-flora-s0 experiments/e3_mrpc_100clients.toml \
+  --set federation.seed=0 --set federation.strategy=flora "${qqp100[@]}"
+GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/rte-iid" "0" --set data.task=rte \
+  --set data.partition=iid
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/mrpc-iid" "1 2" \
+  --set data.partition=iid
+clients100 "$out/mrpc-100clients" "1 2" --set federation.rounds=8 --set train.local_epochs=1
+GRID_REFS="local" GRID_RUNS="e3-hlora e3-zeropad e3-flora" grid "$out/rte-dirichlet" "0" \
+  --set data.task=rte

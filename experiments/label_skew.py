@@ -76,8 +76,11 @@ def main() -> None:
     task = load_run_task(config)
     labels = [e.label for e in task.train]
     num_classes = task.task.num_labels
+    partition = config.data.partition
+    if partition == "dirichlet":
+        partition += f" (alpha {config.data.alpha})"
     print(
-        f"{config.data.task}, {config.data.partition} (alpha {config.data.alpha}), "
+        f"{config.data.task}, {partition}, "
         f"{config.federation.num_clients} clients, {len(labels)} training examples"
     )
     for seed in args.seeds:

@@ -420,6 +420,19 @@ def test_label_skew_main_reports_the_partition_a_run_makes(
     assert on_one_class > 0.5  # the partition where no strategy learns (docs/RESULTS.md, 2.3)
 
 
+def test_label_skew_names_no_alpha_for_an_iid_partition(
+    glue_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    skew = _load("experiments/label_skew.py")
+    config_file = str(ROOT / "experiments" / "e1_mrpc.toml")
+    argv = [config_file, "--seeds", "0", "--data-dir", str(glue_dir), "--set", "data.partition=iid"]
+    monkeypatch.setattr(sys, "argv", ["label_skew.py", *argv])
+    skew.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "mrpc, iid, 10 clients, 3668 training examples"
+    assert out[1] == "seed 0: 0% of the examples on clients with over 90% of one class"
+
+
 def test_label_skew_rejects_a_threshold_outside_the_unit_interval(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
