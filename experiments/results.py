@@ -22,6 +22,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,29 +30,57 @@ from typing import Any
 
 from hlora.report import eval_series, load_run_records, plot_convergence, summarize
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 RUN_NAME = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
 
-# Experiment -> (title, groups in plot order, with their labels).
-EXPERIMENTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
-    "e1": (
-        "E1: naive LoRA averaging vs hlora, every client at rank 8",
-        [("e1-fedavg", "fedavg (r=8)"), ("e1-hlora", "hlora (r=8)")],
-    ),
-    "e2": (
-        "E2: hlora, homogeneous vs heterogeneous ranks",
-        [("e1-hlora", "hlora, all r=8"), ("e3-hlora", "hlora, r in {2,4,8,16}")],
-    ),
-    "e3": (
-        "E3: every strategy, ranks {2,4,8,16}",
-        [
-            ("e3-hlora", "hlora"),
-            ("e3-zeropad", "zeropad"),
-            ("e3-flora", "flora"),
-            ("e3-centralized", "centralized (r=16)"),
-            ("e3-local", "local"),
-        ],
-    ),
-}
+
+def experiments(ranks: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Experiment -> (title, groups in plot order, with their labels).
+
+    Args:
+        ranks: The cell's heterogeneous ranks as printed, e.g. ``{2,4,8,16}`` (see ``cell_ranks``).
+            The centralized reference is labelled with the largest: its rank when
+            ``federation.centralized_rank`` is 0, the default every protocol script keeps.
+    """
+    largest = ranks.strip("{}").split(",")[-1]
+    return {
+        "e1": (
+            "E1: naive LoRA averaging vs hlora, every client at rank 8",
+            [("e1-fedavg", "fedavg (r=8)"), ("e1-hlora", "hlora (r=8)")],
+        ),
+        "e2": (
+            "E2: hlora, homogeneous vs heterogeneous ranks",
+            [("e1-hlora", "hlora, all r=8"), ("e3-hlora", f"hlora, r in {ranks}")],
+        ),
+        "e3": (
+            f"E3: every strategy, ranks {ranks}",
+            [
+                ("e3-hlora", "hlora"),
+                ("e3-zeropad", "zeropad"),
+                ("e3-flora", "flora"),
+                ("e3-centralized", f"centralized (r={largest})"),
+                ("e3-local", "local"),
+            ],
+        ),
+    }
+
+
+def cell_ranks(root: Path) -> str:
+    """The heterogeneous ranks of the E3 runs under ``root``, as ``{2,4,8}``.
+
+    Read from ``federation.ranks`` in the ``config.toml`` every run folder holds; the first E3 run
+    (sorted by name) that has one decides. ``{2,4,8,16}``, the E3 configurations' ranks, when
+    none has.
+    """
+    for config in sorted(root.glob("e3-*/config.toml")):
+        ranks = tomllib.loads(config.read_text()).get("federation", {}).get("ranks")
+        if ranks:
+            return "{" + ",".join(str(r) for r in sorted(ranks)) + "}"
+    return "{2,4,8,16}"
 
 
 def collect(root: Path) -> dict[str, dict[int, list[dict[str, Any]]]]:
@@ -187,7 +216,7 @@ def main() -> None:
     if args.runs is None:
         parser.error("give a folder of runs, or --bias FILE...")
     groups = collect(args.runs)
-    for key, (title, members) in EXPERIMENTS.items():
+    for key, (title, members) in experiments(cell_ranks(args.runs)).items():
         present = [(g, label) for g, label in members if g in groups]
         if not present:
             continue

@@ -204,6 +204,24 @@ def test_results_main_prints_tables_and_writes_plots(
     assert names == [f"e{i}_rte-iid{s}.png" for i in (1, 2, 3) for s in ("", "_loss")]
 
 
+def test_results_titles_name_the_ranks_the_runs_used(
+    fake_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    results = _load("experiments/results.py")
+    assert results.cell_ranks(fake_runs) == "{2,4,8,16}"  # no config.toml: the E3 files' ranks
+    _write_run(fake_runs / "e3-centralized-s0", [0.80], 10.0, 1_000)
+    toml = "[federation]\nnum_clients = 100\nranks = [8, 2, 4]\n"
+    (fake_runs / "e3-hlora-s0" / "config.toml").write_text(toml)
+    assert results.cell_ranks(fake_runs) == "{2,4,8}"
+    argv = ["results.py", str(fake_runs), "--plots", str(tmp_path / "plots"), "--cell", "c100"]
+    monkeypatch.setattr(sys, "argv", argv)
+    results.main()
+    out = capsys.readouterr().out
+    assert "### E3: every strategy, ranks {2,4,8}\n" in out
+    assert "| hlora, r in {2,4,8} | 3 |" in out
+    assert "| centralized (r=8) | 1 | 0.800 ± 0.000 |" in out
+
+
 def test_bias_rows_make_one_row_per_round_with_error_and_norm() -> None:
     results = _load("experiments/results.py")
     rows = [
