@@ -31,9 +31,10 @@
 #      separate, on 5 seeds;
 #  16. cell 11 completed for seed 0 (MRPC IID): E3 and both references;
 #  17. the QQP sample, IID, 100 clients with 20 sampled per round, ranks {2, 4, 8}: 6 rounds of
-#      1.5 local epochs (each client holds about 211 pairs: about 20 steps a round, so a round's
-#      average carries about half the local steps of cell 4's, at twice its cost), E3: hlora and
-#      zeropad for seeds 0 and 1, flora for seed 0, then hlora and zeropad for seed 2;
+#      1.5 local epochs (each client holds about 211 pairs: about 20 steps a round; a round
+#      trains on as many pairs as one of cell 4, and its average carries half the local steps),
+#      E3: hlora and zeropad for seeds 0 and 1, flora for seed 0, then hlora and zeropad for
+#      seed 2;
 #  18. RTE IID, seed 0: E1 and centralized;
 #  19. MRPC IID, seeds 1 and 2: E1 and E3 (hlora and zeropad);
 #  20. cell 8 (100 clients) for seeds 1 and 2;
