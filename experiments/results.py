@@ -22,31 +22,29 @@ import json
 import math
 import re
 import statistics
-import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hlora.config import load_config
 from hlora.report import eval_series, load_run_records, plot_convergence, summarize
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+# A run folder's configuration (hlora.federation.CONFIG_FILE; not imported from there, which would
+# load transformers and peft for a table).
+CONFIG_FILE = "config.toml"
 RUN_NAME = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
 
 
-def experiments(ranks: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+def experiments(ranks: Sequence[int]) -> dict[str, tuple[str, list[tuple[str, str]]]]:
     """Experiment -> (title, groups in plot order, with their labels).
 
     Args:
-        ranks: The cell's heterogeneous ranks as printed, e.g. ``{2,4,8,16}`` (see ``cell_ranks``).
-            The centralized reference is labelled with the largest: its rank when
-            ``federation.centralized_rank`` is 0, the default every protocol script keeps.
+        ranks: The cell's heterogeneous ranks, ascending (see ``cell_ranks``). The centralized
+            reference is labelled with the largest: its rank when ``federation.centralized_rank``
+            is 0, the default every protocol script keeps.
     """
-    largest = ranks.strip("{}").split(",")[-1]
+    shown = "{" + ",".join(str(r) for r in ranks) + "}"
     return {
         "e1": (
             "E1: naive LoRA averaging vs hlora, every client at rank 8",
@@ -54,33 +52,29 @@ def experiments(ranks: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
         ),
         "e2": (
             "E2: hlora, homogeneous vs heterogeneous ranks",
-            [("e1-hlora", "hlora, all r=8"), ("e3-hlora", f"hlora, r in {ranks}")],
+            [("e1-hlora", "hlora, all r=8"), ("e3-hlora", f"hlora, r in {shown}")],
         ),
         "e3": (
-            f"E3: every strategy, ranks {ranks}",
+            f"E3: every strategy, ranks {shown}",
             [
                 ("e3-hlora", "hlora"),
                 ("e3-zeropad", "zeropad"),
                 ("e3-flora", "flora"),
-                ("e3-centralized", f"centralized (r={largest})"),
+                ("e3-centralized", f"centralized (r={ranks[-1]})"),
                 ("e3-local", "local"),
             ],
         ),
     }
 
 
-def cell_ranks(root: Path) -> str:
-    """The heterogeneous ranks of the E3 runs under ``root``, as ``{2,4,8}``.
+def cell_ranks(root: Path) -> tuple[int, ...]:
+    """The heterogeneous ranks of the E3 runs under ``root``, ascending.
 
-    Read from ``federation.ranks`` in the ``config.toml`` every run folder holds; the first E3 run
-    (sorted by name) that has one decides. ``{2,4,8,16}``, the E3 configurations' ranks, when
-    none has.
+    Read from the run configuration every run folder holds; the first E3 run (sorted by name)
+    decides. The ranks of ``experiments/e3_mrpc.toml`` when no E3 run folder holds one.
     """
-    for config in sorted(root.glob("e3-*/config.toml")):
-        ranks = tomllib.loads(config.read_text()).get("federation", {}).get("ranks")
-        if ranks:
-            return "{" + ",".join(str(r) for r in sorted(ranks)) + "}"
-    return "{2,4,8,16}"
+    configs = sorted(root.glob(f"e3-*/{CONFIG_FILE}")) or [Path(__file__).with_name("e3_mrpc.toml")]
+    return tuple(sorted(load_config(configs[0]).federation.ranks))
 
 
 def collect(root: Path) -> dict[str, dict[int, list[dict[str, Any]]]]:

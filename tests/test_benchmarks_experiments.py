@@ -208,11 +208,11 @@ def test_results_titles_name_the_ranks_the_runs_used(
     fake_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     results = _load("experiments/results.py")
-    assert results.cell_ranks(fake_runs) == "{2,4,8,16}"  # no config.toml: the E3 files' ranks
+    assert results.cell_ranks(fake_runs) == (2, 4, 8, 16)  # no config.toml: e3_mrpc.toml's
     _write_run(fake_runs / "e3-centralized-s0", [0.80], 10.0, 1_000)
     toml = "[federation]\nnum_clients = 100\nranks = [8, 2, 4]\n"
     (fake_runs / "e3-hlora-s0" / "config.toml").write_text(toml)
-    assert results.cell_ranks(fake_runs) == "{2,4,8}"
+    assert results.cell_ranks(fake_runs) == (2, 4, 8)
     argv = ["results.py", str(fake_runs), "--plots", str(tmp_path / "plots"), "--cell", "c100"]
     monkeypatch.setattr(sys, "argv", argv)
     results.main()
