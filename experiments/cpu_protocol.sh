@@ -36,16 +36,25 @@
 #      E3: hlora and zeropad for seeds 0 and 1, flora for seed 0, then hlora and zeropad for
 #      seed 2;
 #  18. RTE IID, seed 0: E1 and centralized;
-#  19. MRPC IID, seeds 1 and 2: E1 and E3 (hlora and zeropad);
-#  20. cell 8 (100 clients) for seeds 1 and 2;
-#  21. cell 7 completed for seed 0 (RTE, Dirichlet 0.5): E3 and local.
+#  19. cell 4 run further, seed 0: 8 rounds instead of 3 (2.4 passes over the data), E3 (hlora,
+#      zeropad), E1 (fedavg, hlora) and centralized: whether cell 4's gaps are still there when
+#      the federation has trained longer (final accuracy, the paper's second claim);
+#  20. MRPC IID, seeds 1 and 2: E1 and E3 (hlora and zeropad);
+#  21. cell 8 (100 clients) for seeds 1 and 2;
+#  22. cell 7 completed for seed 0 (RTE, Dirichlet 0.5): E3 and local;
+#  23. cell 18 completed for seed 0 (RTE IID): E3 and local;
+#  24. RTE, both partitions, seeds 1 and 2: E1 and E3 (hlora and zeropad);
+#  25. MRPC IID, seeds 1 and 2: flora and both references;
+#  26. cell 12 completed: seed 1, E1 and E3 (hlora, zeropad); seed 2, E3 (hlora, zeropad);
+#  27. SmolLM2-135M on MRPC (cell 9's settings), seed 0: E3 (hlora and zeropad).
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
 # A run that already has summary.json (a bias file that exists) is skipped, so the script can be
-# restarted. About 13 hours on 2 CPU cores: cells 1 and 2 take about 105 minutes, a run of cell
-# 17 about 20. Never start a second torch process beside it on such a machine: two processes'
-# threads on 2 cores run several times slower than one after the other.
+# restarted. About 18 hours on 2 CPU cores: cells 1 and 2 take about 105 minutes, a run of cell
+# 17 about 20, one of cell 19 about 22, cells 23-27 about 3.5 hours together. Never start a
+# second torch process beside it on such a machine: two processes' threads on 2 cores run several
+# times slower than one after the other.
 set -euo pipefail
 out="${1:-runs/cpu-protocol}"
 data="${HLORA_DATA_DIR:-../shared/data/glue}"
@@ -101,8 +110,26 @@ for job in hlora-s0 zeropad-s0 hlora-s1 zeropad-s1 flora-s0 hlora-s2 zeropad-s2;
 done
 GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/rte-iid" "0" --set data.task=rte \
   --set data.partition=iid
+long8=(--set data.task=qqp-sample --set data.partition=iid --set federation.rounds=8
+       --set train.local_epochs=0.3)
+GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-iid-8rounds" "0" "${long8[@]}"
+GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-8rounds" "0" \
+  "${long8[@]}"
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/mrpc-iid" "1 2" \
   --set data.partition=iid
 clients100 "$out/mrpc-100clients" "1 2" --set federation.rounds=8 --set train.local_epochs=1
 GRID_REFS="local" GRID_RUNS="e3-hlora e3-zeropad e3-flora" grid "$out/rte-dirichlet" "0" \
   --set data.task=rte
+GRID_REFS="local" GRID_RUNS="e3-hlora e3-zeropad e3-flora" grid "$out/rte-iid" "0" \
+  --set data.task=rte --set data.partition=iid
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/rte-dirichlet" "1 2" \
+  --set data.task=rte
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/rte-iid" "1 2" \
+  --set data.task=rte --set data.partition=iid
+GRID_RUNS="e3-flora" grid "$out/mrpc-iid" "1 2" --set data.partition=iid
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/qqp-dirichlet-long" \
+  "1" "${long[@]}" --set data.partition=dirichlet
+GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-dirichlet-long" "2" "${long[@]}" \
+  --set data.partition=dirichlet
+GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/smollm2-mrpc-dirichlet" "0" \
+  --set model.name=smollm2-135m --set federation.rounds=2 --set train.local_epochs=0.1
