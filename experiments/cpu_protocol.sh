@@ -52,7 +52,7 @@
 #
 # A run that already has summary.json (a bias file that exists) is skipped, so the script can be
 # restarted. About 18 hours on 2 CPU cores: cells 1 and 2 take about 105 minutes, a run of cell
-# 17 about 20, one of cell 19 about 22, cells 23-27 about 3.5 hours together. Never start a
+# 17 about 20, one of cell 19 about 18, cells 20-27 about 4.5 hours together. Never start a
 # second torch process beside it on such a machine: two processes' threads on 2 cores run several
 # times slower than one after the other.
 set -euo pipefail
