@@ -110,8 +110,7 @@ for job in hlora-s0 zeropad-s0 hlora-s1 zeropad-s1 flora-s0 hlora-s2 zeropad-s2;
 done
 GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/rte-iid" "0" --set data.task=rte \
   --set data.partition=iid
-long8=(--set data.task=qqp-sample --set data.partition=iid --set federation.rounds=8
-       --set train.local_epochs=0.3)
+long8=("${long[@]}" --set federation.rounds=8)  # cell 4, later --set wins
 GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-iid-8rounds" "0" "${long8[@]}"
 GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-8rounds" "0" \
   "${long8[@]}"

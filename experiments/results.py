@@ -27,12 +27,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hlora.config import load_config
+from hlora.config import CONFIG_FILE, load_config
 from hlora.report import eval_series, load_run_records, plot_convergence, summarize
 
-# A run folder's configuration (hlora.federation.CONFIG_FILE; not imported from there, which would
-# load transformers and peft for a table).
-CONFIG_FILE = "config.toml"
 RUN_NAME = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
 
 

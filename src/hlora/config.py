@@ -32,6 +32,7 @@ ALL_MODES: tuple[str, ...] = (*STRATEGY_NAMES, *REFERENCE_MODES)
 RANK_RULES: tuple[str, ...] = ("cycle", "list", "memory")
 TRUNCATION_EVALS: tuple[str, ...] = ("never", "final", "every")
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + two AdamW moments
+CONFIG_FILE = "config.toml"  # the configuration a run folder holds, as written by a run
 
 
 def _help(text: str) -> dict[str, str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from hlora.checkpoint import load_state
+from hlora.config import CONFIG_FILE
 from hlora.errors import CheckpointError, ConfigError
 from hlora.federation import (
     CHECKPOINT_FILE,
-    CONFIG_FILE,
     best_rank_factors,
     fingerprint,
     global_delta,

@@ -20,7 +20,7 @@ from hlora.adapters import LayerShape, LoraBank
 from hlora.aggregation import AggregationOptions, UpdateSpec, get_strategy
 from hlora.aggregation.factored import qr_svd
 from hlora.checkpoint import ServerState, load_state
-from hlora.config import ADAPTER_BYTES_PER_PARAM, RunConfig, load_config, to_toml
+from hlora.config import ADAPTER_BYTES_PER_PARAM, CONFIG_FILE, RunConfig, load_config, to_toml
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
 from hlora.data.glue import Example, TaskData, load_task
 from hlora.data.partition import partition_indices
@@ -34,7 +34,6 @@ from hlora.server import ClientSlot, LoopSettings, RoundLoop
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "convergence.png"

@@ -50,7 +50,7 @@ from flwr.serverapp import Grid, ServerApp
 from hlora.adapters import LayerShape, LoraBank
 from hlora.aggregation import InvalidUpdateError
 from hlora.checkpoint import ServerState, load_state
-from hlora.config import RunConfig, load_config, replace, to_toml
+from hlora.config import CONFIG_FILE, RunConfig, load_config, replace, to_toml
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
 from hlora.data.glue import get_task
 from hlora.engines.flower_codec import (
@@ -63,7 +63,6 @@ from hlora.engines.flower_codec import (
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import (
     CHECKPOINT_FILE,
-    CONFIG_FILE,
     Federation,
     RunResult,
     assign_ranks,
