@@ -40,19 +40,21 @@
 #      zeropad), E1 (fedavg, hlora) and centralized: whether cell 4's gaps are still there when
 #      the federation has trained longer (final accuracy, the paper's second claim);
 #  20. MRPC IID, seeds 1 and 2: E1 and E3 (hlora and zeropad);
-#  21. cell 8 (100 clients) for seeds 1 and 2;
+#  21. cell 19 for seed 1: E3 (hlora and zeropad);
 #  22. cell 7 completed for seed 0 (RTE, Dirichlet 0.5): E3 and local;
 #  23. cell 18 completed for seed 0 (RTE IID): E3 and local;
-#  24. RTE, both partitions, seeds 1 and 2: E1 and E3 (hlora and zeropad);
-#  25. MRPC IID, seeds 1 and 2: flora and both references;
-#  26. cell 12 completed: seed 1, E1 and E3 (hlora, zeropad); seed 2, E3 (hlora, zeropad);
-#  27. SmolLM2-135M on MRPC (cell 9's settings), seed 0: E3 (hlora and zeropad).
+#  24. cell 8 (100 clients) for seeds 1 and 2;
+#  25. RTE, both partitions, seeds 1 and 2: E1 and E3 (hlora and zeropad);
+#  26. MRPC IID, seeds 1 and 2: flora and both references;
+#  27. cell 12 completed: seed 1, E1 and E3 (hlora, zeropad); seed 2, E3 (hlora, zeropad);
+#  28. SmolLM2-135M on MRPC (cell 9's settings), seed 0: E3 (hlora and zeropad);
+#  29. cell 19 for seed 2: E3 (hlora and zeropad).
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
 # A run that already has summary.json (a bias file that exists) is skipped, so the script can be
-# restarted. About 18 hours on 2 CPU cores: cells 1 and 2 take about 105 minutes, a run of cell
-# 17 about 20, one of cell 19 about 18, cells 20-27 about 4.5 hours together. Never start a
+# restarted. About 19 hours on 2 CPU cores: cells 1 and 2 take about 105 minutes, a run of cell
+# 17 about 20, one of cell 19 about 18, cells 20-29 about 5.7 hours together. Never start a
 # second torch process beside it on such a machine: two processes' threads on 2 cores run several
 # times slower than one after the other.
 set -euo pipefail
@@ -116,11 +118,12 @@ GRID_REFS="centralized" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-8round
   "${long8[@]}"
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/mrpc-iid" "1 2" \
   --set data.partition=iid
-clients100 "$out/mrpc-100clients" "1 2" --set federation.rounds=8 --set train.local_epochs=1
+GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-iid-8rounds" "1" "${long8[@]}"
 GRID_REFS="local" GRID_RUNS="e3-hlora e3-zeropad e3-flora" grid "$out/rte-dirichlet" "0" \
   --set data.task=rte
 GRID_REFS="local" GRID_RUNS="e3-hlora e3-zeropad e3-flora" grid "$out/rte-iid" "0" \
   --set data.task=rte --set data.partition=iid
+clients100 "$out/mrpc-100clients" "1 2" --set federation.rounds=8 --set train.local_epochs=1
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/rte-dirichlet" "1 2" \
   --set data.task=rte
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/rte-iid" "1 2" \
@@ -132,3 +135,4 @@ GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-dirichlet-long" "2" 
   --set data.partition=dirichlet
 GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/smollm2-mrpc-dirichlet" "0" \
   --set model.name=smollm2-135m --set federation.rounds=2 --set train.local_epochs=0.1
+GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-iid-8rounds" "2" "${long8[@]}"
