@@ -45,10 +45,13 @@
 #  23. cell 18 completed for seed 0 (RTE IID): E3 and local;
 #  24. cell 8 (100 clients) for seeds 1 and 2;
 #  25. RTE, both partitions, seeds 1 and 2: E1 and E3 (hlora and zeropad);
-#  26. MRPC IID, seeds 1 and 2: flora and both references;
-#  27. cell 12 completed: seed 1, E1 and E3 (hlora, zeropad); seed 2, E3 (hlora, zeropad);
-#  28. SmolLM2-135M on MRPC (cell 9's settings), seed 0: E3 (hlora and zeropad);
-#  29. cell 19 for seed 2: E3 (hlora and zeropad).
+#  26. SmolLM2-135M on MRPC (cell 9's settings), seed 0: E3 (hlora and zeropad);
+#  27. MRPC IID, seeds 1 and 2: flora and both references;
+#  28. RTE, both partitions, seeds 1 and 2: flora and both references (`centralized` once per
+#      seed: it pools the data, so the partition does not change it);
+#  29. cell 12 for seeds 1 and 2: E3 (hlora and zeropad);
+#  30. cell 19 for seed 2: E3 (hlora and zeropad);
+#  31. cell 12 for seed 1: E1.
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
@@ -128,11 +131,13 @@ GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/rte-d
   --set data.task=rte
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/rte-iid" "1 2" \
   --set data.task=rte --set data.partition=iid
-GRID_RUNS="e3-flora" grid "$out/mrpc-iid" "1 2" --set data.partition=iid
-GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid "$out/qqp-dirichlet-long" \
-  "1" "${long[@]}" --set data.partition=dirichlet
-GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-dirichlet-long" "2" "${long[@]}" \
-  --set data.partition=dirichlet
 GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/smollm2-mrpc-dirichlet" "0" \
   --set model.name=smollm2-135m --set federation.rounds=2 --set train.local_epochs=0.1
+GRID_RUNS="e3-flora" grid "$out/mrpc-iid" "1 2" --set data.partition=iid
+GRID_RUNS="e3-flora" grid "$out/rte-iid" "1 2" --set data.task=rte --set data.partition=iid
+GRID_REFS="local" GRID_RUNS="e3-flora" grid "$out/rte-dirichlet" "1 2" --set data.task=rte
+GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-dirichlet-long" "1 2" "${long[@]}" \
+  --set data.partition=dirichlet
 GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-iid-8rounds" "2" "${long8[@]}"
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet-long" "1" "${long[@]}" \
+  --set data.partition=dirichlet
