@@ -56,10 +56,11 @@
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
 # A run that already has summary.json (a bias file that exists) is skipped, so the script can be
-# restarted. About 19 hours on 2 CPU cores: cells 1 and 2 take about 105 minutes, a run of cell
-# 17 about 20, one of cells 19, 21 and 29 about 18-22, cells 20-29 about 5.7 hours together. Never
-# start a second torch process beside it on such a machine: two processes' threads on 2 cores run
-# several times slower than one after the other.
+# restarted. About 20 hours on 2 CPU cores: cells 1 and 2 take about 105 minutes, a run of cell
+# 17 about 20, one of cells 19, 21 and 30 about 18-22, cells 20-31 about 6.3 hours together (on
+# one 2-core x86_64 machine; another of the same kind ran about 1.35 times faster). Never start a
+# second torch process beside it on such a machine: two processes' threads on 2 cores run several
+# times slower than one after the other.
 set -euo pipefail
 out="${1:-runs/cpu-protocol}"
 data="${HLORA_DATA_DIR:-../shared/data/glue}"
