@@ -51,16 +51,20 @@
 #      seed: it pools the data, so the partition does not change it);
 #  29. cell 12 for seeds 1 and 2: E3 (hlora and zeropad);
 #  30. cell 19 for seed 2: E3 (hlora and zeropad);
-#  31. cell 12 for seed 1: E1.
+#  31. cell 12 for seed 1: E1;
+#  32. cell 12 for seeds 1 and 2: flora; then its `local` reference for seeds 0-2 (its
+#      `centralized` one is cell 4's: the partition does not change it);
+#  33. cell 9 (SmolLM2-135M) for seeds 1 and 2: E1 and E3 (hlora and zeropad);
+#  34. cell 17 (the QQP sample, 100 clients) for seeds 1 and 2: flora.
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
 # A run that already has summary.json (a bias file that exists) is skipped, so the script can be
-# restarted. About 20 hours on 2 CPU cores: cells 1 and 2 take about 105 minutes, a run of cell
+# restarted. About 22 hours on 2 CPU cores: cells 1 and 2 take about 105 minutes, a run of cell
 # 17 about 20, one of cells 19, 21 and 30 about 18-22, cells 20-31 about 6.3 hours together (on
-# one 2-core x86_64 machine; another of the same kind ran about 1.35 times faster). Never start a
-# second torch process beside it on such a machine: two processes' threads on 2 cores run several
-# times slower than one after the other.
+# one 2-core x86_64 machine; another of the same kind ran about 1.35 times faster, and took 1.75
+# hours for cells 32-34). Never start a second torch process beside it on such a machine: two
+# processes' threads on 2 cores run several times slower than one after the other.
 set -euo pipefail
 out="${1:-runs/cpu-protocol}"
 data="${HLORA_DATA_DIR:-../shared/data/glue}"
@@ -142,3 +146,14 @@ GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-dirichlet-long" "1 2
 GRID_REFS="" GRID_RUNS="e3-hlora e3-zeropad" grid "$out/qqp-iid-8rounds" "2" "${long8[@]}"
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-dirichlet-long" "1" "${long[@]}" \
   --set data.partition=dirichlet
+GRID_REFS="local" GRID_RUNS="e3-flora" grid "$out/qqp-dirichlet-long" "1 2" "${long[@]}" \
+  --set data.partition=dirichlet
+GRID_REFS="local" GRID_RUNS="" grid "$out/qqp-dirichlet-long" "0" "${long[@]}" \
+  --set data.partition=dirichlet
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid \
+  "$out/smollm2-mrpc-dirichlet" "1 2" --set model.name=smollm2-135m --set federation.rounds=2 \
+  --set train.local_epochs=0.1
+for job in flora-s1 flora-s2; do
+  run "$out/qqp-iid-100clients" "e3-$job" experiments/e3_mrpc_100clients.toml \
+    --set federation.seed="${job#*-s}" --set federation.strategy="${job%-s*}" "${qqp100[@]}"
+done
