@@ -56,7 +56,7 @@
 #      `centralized` one is cell 4's: the partition does not change it);
 #  33. cell 9 (SmolLM2-135M) for seeds 1 and 2: E1 and E3 (hlora and zeropad);
 #  34. cell 17 (the QQP sample, 100 clients) for seeds 1 and 2: flora;
-#  35. cell 19 for seed 1: E1.
+#  35. cell 19 for seeds 1 and 2: E1.
 #
 #   bash experiments/cpu_protocol.sh [OUTPUT_DIR]      (default runs/cpu-protocol)
 #
@@ -158,4 +158,4 @@ for job in flora-s1 flora-s2; do
   run "$out/qqp-iid-100clients" "e3-$job" experiments/e3_mrpc_100clients.toml \
     --set federation.seed="${job#*-s}" --set federation.strategy="${job%-s*}" "${qqp100[@]}"
 done
-GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-8rounds" "1" "${long8[@]}"
+GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-8rounds" "1 2" "${long8[@]}"
