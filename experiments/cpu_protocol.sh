@@ -154,8 +154,8 @@ GRID_REFS="local" GRID_RUNS="" grid "$out/qqp-dirichlet-long" "0" "${long[@]}" \
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora e3-hlora e3-zeropad" grid \
   "$out/smollm2-mrpc-dirichlet" "1 2" --set model.name=smollm2-135m --set federation.rounds=2 \
   --set train.local_epochs=0.1
-for job in flora-s1 flora-s2; do
-  run "$out/qqp-iid-100clients" "e3-$job" experiments/e3_mrpc_100clients.toml \
-    --set federation.seed="${job#*-s}" --set federation.strategy="${job%-s*}" "${qqp100[@]}"
+for seed in 1 2; do
+  run "$out/qqp-iid-100clients" "e3-flora-s$seed" experiments/e3_mrpc_100clients.toml \
+    --set federation.seed="$seed" --set federation.strategy=flora "${qqp100[@]}"
 done
 GRID_REFS="" GRID_RUNS="e1-fedavg e1-hlora" grid "$out/qqp-iid-8rounds" "1 2" "${long8[@]}"
