@@ -58,6 +58,17 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("model.lora_scaling=-2", "invalid value for 'model.lora_scaling': -2"),
         ("server.svd_method=lanczos", "invalid value for 'server.svd_method': 'lanczos'"),
         ("server.eval_truncations=sometimes", "invalid value for 'server.eval_truncations'"),
+        ("train.lr_schedule=step", "invalid value for 'train.lr_schedule': 'step' (allowed: round"),
+        ("train.proximal_mu=-0.1", "invalid value for 'train.proximal_mu': -0.1"),
+        ("train.logit_adjustment=11", "invalid value for 'train.logit_adjustment': 11"),
+        ("data.validation_fraction=0.6", "invalid value for 'data.validation_fraction': 0.6"),
+        ("server.optimizer=lamb", "invalid value for 'server.optimizer': 'lamb' (allowed: none"),
+        ("server.learning_rate=0", "invalid value for 'server.learning_rate': 0"),
+        ("server.momentum=1", "invalid value for 'server.momentum': 1"),
+        ("server.beta2=-0.5", "invalid value for 'server.beta2': -0.5"),
+        ("server.epsilon=0", "invalid value for 'server.epsilon': 0"),
+        ("server.optimizer_state=sparse", "invalid value for 'server.optimizer_state': 'sparse'"),
+        ("server.state_rank=0", "invalid value for 'server.state_rank': 0"),
         ("federation.colour=blue", "unknown config key 'federation.colour' (allowed in"),
         ("network.port=1", "unknown config section 'network' (allowed: model, data"),
     ],
@@ -81,6 +92,11 @@ def test_bad_files_and_override_syntax(tmp_path: Path) -> None:
         load_config(wrong)
     with pytest.raises(ConfigError, match=r"invalid --set 'rounds=3': expected section\.key=value"):
         parse_override("rounds=3")
+
+
+def test_factored_state_is_refused_for_adaptive_optimizers() -> None:
+    with pytest.raises(ConfigError, match=r"'yogi' needs 'dense' or 'auto' state"):
+        load_config(None, ("server.optimizer=yogi", "server.optimizer_state=factored"))
 
 
 def test_bare_words_are_strings() -> None:

@@ -46,6 +46,7 @@ class ServerState:
         base_delta: Cumulative merged update (``flora``), layer -> ``LowRankDelta``.
         local: Client id -> its own adapter (``local`` mode).
         wall_time_s: Training wall time spent so far (accumulated across resumes).
+        optimizer: The server optimizer's state, name -> tensor (see :mod:`hlora.server_opt`).
     """
 
     round_num: int
@@ -55,6 +56,7 @@ class ServerState:
     base_delta: dict[str, LowRankDelta] | None = None
     local: dict[str, ClientState] = field(default_factory=dict)
     wall_time_s: float = 0.0
+    optimizer: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _put_delta(
@@ -121,6 +123,8 @@ def save_state(path: str | Path, state: ServerState, fingerprint: str) -> None:
             tensors[f"local.{cid}.B.{name}"] = f.B.contiguous()
         for name, t in cs.extras.items():
             tensors[f"local.{cid}.extras.{name}"] = t.contiguous()
+    for name, t in state.optimizer.items():
+        tensors[f"opt.{name}"] = t.contiguous()
     tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}
     tmp = target.with_name(target.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"hlora": json.dumps(meta)})
@@ -200,6 +204,7 @@ def load_state(path: str | Path, fingerprint: str | None = None) -> ServerState:
             base_delta=base_delta,
             local=local,
             wall_time_s=float(meta.get("wall_time_s", 0.0)),
+            optimizer={k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")},
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint '{source}' is incomplete: missing {err}") from err

@@ -87,12 +87,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
             **{k: v for k, v in (result.summary.get("final") or {}).items()},
         }
         row["best_accuracy"] = (result.summary.get("best") or {}).get("accuracy")
+        for rank, values in (result.summary.get("final_by_rank") or {}).items():
+            row[f"acc_r{rank}"] = values.get("accuracy")
+        majority = result.summary.get("majority_class") or {}
         row["MB_per_round"] = (result.summary.get("mean_bytes_per_round") or 0) / 1e6
         row["wall_s"] = result.summary.get("wall_time_s")
         rows.append(row)
     metric = "f1" if "f1" in rows[0] else "accuracy"
-    plot = plot_convergence(runs, metric, folder / "comparison.png", title=f"{base.data.task}")
-    columns = ["strategy", "accuracy", "f1", "best_accuracy", "MB_per_round", "wall_s"]
+    lines = {"majority class": majority[metric]} if metric in majority else {}
+    central = [r for r in rows if r["strategy"] == "centralized" and r.get(metric) is not None]
+    if central:
+        lines["centralized (final)"] = central[0][metric]
+    plot = plot_convergence(
+        runs, metric, folder / "comparison.png", title=f"{base.data.task}", reference_lines=lines
+    )
+    ranks = sorted({c for r in rows for c in r if c.startswith("acc_r")}, key=lambda c: int(c[5:]))
+    columns = ["strategy", "accuracy", "f1", *ranks, "best_accuracy", "MB_per_round", "wall_s"]
     columns = [c for c in columns if any(c in r for r in rows)]
     table = format_table(rows, columns)
     (folder / "comparison.txt").write_text(table + "\n", encoding="utf-8")

@@ -31,6 +31,9 @@ REFERENCE_MODES: tuple[str, ...] = ("centralized", "local")
 ALL_MODES: tuple[str, ...] = (*STRATEGY_NAMES, *REFERENCE_MODES)
 RANK_RULES: tuple[str, ...] = ("cycle", "list", "memory")
 TRUNCATION_EVALS: tuple[str, ...] = ("never", "final", "every")
+LR_SCHEDULES: tuple[str, ...] = ("round", "linear", "cosine", "constant")
+SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
+OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + two AdamW moments
 CONFIG_FILE = "config.toml"  # the configuration a run folder holds, as written by a run
 
@@ -134,9 +137,18 @@ class DataConfig:
     )
     train_limit: int = field(default=0, metadata=_help("use the first N train examples (0: all)"))
     dev_limit: int = field(default=0, metadata=_help("use the first N dev examples (0: all)"))
+    validation_fraction: float = field(
+        default=0.0,
+        metadata=_help(
+            "hold out this share of the training data (a fixed seeded draw, the same for every "
+            "strategy and seed) and evaluate on it instead of dev: for choosing settings "
+            "without looking at dev (0: train on all of it, evaluate on dev)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         _choice("data.task", self.task, TASK_NAMES)
+        _number("data.validation_fraction", self.validation_fraction, low=0.0, high=0.5)
         _choice("data.partition", self.partition, PARTITION_SCHEMES)
         _number("data.alpha", self.alpha, low=0.0, low_open=True)
         _positive_int("data.min_client_examples", self.min_client_examples)
@@ -235,10 +247,43 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     warmup_ratio: float = field(
         default=0.1,
-        metadata=_help("share of a round's steps with linear warm-up (then linear decay)"),
+        metadata=_help(
+            "share of the steps with linear warm-up: of the whole run's (run-wide schedules) or "
+            "of each round's (lr_schedule = 'round')"
+        ),
+    )
+    lr_schedule: str = field(
+        default="linear",
+        metadata=_help(
+            "'linear' or 'cosine': one warm-up, then decay to zero across the whole run (the "
+            "server tells each client its round's learning rates); 'constant': one warm-up, "
+            "then flat; 'round': warm-up and linear decay inside every round"
+        ),
+    )
+    proximal_mu: float = field(
+        default=0.0,
+        metadata=_help(
+            "FedProx: add mu/2 * ||theta - theta_start||^2 over the trainable LoRA factors and "
+            "head to each client's loss (0: off)"
+        ),
+    )
+    logit_adjustment: float = field(
+        default=0.0,
+        metadata=_help(
+            "train on logits + tau * log(client label prior) (logit-adjusted loss, tau = this "
+            "value; evaluation uses the plain logits; 0: off)"
+        ),
     )
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: off)"))
     device: str = field(default="auto", metadata=_help("'auto', 'cpu' or 'cuda'"))
+    precision: str = field(
+        default="auto",
+        metadata=_help(
+            "matrix products in 'bf16' (autocast; weights, LoRA factors and optimizer state stay "
+            "fp32) or 'fp32'; 'auto': bf16 on CUDA and on CPUs with native bf16 instructions "
+            "(AVX512-BF16, AMX), else fp32"
+        ),
+    )
 
     def __post_init__(self) -> None:
         _number("train.local_epochs", self.local_epochs, low=0.0, low_open=True)
@@ -246,8 +291,12 @@ class TrainConfig:
         _number("train.learning_rate", self.learning_rate, low=0.0, low_open=True, high=1.0)
         _number("train.weight_decay", self.weight_decay, low=0.0)
         _number("train.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _number("train.proximal_mu", self.proximal_mu, low=0.0)
+        _number("train.logit_adjustment", self.logit_adjustment, low=0.0, high=10.0)
         _number("train.max_grad_norm", self.max_grad_norm, low=0.0)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
 
 
 @dataclass(frozen=True)
@@ -273,8 +322,51 @@ class ServerConfig:
         ),
     )
     eval_batch_size: int = field(default=64, metadata=_help("examples per evaluation step"))
+    optimizer: str = field(
+        default="none",
+        metadata=_help(
+            "server optimizer on the pseudo-gradient (the weighted mean of the clients' progress "
+            "in the round): 'none' (the global update is the aggregate, as in the paper), "
+            "'sgd', 'avgm' (FedAvgM: heavy-ball momentum), 'adam' or 'yogi' (FedAdam/FedYogi, "
+            "Reddi et al. 2021)"
+        ),
+    )
+    learning_rate: float = field(default=1.0, metadata=_help("server learning rate eta"))
+    momentum: float = field(
+        default=0.9, metadata=_help("momentum of 'avgm'; beta1 of 'adam' and 'yogi'")
+    )
+    beta2: float = field(default=0.99, metadata=_help("beta2 of 'adam' and 'yogi'"))
+    epsilon: float = field(
+        default=1e-3, metadata=_help("adaptivity tau of 'adam' and 'yogi' (added to sqrt(v))")
+    )
+    optimizer_state: str = field(
+        default="auto",
+        metadata=_help(
+            "where the optimizer keeps each layer's state: 'dense' (out x in tensors), "
+            "'factored' (low-rank, at most state_rank components; 'sgd' and 'avgm' only) or "
+            "'auto' (dense up to 4M entries per layer, factored above)"
+        ),
+    )
+    state_rank: int = field(
+        default=64,
+        metadata=_help("rank budget of factored optimizer state and of a factored global update"),
+    )
 
     def __post_init__(self) -> None:
+        _choice("server.optimizer", self.optimizer, SERVER_OPTIMIZERS)
+        _number("server.learning_rate", self.learning_rate, low=0.0, low_open=True, high=100.0)
+        _number("server.momentum", self.momentum, low=0.0, high=0.999)
+        _number("server.beta2", self.beta2, low=0.0, high=0.99999)
+        _number("server.epsilon", self.epsilon, low=0.0, low_open=True, high=1.0)
+        _choice("server.optimizer_state", self.optimizer_state, OPTIMIZER_STATES)
+        _positive_int("server.state_rank", self.state_rank)
+        if self.optimizer_state == "factored" and self.optimizer in ("adam", "yogi"):
+            raise _fail(
+                "server.optimizer_state",
+                self.optimizer_state,
+                f"server.optimizer '{self.optimizer}' needs 'dense' or 'auto' state (its second "
+                "moment is elementwise; factored state is for 'sgd' and 'avgm')",
+            )
         _non_negative_int("server.global_rank", self.global_rank)
         _choice("server.svd_method", self.svd_method, SVD_METHODS)
         _positive_int("server.eval_every", self.eval_every)

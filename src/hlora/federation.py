@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,11 +27,13 @@ from hlora.data.glue import Example, TaskData, load_task
 from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
+from hlora.metrics import majority_baseline
 from hlora.models import Backbone, load_backbone
 from hlora.protocol import Transport
 from hlora.report import MetricsLog, RoundProgress, plot_convergence, summarize, write_json
 from hlora.runtime import Features, ModelRuntime, resolve_device
 from hlora.server import ClientSlot, LoopSettings, RoundLoop
+from hlora.server_opt import ServerOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +83,38 @@ def pair_examples(examples: Sequence[Example], backbone: Backbone) -> list[Examp
     return [Example(e.text_a, "\n" + e.text_b, e.label) for e in examples]
 
 
+VALIDATION_SEED = 20_261_201  # the held-out draw never depends on federation.seed
+
+
 def load_run_task(config: RunConfig) -> TaskData:
-    """The run's task, with the configured data folder and limits."""
-    return load_task(
+    """The run's task, with the configured data folder, limits and validation split.
+
+    With ``data.validation_fraction > 0`` a fixed seeded share of the training examples becomes
+    the evaluation set (in place of dev) and the rest the training set, so settings can be
+    chosen without looking at dev; the draw is the same for every strategy and seed.
+    """
+    task = load_task(
         config.data.task,
         config.data.data_dir or None,
         train_limit=config.data.train_limit or None,
         dev_limit=config.data.dev_limit or None,
+    )
+    fraction = config.data.validation_fraction
+    if fraction <= 0:
+        return task
+    order = list(range(len(task.train)))
+    random.Random(VALIDATION_SEED).shuffle(order)
+    held = set(order[: round(fraction * len(order))])
+    if not held or len(held) == len(order):
+        raise ConfigError(
+            f"invalid value for 'data.validation_fraction': {fraction} leaves no examples on "
+            f"one side of {len(order)} training examples"
+        )
+    return TaskData(
+        task=task.task,
+        train=tuple(e for i, e in enumerate(task.train) if i not in held),
+        dev=tuple(e for i, e in enumerate(task.train) if i in held),
+        source=f"{task.source} (validation: {len(held)} held-out training examples)",
     )
 
 
@@ -176,6 +204,19 @@ def loop_settings(config: RunConfig) -> LoopSettings:
     """The round loop's settings for a config (reference modes mapped onto strategies)."""
     fed = config.federation
     mode = fed.strategy
+    srv = config.server
+    optimizer = None
+    if srv.optimizer != "none" and fed.strategy not in ("centralized", "local"):
+        optimizer = ServerOptimizer(
+            srv.optimizer,
+            learning_rate=srv.learning_rate,
+            momentum=srv.momentum,
+            beta2=srv.beta2,
+            epsilon=srv.epsilon,
+            state=srv.optimizer_state,
+            state_rank=srv.state_rank,
+            global_rank=srv.global_rank or None,
+        )
     if mode == "centralized":
         mode = "hlora"  # one client: aggregation is the identity
     elif mode != "local":
@@ -194,6 +235,10 @@ def loop_settings(config: RunConfig) -> LoopSettings:
             svd_method=config.server.svd_method,
             seed=fed.seed,
         ),
+        lr_schedule=config.train.lr_schedule,
+        learning_rate=config.train.learning_rate,
+        warmup_ratio=config.train.warmup_ratio,
+        server_optimizer=optimizer,
     )
 
 
@@ -343,8 +388,20 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
     config = federation.config
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     summary = summarize(records, federation.task.task.metrics)
+    majority = majority_baseline(
+        federation.task.task.metrics,
+        [e.label for e in federation.task.train],
+        [e.label for e in federation.task.dev],
+    )
     summary.update(
         {
+            "headline": (
+                "the mean of the clients' own models (local reference)"
+                if config.federation.strategy == "local"
+                else "the global model: pretrained weights + the whole aggregated update; "
+                "final_by_rank holds each client rank's truncation of it"
+            ),
+            "majority_class": majority,
             "task": config.data.task,
             "strategy": config.federation.strategy,
             "model": config.model.name,
@@ -359,6 +416,7 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
         federation.task.task.metrics[0],
         run_dir / PLOT_FILE,
         title=f"{config.data.task} · {config.model.name}",
+        reference_lines={"majority class": majority[federation.task.task.metrics[0]]},
     )
     if config.federation.strategy != "local":
         export_adapters(federation, state, run_dir / "adapters")

@@ -89,3 +89,23 @@ def _as_ints(
     if not y:
         raise ValueError("cannot compute a metric over zero examples")
     return p, y
+
+
+def majority_baseline(
+    metric_names: Sequence[str], train_labels: Sequence[int], eval_labels: Sequence[int]
+) -> dict[str, float]:
+    """The metrics of always predicting the training data's most frequent class.
+
+    Ties go to the smaller class id. This is the floor a classifier must clear to have learned
+    anything (on MRPC dev: accuracy 0.684, F1 0.812).
+
+    Raises:
+        ValueError: No training or evaluation labels.
+    """
+    if not train_labels:
+        raise ValueError("majority_baseline needs at least one training label")
+    counts: dict[int, int] = {}
+    for label in train_labels:
+        counts[int(label)] = counts.get(int(label), 0) + 1
+    majority = min(counts, key=lambda c: (-counts[c], c))
+    return compute_metrics(metric_names, [majority] * len(eval_labels), eval_labels)

@@ -31,6 +31,8 @@ class TrainInstruction:
         base_version: Number of merged updates the frozen base must carry (``flora``).
         base_delta: The cumulative merged update relative to the pretrained weights, per layer
             (``flora``); None when the base stays the pretrained model.
+        learning_rates: ``(lr_start, lr_end)`` of the run-wide schedule over this round (see
+            :mod:`hlora.schedule`); None: the client's own warm-up and decay inside the round.
     """
 
     client_id: str
@@ -43,6 +45,7 @@ class TrainInstruction:
     train_seed: int
     base_version: int = 0
     base_delta: Mapping[str, LowRankDelta] | None = None
+    learning_rates: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -436,7 +436,9 @@ def summarize(
           None without records;
         - ``wall_time_s``: the last record's ``wall_time_s`` (None if missing);
         - ``mean_train_loss_last_round``: the last record's ``train_loss``, else the
-          ``num_examples``-weighted mean of its clients' losses, else None.
+          ``num_examples``-weighted mean of its clients' losses, else None;
+        - ``final_by_rank``: client rank -> the metrics of that rank's truncation of the global
+          update at the last evaluation that had them (empty when none was evaluated).
     """
     final: dict[str, float | None] = {}
     best: dict[str, float | None] = {}
@@ -480,6 +482,11 @@ def summarize(
     last = records[-1] if records else None
     summary["wall_time_s"] = _number(last.get("wall_time_s")) if last is not None else None
     summary["mean_train_loss_last_round"] = _round_train_loss(last) if last is not None else None
+    by_rank: dict[str, Any] = {}
+    for record in records:
+        if isinstance(record.get("eval_by_rank"), Mapping) and record["eval_by_rank"]:
+            by_rank = dict(record["eval_by_rank"])
+    summary["final_by_rank"] = by_rank
     return summary
 
 
@@ -511,11 +518,37 @@ def eval_series(records: Sequence[Mapping[str, Any]], metric: str) -> tuple[list
 _TITLE_CHARS = 80
 
 
+def rank_series(
+    records: Sequence[Mapping[str, Any]], metric: str
+) -> dict[str, tuple[list[int], list[float]]]:
+    """Per client rank, the rounds and values of ``eval_by_rank[rank][metric]`` (by rank)."""
+    ranks: set[str] = set()
+    for record in records:
+        if isinstance(record.get("eval_by_rank"), Mapping):
+            ranks.update(record["eval_by_rank"])
+
+    def value_of(rank: str) -> Callable[[Mapping[str, Any]], float | None]:
+        def read(record: Mapping[str, Any]) -> float | None:
+            by_rank = record.get("eval_by_rank")
+            if not isinstance(by_rank, Mapping) or not isinstance(by_rank.get(rank), Mapping):
+                return None
+            return _number(by_rank[rank].get(metric))
+
+        return read
+
+    return {r: _series(records, value_of(r)) for r in sorted(ranks, key=_rank_key)}
+
+
+def _rank_key(rank: str) -> tuple[int, str]:
+    return (int(rank), rank) if rank.isdigit() else (1 << 30, rank)
+
+
 def convergence_figure(
     runs: Mapping[str, Sequence[Mapping[str, Any]]],
     metric: str,
     *,
     title: str = "",
+    reference_lines: Mapping[str, float] | None = None,
 ) -> Figure:
     """The convergence figure of one or more runs (see :func:`plot_convergence`).
 
@@ -544,10 +577,28 @@ def convergence_figure(
             ax_metric.plot(rounds, values, "-o", color=color, label=label, markersize=3.5)
         else:
             logger.warning("run %r has no evaluation of %r to plot", label, metric)
+        if len(runs) == 1:  # one run: each client rank's truncation beside the global model
+            styles = ("--", ":", "-.", (0, (1, 3)))
+            for k, (rank, (r_rounds, r_values)) in enumerate(rank_series(records, metric).items()):
+                if r_rounds:
+                    any_metric = True
+                    ax_metric.plot(
+                        r_rounds,
+                        r_values,
+                        linestyle=styles[k % len(styles)],
+                        color=f"C{(k + 1) % 10}",
+                        linewidth=1.1,
+                        label=f"rank-{rank} truncation",
+                    )
         rounds, values = _series(records, _round_train_loss)
         if rounds:
             any_loss = True
             ax_loss.plot(rounds, values, "-", color=color, label=label, linewidth=1.2)
+    for k, (name, value) in enumerate((reference_lines or {}).items()):
+        if math.isfinite(value):
+            ax_metric.axhline(
+                value, color="0.35" if k == 0 else "0.6", linestyle=":", linewidth=1.2, label=name
+            )
     for ax, has_data, what in ((ax_metric, any_metric, metric), (ax_loss, any_loss, "train loss")):
         ax.grid(True, alpha=0.3)
         if has_data:
@@ -568,12 +619,16 @@ def plot_convergence(
     out_path: str | Path,
     *,
     title: str = "",
+    reference_lines: Mapping[str, float] | None = None,
 ) -> Path:
     """Plot the convergence of one or more runs to a PNG file.
 
     The top panel shows ``eval[metric]`` against the round, one solid line (with point markers,
-    so sparse or single evaluations stay visible) per run; the bottom panel shows ``train_loss``
-    (or the clients' mean loss when it is missing) with the same colours. Rounds without a value
+    so sparse or single evaluations stay visible) per run (for a single run, also one dashed
+    line per client rank's truncation, from ``eval_by_rank``) and a dotted horizontal line per
+    entry of ``reference_lines`` (e.g. the majority class, the centralized model); the bottom
+    panel shows ``train_loss`` (or the clients' mean loss when it is missing) with the same
+    colours. Rounds without a value
     are skipped, so runs that evaluate every few rounds connect their evaluations. The figure is
     :func:`convergence_figure`'s; the PNG is written atomically.
 
@@ -582,6 +637,7 @@ def plot_convergence(
         metric: The ``eval`` metric to plot, e.g. ``"accuracy"``.
         out_path: The PNG file to write; its parent folders are created.
         title: Figure title; defaults to the metric's name.
+        reference_lines: Label -> value of horizontal reference lines.
 
     Returns:
         ``out_path`` as a :class:`~pathlib.Path`.
@@ -589,7 +645,7 @@ def plot_convergence(
     Raises:
         ValueError: If ``runs`` is empty.
     """
-    fig = convergence_figure(runs, metric, title=title)
+    fig = convergence_figure(runs, metric, title=title, reference_lines=reference_lines)
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -24,6 +24,7 @@ from hlora.config import TrainConfig
 from hlora.data.collate import DynamicPaddingCollator, length_grouped_batches
 from hlora.metrics import compute_metrics
 from hlora.protocol import TrainInstruction, TrainReply
+from hlora.schedule import step_learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,40 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def label_log_prior(labels: Sequence[int], num_labels: int) -> Tensor:
+    """``log`` of a client's label distribution, Laplace-smoothed, shape ``(num_labels,)``.
+
+    Raises:
+        ValueError: A label outside ``[0, num_labels)``.
+    """
+    counts = torch.ones(num_labels, dtype=torch.float64)
+    for label in labels:
+        if not 0 <= label < num_labels:
+            raise ValueError(f"label {label} outside [0, {num_labels})")
+        counts[label] += 1
+    return (counts / counts.sum()).log().float()
+
+
+def proximal_term(params: Sequence[Tensor], anchors: Sequence[Tensor]) -> Tensor:
+    """``sum ||p - a||^2`` over the trainable tensors (FedProx's term without ``mu / 2``)."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))  # type: ignore[return-value]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 products natively (AVX512-BF16 or AMX), per oneDNN."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an op private to PyTorch: absent means no
+        return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to autocast to bf16 (see ``TrainConfig.precision``)."""
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return precision == "bf16"
 
 
 class ModelRuntime:
@@ -62,6 +97,7 @@ class ModelRuntime:
         # Pretrained weights of the adapted layers: (out, in) each, for exact base resets.
         self._pretrained = {n: bank.base_weight(n).clone() for n in bank.layer_names()}
         self._base_version = 0
+        self.bf16 = use_bf16(train.precision, device)
 
     # -- the frozen base (flora merges) -------------------------------------------------
 
@@ -84,9 +120,12 @@ class ModelRuntime:
     def train_client(self, instruction: TrainInstruction, features: Features) -> TrainReply:
         """Local training of one client (see :class:`TrainConfig`).
 
-        AdamW (fused on CUDA) over the active adapter's factors and head, linear warm-up then
-        decay, gradient clipping, length-grouped batches with dynamic padding, bf16 autocast on
-        CUDA. Data order and dropout are seeded by ``instruction.train_seed``.
+        AdamW (fused on CUDA) over the active adapter's factors and head; the learning rate
+        follows ``instruction.learning_rates`` (the run-wide schedule) or, when None, a linear
+        warm-up and decay inside the round; optional FedProx term and logit adjustment (see
+        :class:`TrainConfig`); gradient clipping, length-grouped batches with dynamic
+        padding, bf16 autocast per ``train.precision``. Data order and dropout are seeded by
+        ``instruction.train_seed``.
 
         Returns:
             The client's update (factors ``A (r, in)``, ``B (out, r)`` and head) and its mean
@@ -113,35 +152,54 @@ class ModelRuntime:
         lengths = [len(f["input_ids"]) for f in features]
         batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
         total_steps = max(1, math.ceil(cfg.local_epochs * batches_per_epoch))
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, int(cfg.warmup_ratio * total_steps), total_steps
-        )
+        scheduler = None
+        if instruction.learning_rates is None:  # warm-up and decay inside the round
+            scheduler = get_linear_schedule_with_warmup(
+                optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+            )
+        anchors = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else []
+        log_prior = None
+        if cfg.logit_adjustment > 0:
+            log_prior = cfg.logit_adjustment * label_log_prior(
+                [int(f["labels"]) for f in features], int(bank.model.config.num_labels)
+            ).to(self.device)
         torch.manual_seed(instruction.train_seed)
         model = bank.model
         model.train()
         losses: list[float] = []
         step = 0
         epoch = 0
-        while step < total_steps:
-            order = length_grouped_batches(
-                lengths, cfg.batch_size, shuffle=True, seed=instruction.train_seed + epoch
-            )
-            for batch_idx in order:
-                if step >= total_steps:
-                    break
-                batch = self._batch([features[i] for i in batch_idx])
-                with self._autocast():
-                    loss = model(**batch).loss
-                loss.backward()
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                step += 1
-            epoch += 1
-        model.eval()
+        try:
+            while step < total_steps:
+                order = length_grouped_batches(
+                    lengths, cfg.batch_size, shuffle=True, seed=instruction.train_seed + epoch
+                )
+                for batch_idx in order:
+                    if step >= total_steps:
+                        break
+                    if instruction.learning_rates is not None:
+                        lr = step_learning_rate(instruction.learning_rates, step, total_steps)
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                    batch = self._batch([features[i] for i in batch_idx])
+                    with self._autocast():
+                        loss = self._loss(model, batch, log_prior)
+                    objective = loss
+                    if anchors:
+                        objective = loss + 0.5 * cfg.proximal_mu * proximal_term(params, anchors)
+                    objective.backward()
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(float(loss.detach()))
+                    step += 1
+                epoch += 1
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            model.eval()
         factors = {
             n: LoraFactors(A=a.cpu(), B=b.cpu()) for n, (a, b) in bank.get_factors(rank).items()
         }
@@ -206,11 +264,20 @@ class ModelRuntime:
         metrics["loss"] = total_loss / max(1, len(labels))
         return metrics
 
+    @staticmethod
+    def _loss(model: torch.nn.Module, batch: dict[str, Tensor], log_prior: Tensor | None) -> Tensor:
+        """Cross-entropy of a batch; with ``log_prior`` (``(num_labels,)``) logit-adjusted."""
+        if log_prior is None:
+            return model(**batch).loss
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float()  # (batch, num_labels)
+        return torch.nn.functional.cross_entropy(logits + log_prior, batch["labels"])
+
     def _batch(self, features: Features) -> dict[str, Tensor]:
         batch = self.collator(features)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _autocast(self) -> Any:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()

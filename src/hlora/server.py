@@ -30,6 +30,7 @@ from hlora.aggregation import (
     get_strategy,
 )
 from hlora.aggregation.factored import qr_svd
+from hlora.aggregation.spectrum import energy_beyond
 from hlora.checkpoint import ClientState, ServerState, save_state
 from hlora.errors import HloraError
 from hlora.protocol import (
@@ -40,6 +41,8 @@ from hlora.protocol import (
     update_bytes,
 )
 from hlora.report import MetricsLog, RoundProgress
+from hlora.schedule import round_learning_rates
+from hlora.server_opt import ServerOptimizer, rank_profile, server_step
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,10 @@ class LoopSettings:
     eval_every: int
     eval_truncations: str  # never | final | every
     options: AggregationOptions
+    lr_schedule: str = "round"  # see hlora.schedule
+    learning_rate: float = 0.0  # the schedule's peak
+    warmup_ratio: float = 0.0
+    server_optimizer: ServerOptimizer | None = None  # None: the global update is the aggregate
 
 
 def _seed(*parts: int) -> int:
@@ -167,6 +174,9 @@ class RoundLoop:
             train_seed=_seed(s.seed, round_num, 2, index),
             base_version=state.base_version,
             base_delta=state.base_delta,
+            learning_rates=round_learning_rates(
+                round_num, s.rounds, s.learning_rate, s.lr_schedule, s.warmup_ratio
+            ),
         )
 
     def aggregate(
@@ -220,6 +230,9 @@ class RoundLoop:
             kept = updates
         else:
             aggregate, kept = self.aggregate(updates, dropped)
+            if self.settings.server_optimizer is not None:
+                aggregate, opt_state = self.server_step(state, aggregate, kept)
+                new_state = replace(new_state, optimizer=opt_state)
             new_state = replace(new_state, global_update=aggregate, extras=dict(aggregate.extras))
             if aggregate.merge_into_base:
                 new_state = replace(
@@ -243,12 +256,13 @@ class RoundLoop:
                 "accepted": cid in kept_ids,
             }
             clients_record.append(entry)
+        kept_order = [c for c in chosen if c in kept_ids]  # a fixed order: sums reproduce
         losses = [
             replies[c].loss * replies[c].update.num_examples
-            for c in kept_ids
+            for c in kept_order
             if math.isfinite(replies[c].loss)
         ]
-        weight = sum(replies[c].update.num_examples for c in kept_ids)
+        weight = sum(replies[c].update.num_examples for c in kept_order)
         elapsed = time.perf_counter() - start
         new_state = replace(new_state, wall_time_s=state.wall_time_s + elapsed)
         record: dict[str, Any] = {
@@ -261,6 +275,11 @@ class RoundLoop:
             "bytes_received": sum(e["bytes_received"] for e in clients_record),
             "round_time_s": elapsed,
         }
+        if instructions and instructions[0].learning_rates is not None:
+            record["learning_rate"] = list(instructions[0].learning_rates)
+        spectrum = self.spectrum(new_state)
+        if spectrum:
+            record["energy_beyond_rank"] = spectrum
         final = round_num == self.settings.rounds
         if final or round_num % self.settings.eval_every == 0:
             eval_start = time.perf_counter()
@@ -273,6 +292,37 @@ class RoundLoop:
             record["eval_time_s"] = time.perf_counter() - eval_start
         record["wall_time_s"] = new_state.wall_time_s
         return new_state, record
+
+    def server_step(
+        self, state: ServerState, aggregate: GlobalUpdate, kept: Sequence[ClientUpdate]
+    ) -> tuple[GlobalUpdate, dict[str, Tensor]]:
+        """The server optimizer's step from the previous global update (see ``server_opt``)."""
+        opt = self.settings.server_optimizer
+        if opt is None or self.strategy is None:
+            raise FederationError("no server optimizer in this run")
+        total = sum(u.num_examples for u in kept)
+        profile = rank_profile([u.rank for u in kept], [u.num_examples / total for u in kept])
+        previous = state.global_update
+        if previous is not None and previous.merge_into_base:
+            previous = None
+        return server_step(
+            opt,
+            self.strategy.optimizer_space,
+            previous,
+            state.extras,
+            aggregate,
+            profile,
+            state.optimizer,
+        )
+
+    def spectrum(self, state: ServerState) -> dict[str, float]:
+        """Share of the whole update's energy beyond each client rank (mean over layers)."""
+        layers: Mapping[str, LowRankDelta] | None = state.base_delta
+        if layers is None and state.global_update is not None:
+            layers = state.global_update.layers
+        if not layers:
+            return {}
+        return energy_beyond(layers, {c.rank for c in self.clients.values()})
 
     # -- evaluation ----------------------------------------------------------------------
 

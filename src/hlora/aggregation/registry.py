@@ -37,6 +37,10 @@ class Strategy:
         heterogeneous_ranks: Whether clients may have different ranks.
         merges_into_base: Whether clients merge each round's update into the frozen weights
             and restart from a fresh adapter (see :mod:`hlora.aggregation.flora`).
+        optimizer_space: Where a server optimizer steps (see :mod:`hlora.server_opt`):
+            ``"delta"`` (the whole update ``dW`` of each layer), ``"factors"`` (the global
+            factors ``left``/``right`` themselves) or ``"increment"`` (the round's merged
+            increment).
     """
 
     name: str
@@ -44,6 +48,7 @@ class Strategy:
     description: str
     heterogeneous_ranks: bool
     merges_into_base: bool = False
+    optimizer_space: str = "delta"
 
 
 def builtin_strategies() -> dict[str, Strategy]:
@@ -60,12 +65,14 @@ def builtin_strategies() -> dict[str, Strategy]:
             aggregate_fedavg,
             "naive LoRA averaging of A and B separately (homogeneous ranks only)",
             heterogeneous_ranks=False,
+            optimizer_space="factors",
         ),
         Strategy(
             "zeropad",
             aggregate_zeropad,
             "HetLoRA-style zero-padding to the largest rank, then averaging",
             heterogeneous_ranks=True,
+            optimizer_space="factors",
         ),
         Strategy(
             "flora",
@@ -73,6 +80,7 @@ def builtin_strategies() -> dict[str, Strategy]:
             "FLoRA-style stacking: exact update merged into the base, fresh adapters",
             heterogeneous_ranks=True,
             merges_into_base=True,
+            optimizer_space="increment",
         ),
     ]
     return {s.name: s for s in items}

@@ -206,6 +206,8 @@ def encode_instruction(instruction: TrainInstruction) -> RecordDict:
         "has-factors": instruction.factors is not None,
         "has-base-delta": instruction.base_delta is not None,
     }
+    if instruction.learning_rates is not None:
+        config["lr-start"], config["lr-end"] = (float(x) for x in instruction.learning_rates)
     records: dict[str, Any] = {
         FACTORS: _factors_to_record(instruction.factors or {}),
         EXTRAS: tensors_to_record(instruction.extras),
@@ -231,6 +233,12 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     if _value(cfg, "has-base-delta", bool):
         scales = [float(s) for s in _value(cfg, "base-delta-scales", list)]
         base_delta = _record_to_base_delta(_get(content, BASE_DELTA, ArrayRecord), scales)
+    rates = None
+    if "lr-start" in cfg:
+        rates = (
+            float(_value(cfg, "lr-start", (int, float))),
+            float(_value(cfg, "lr-end", (int, float))),
+        )
     return TrainInstruction(
         client_id=_value(cfg, "client-id", str),
         round_num=_value(cfg, "round", int),
@@ -242,6 +250,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         train_seed=_value(cfg, "train-seed", int),
         base_version=_value(cfg, "base-version", int),
         base_delta=base_delta,
+        learning_rates=rates,
     )
 
 

@@ -1,0 +1,295 @@
+"""The server optimizer on the global update (FedOpt: Reddi et al., "Adaptive Federated
+Optimization", 2021; FedAvgM: Hsu et al., 2019).
+
+Without it (``server.optimizer = "none"``) the new global update is the round's aggregate, as in
+the paper. With it, the round's **pseudo-gradient** is the weighted mean of what the clients
+*learned* in the round, ``g = sum_k w_k (x'_k - x0_k)`` (``x0_k``: what client ``k`` started
+from, ``x'_k``: what it sent back), and the server steps ``x <- x + eta * u(g)``::
+
+    sgd    u = g
+    avgm   m <- beta1 m + g;                                   u = m
+    adam   m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2;
+                                                               u = m / (sqrt(v) + tau)
+    yogi   as adam, but v <- v - (1 - beta2) g^2 sign(v - g^2)
+
+(no bias correction, as in Reddi et al.; ``v`` starts at zero.) Where ``x`` lives depends on the
+strategy (:attr:`hlora.aggregation.Strategy.optimizer_space`):
+
+- ``delta`` (``hlora``): ``x`` is each layer's whole update ``dW (out, in)``. Client ``k``
+  started from the best rank-``r_k`` part of the global update, so
+  ``sum_k w_k x0_k = G.scale * G.left[:, :R] diag(c) G.right[:R]`` with the **rank profile**
+  ``c_j = sum of w_k over clients with r_k >= j`` (``R = max r_k``), and
+  ``g = aggregate - that``. The new global update is re-decomposed by SVD, so that every
+  client still receives its best rank-``r_k`` factors of it. Components no client can hold stay
+  in the global update (they are not erased by a truncation, as they are without optimizer).
+- ``factors`` (``fedavg``, ``zeropad``): ``x`` is the global factors ``left (out, k)`` and
+  ``right (k, in)``; client ``k`` started from their leading ``r_k`` columns / rows, so
+  ``sum_k w_k x0_k = left * c`` (column ``j`` times ``c_j``), likewise for ``right``.
+- ``increment`` (``flora``): clients start from fresh adapters (``x0_k = 0``); ``g`` is the
+  round's exact increment and ``eta * u`` is what gets merged into the base.
+
+The head (the other trainable tensors) is stepped the same way, its ``g`` being the average
+head minus the head sent.
+
+**State.** ``dense`` keeps ``m`` and ``v`` as full tensors (``(out, in)`` per layer in the delta
+space). ``factored`` (delta and increment spaces, ``sgd``/``avgm`` only) keeps ``m`` and the
+global update as :class:`LowRankDelta` truncated to ``state_rank`` components by the exact
+QR-based SVD of the stacked factors, never forming an ``(out, in)`` matrix; with a budget at
+least the true rank it equals the dense path (tested). The whole state is a flat
+``name -> tensor`` dict, saved in the run's checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hlora.aggregation import GlobalUpdate, LowRankDelta
+from hlora.aggregation.factored import qr_svd
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
+SPACES: tuple[str, ...] = ("delta", "factors", "increment")
+DENSE_STATE_LIMIT = 4 * 2**20  # 'auto': dense state up to this many entries per layer
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """Settings of the server optimizer (see the module docstring).
+
+    Attributes:
+        name: ``sgd``, ``avgm``, ``adam`` or ``yogi``.
+        learning_rate: ``eta > 0``.
+        momentum: ``beta1`` (``avgm``'s momentum), in ``[0, 1)``.
+        beta2: Second-moment decay of ``adam``/``yogi``, in ``[0, 1)``.
+        epsilon: ``tau > 0`` of ``adam``/``yogi``.
+        state: ``auto``, ``dense`` or ``factored``.
+        state_rank: Component budget of factored state and of a factored global update.
+        global_rank: Components kept in the (dense-path) global update; None: all.
+    """
+
+    name: str
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+    beta2: float = 0.99
+    epsilon: float = 1e-3
+    state: str = "auto"
+    state_rank: int = 64
+    global_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {self.name!r} (allowed: {OPTIMIZERS})")
+        if self.state not in ("auto", "dense", "factored"):
+            raise ValueError(f"unknown optimizer state {self.state!r}")
+        if self.state == "factored" and self.name in ("adam", "yogi"):
+            raise ValueError(f"'{self.name}' needs dense state (its second moment is elementwise)")
+        if self.learning_rate <= 0 or not 0 <= self.momentum < 1 or not 0 <= self.beta2 < 1:
+            raise ValueError(
+                "server optimizer: need learning_rate > 0, momentum and beta2 in [0, 1)"
+            )
+        if self.epsilon <= 0 or self.state_rank < 1:
+            raise ValueError("server optimizer: need epsilon > 0 and state_rank >= 1")
+
+    def factored_for(self, out_features: int, in_features: int) -> bool:
+        """Whether a layer of this shape keeps factored state."""
+        if self.state == "auto":
+            return self.name in ("sgd", "avgm") and out_features * in_features > DENSE_STATE_LIMIT
+        return self.state == "factored"
+
+
+def rank_profile(ranks: Sequence[int], weights: Sequence[float]) -> Tensor:
+    """``c_j = sum_k w_k [r_k >= j]`` for ``j = 1 .. max(r_k)``, shape ``(max r_k,)``, fp64."""
+    profile = torch.zeros(max(ranks), dtype=torch.float64)
+    for r, w in zip(ranks, weights, strict=True):
+        profile[:r] += w
+    return profile
+
+
+# -- the update rule on dense tensors ----------------------------------------------------------
+
+
+def _direction(opt: ServerOptimizer, key: str, g: Tensor, state: dict[str, Tensor]) -> Tensor:
+    """``u(g)`` of one dense tensor, updating ``state`` (keys ``m.<key>``, ``v.<key>``)."""
+    if opt.name == "sgd":
+        return g
+    m_key, v_key = f"m.{key}", f"v.{key}"
+    m = state.get(m_key, torch.zeros_like(g))
+    if opt.name == "avgm":
+        m = opt.momentum * m + g
+        state[m_key] = m
+        return m
+    m = opt.momentum * m + (1 - opt.momentum) * g
+    v = state.get(v_key, torch.zeros_like(g))
+    g2 = g * g
+    if opt.name == "adam":
+        v = opt.beta2 * v + (1 - opt.beta2) * g2
+    else:  # yogi
+        v = v - (1 - opt.beta2) * g2 * torch.sign(v - g2)
+    state[m_key], state[v_key] = m, v
+    return m / (v.clamp_min(0).sqrt() + opt.epsilon)
+
+
+def _svd_delta(dense: Tensor, keep: int | None) -> LowRankDelta:
+    """``dense (out, in)`` as ``U sqrt(S) . sqrt(S) Vh``, keeping at most ``keep`` components."""
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    if keep is not None:
+        u, s, vh = u[:, :keep], s[:keep], vh[:keep]
+    root = s.clamp_min(0).sqrt()
+    return LowRankDelta(left=u * root, right=root.unsqueeze(-1) * vh, singular_values=s)
+
+
+def _truncate(left: Tensor, right: Tensor, keep: int) -> LowRankDelta:
+    """Best rank-``keep`` factors of ``left @ right`` (exact QR-based SVD, never dense)."""
+    u, s, vh = qr_svd(left, right)
+    u, s, vh = u[:, :keep], s[:keep], vh[:keep]
+    root = s.clamp_min(0).sqrt()
+    return LowRankDelta(left=u * root, right=root.unsqueeze(-1) * vh, singular_values=s)
+
+
+def _started_from(previous: LowRankDelta, profile: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_k w_k`` (client ``k``'s start) as factors: ``(scale * left[:, :R] * c, right[:R])``."""
+    k = min(previous.rank, profile.shape[0])
+    c = profile[:k].to(previous.left.dtype)
+    return previous.scale * previous.left[:, :k] * c, previous.right[:k]
+
+
+# -- one server step ---------------------------------------------------------------------------
+
+
+def server_step(
+    opt: ServerOptimizer,
+    space: str,
+    previous: GlobalUpdate | None,
+    previous_extras: Mapping[str, Tensor],
+    aggregate: GlobalUpdate,
+    profile: Tensor,
+    state: Mapping[str, Tensor],
+) -> tuple[GlobalUpdate, dict[str, Tensor]]:
+    """Step the global update with the round's pseudo-gradient (see the module docstring).
+
+    Args:
+        opt: The optimizer.
+        space: The strategy's optimizer space (``delta``, ``factors``, ``increment``).
+        previous: The global update the round's clients started from (None in round 1, and
+            for ``increment``, whose clients start from fresh adapters).
+        previous_extras: The head the round's clients started from.
+        aggregate: The strategy's aggregate of the round's updates.
+        profile: :func:`rank_profile` of the aggregated clients.
+        state: The optimizer state after the previous round (empty at first); not mutated.
+
+    Returns:
+        The new global update (same strategy and layout as ``aggregate``) and the new state.
+
+    Raises:
+        ValueError: An unknown space, or factor layouts that do not match.
+    """
+    if space not in SPACES:
+        raise ValueError(f"unknown optimizer space {space!r} (allowed: {SPACES})")
+    new_state = dict(state)
+    layers: dict[str, LowRankDelta] = {}
+    for name, agg in aggregate.layers.items():
+        prev = None if previous is None or space == "increment" else previous.layers[name]
+        if space == "factors":
+            layers[name] = _factor_step(opt, name, prev, agg, profile, new_state)
+        elif opt.factored_for(agg.left.shape[0], agg.right.shape[1]):
+            layers[name] = _factored_delta_step(opt, name, prev, agg, profile, new_state)
+        else:
+            layers[name] = _dense_delta_step(opt, name, prev, agg, profile, new_state, space)
+    extras = {}
+    for name, head in aggregate.extras.items():
+        start = previous_extras[name].to(head.dtype)
+        direction = _direction(opt, f"extras.{name}", head - start, new_state)
+        extras[name] = start + opt.learning_rate * direction
+    return (
+        GlobalUpdate(aggregate.strategy, layers, extras, aggregate.merge_into_base),
+        new_state,
+    )
+
+
+def _dense_delta_step(
+    opt: ServerOptimizer,
+    name: str,
+    prev: LowRankDelta | None,
+    agg: LowRankDelta,
+    profile: Tensor,
+    state: dict[str, Tensor],
+    space: str,
+) -> LowRankDelta:
+    g = agg.dense()  # (out, in)
+    base = torch.zeros_like(g)
+    if prev is not None:
+        left, right = _started_from(prev, profile)
+        g = g - left.to(g.dtype) @ right.to(g.dtype)
+        base = prev.dense().to(g.dtype)
+    step = opt.learning_rate * _direction(opt, f"layer.{name}", g, state)
+    keep = None if space == "increment" else opt.global_rank
+    return _svd_delta(base + step, keep)
+
+
+def _factored_delta_step(
+    opt: ServerOptimizer,
+    name: str,
+    prev: LowRankDelta | None,
+    agg: LowRankDelta,
+    profile: Tensor,
+    state: dict[str, Tensor],
+) -> LowRankDelta:
+    g_left, g_right = agg.scale * agg.left, agg.right  # (out, k), (k, in)
+    if prev is not None:
+        s_left, s_right = _started_from(prev, profile)
+        g_left = torch.cat([g_left, -s_left.to(g_left.dtype)], dim=-1)
+        g_right = torch.cat([g_right, s_right.to(g_right.dtype)], dim=-2)
+    if opt.name == "avgm":
+        m_left, m_right = f"m.layer.{name}.left", f"m.layer.{name}.right"
+        if m_left in state:
+            g_left = torch.cat([opt.momentum * state[m_left].to(g_left.dtype), g_left], dim=-1)
+            g_right = torch.cat([state[m_right].to(g_right.dtype), g_right], dim=-2)
+        m = _truncate(g_left, g_right, opt.state_rank)
+        state[m_left], state[m_right] = m.left, m.right
+        g_left, g_right = m.left, m.right
+    step_left = opt.learning_rate * g_left
+    if prev is None:
+        return _truncate(step_left, g_right, opt.global_rank or opt.state_rank)
+    left = torch.cat([prev.scale * prev.left.to(step_left.dtype), step_left], dim=-1)
+    right = torch.cat([prev.right.to(g_right.dtype), g_right], dim=-2)
+    return _truncate(left, right, opt.global_rank or opt.state_rank)
+
+
+def _factor_step(
+    opt: ServerOptimizer,
+    name: str,
+    prev: LowRankDelta | None,
+    agg: LowRankDelta,
+    profile: Tensor,
+    state: dict[str, Tensor],
+) -> LowRankDelta:
+    width = agg.left.shape[-1] if prev is None else max(agg.left.shape[-1], prev.rank)
+    left, right = _pad(agg.left, width, -1), _pad(agg.right, width, -2)  # (out, k), (k, in)
+    start_left, start_right = torch.zeros_like(left), torch.zeros_like(right)
+    if prev is not None:
+        if prev.scale != agg.scale:
+            raise ValueError(
+                f"layer {name}: scale {agg.scale} differs from the global {prev.scale}"
+            )
+        c = _pad(profile, width, 0)[:width].to(left.dtype)
+        start_left = _pad(prev.left, width, -1).to(left.dtype)
+        start_right = _pad(prev.right, width, -2).to(right.dtype)
+        g_left = left - start_left * c
+        g_right = right - start_right * c.unsqueeze(-1)
+    else:
+        g_left, g_right = left, right
+    new_left = start_left + opt.learning_rate * _direction(opt, f"left.{name}", g_left, state)
+    new_right = start_right + opt.learning_rate * _direction(opt, f"right.{name}", g_right, state)
+    return LowRankDelta(left=new_left, right=new_right, scale=agg.scale)
+
+
+def _pad(tensor: Tensor, size: int, dim: int) -> Tensor:
+    missing = size - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)

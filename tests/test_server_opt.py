@@ -1,0 +1,218 @@
+"""The server optimizer: pseudo-gradients and update rules against dense fp64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, LowRankDelta, get_strategy
+from hlora.server_opt import ServerOptimizer, rank_profile, server_step
+
+OUT, IN = 24, 20
+SCALING = 2.0
+
+
+def _factors(rank: int, gen: torch.Generator) -> LoraFactors:
+    return LoraFactors(
+        A=torch.randn(rank, IN, generator=gen, dtype=torch.float64),
+        B=torch.randn(OUT, rank, generator=gen, dtype=torch.float64),
+    )
+
+
+def _updates(ranks: list[int], sizes: list[int], seed: int) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        ClientUpdate(
+            client_id=f"c{k}",
+            num_examples=n,
+            rank=r,
+            scaling=SCALING,
+            factors={"l0": _factors(r, gen), "l1": _factors(r, gen)},
+            extras={"head": torch.randn(3, generator=gen, dtype=torch.float64)},
+        )
+        for k, (r, n) in enumerate(zip(ranks, sizes, strict=True))
+    ]
+
+
+def _weights(sizes: list[int]) -> list[float]:
+    return [n / sum(sizes) for n in sizes]
+
+
+def _delta_pseudo_gradient(
+    updates: list[ClientUpdate], previous: GlobalUpdate | None, name: str
+) -> torch.Tensor:
+    """``sum_k w_k (s B'_k A'_k - start_k)``, each client's start its truncation: dense fp64."""
+    weights = _weights([u.num_examples for u in updates])
+    g = torch.zeros(OUT, IN, dtype=torch.float64)
+    for u, w in zip(updates, weights, strict=True):
+        g += w * u.factors[name].delta(u.scaling)
+        if previous is not None:
+            g -= w * previous.client_factors(u.rank, u.scaling)[name].delta(u.scaling)
+    return g
+
+
+def _run(
+    opt: ServerOptimizer, strategy: str, ranks: list[int], rounds: int
+) -> tuple[list[GlobalUpdate], list[list[ClientUpdate]]]:
+    sizes = [30, 10, 20, 40][: len(ranks)]
+    aggregate = get_strategy(strategy).aggregate
+    space = get_strategy(strategy).optimizer_space
+    state: dict[str, torch.Tensor] = {}
+    previous: GlobalUpdate | None = None
+    head = {"head": torch.zeros(3, dtype=torch.float64)}
+    history, inputs = [], []
+    for t in range(rounds):
+        updates = _updates(ranks, sizes, seed=t)
+        agg = aggregate(updates)
+        profile = rank_profile(ranks, _weights(sizes))
+        previous, state = server_step(opt, space, previous, head, agg, profile, state)
+        head = dict(previous.extras)
+        history.append(previous)
+        inputs.append(updates)
+    return history, inputs
+
+
+def test_rank_profile() -> None:
+    assert_close(
+        rank_profile([2, 4, 1], [0.5, 0.3, 0.2]),
+        torch.tensor([1.0, 0.8, 0.3, 0.3], dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("name", ["sgd", "avgm", "adam", "yogi"])
+def test_dense_delta_space_matches_reference(name: str) -> None:
+    ranks = [2, 4, 8, 4]
+    opt = ServerOptimizer(name, learning_rate=0.7, momentum=0.8, beta2=0.9, epsilon=1e-2)
+    history, inputs = _run(opt, "hlora", ranks, rounds=3)
+    x = torch.zeros(OUT, IN, dtype=torch.float64)
+    m = torch.zeros_like(x)
+    v = torch.zeros_like(x)
+    previous = None
+    for global_update, updates in zip(history, inputs, strict=True):
+        g = _delta_pseudo_gradient(updates, previous, "l0")
+        if name == "sgd":
+            u = g
+        elif name == "avgm":
+            m = 0.8 * m + g
+            u = m
+        else:
+            m = 0.8 * m + 0.2 * g
+            v = 0.9 * v + 0.1 * g * g if name == "adam" else v - 0.1 * g * g * torch.sign(v - g * g)
+            u = m / (v.sqrt() + 1e-2)
+        x = x + 0.7 * u
+        assert_close(global_update.layers["l0"].dense(), x, rtol=1e-10, atol=1e-10)
+        previous = global_update
+    # the new global is an SVD: leading components give each client its best rank-r part
+    s = history[-1].layers["l0"].singular_values
+    assert s is not None
+    assert_close(s, torch.linalg.svdvals(x), rtol=1e-10, atol=1e-10)
+
+
+def test_sgd_at_one_keeps_what_no_client_holds() -> None:
+    # With eta = 1 the new global is the aggregate plus the part of the old global that the
+    # clients' truncations left out (sum_k w_k (G - trunc_rk(G))).
+    opt = ServerOptimizer("sgd", learning_rate=1.0)
+    history, inputs = _run(opt, "hlora", [2, 4], rounds=2)
+    first, second = history
+    weights = _weights([u.num_examples for u in inputs[1]])
+    expected = get_strategy("hlora").aggregate(inputs[1]).layers["l1"].dense()
+    for u, w in zip(inputs[1], weights, strict=True):
+        held = first.client_factors(u.rank, SCALING)["l1"].delta(SCALING)
+        expected = expected + w * (first.layers["l1"].dense() - held)
+    assert_close(second.layers["l1"].dense(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["sgd", "avgm"])
+def test_factored_state_equals_dense_when_the_budget_holds_the_rank(name: str) -> None:
+    ranks = [1, 2, 3]
+    dense = ServerOptimizer(name, learning_rate=0.9, momentum=0.6, state="dense")
+    factored = ServerOptimizer(name, learning_rate=0.9, momentum=0.6, state="factored")
+    small = ServerOptimizer(name, learning_rate=0.9, momentum=0.6, state="factored", state_rank=3)
+    want, _ = _run(dense, "hlora", ranks, rounds=3)
+    got, _ = _run(factored, "hlora", ranks, rounds=3)
+    truncated, _ = _run(small, "hlora", ranks, rounds=3)
+    for a, b in zip(want, got, strict=True):
+        for name_ in ("l0", "l1"):
+            assert_close(b.layers[name_].dense(), a.layers[name_].dense(), rtol=1e-9, atol=1e-9)
+    for layer in truncated[-1].layers.values():
+        assert layer.rank <= 3
+    # a budget below the true rank loses energy: the dense path is what it approximates
+    error = (truncated[-1].layers["l0"].dense() - want[-1].layers["l0"].dense()).norm()
+    assert 0 < error < want[-1].layers["l0"].dense().norm()
+
+
+def test_factored_truncation_follows_its_own_recursion() -> None:
+    # avgm with state_rank k: m <- trunc_k(beta m + g), x <- trunc_k(x + eta m), in fp64 dense.
+    k = 4
+    opt = ServerOptimizer("avgm", learning_rate=0.5, momentum=0.5, state="factored", state_rank=k)
+    history, inputs = _run(opt, "hlora", [2, 3], rounds=3)
+
+    def trunc(x: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(x)
+        return (u[:, :k] * s[:k]) @ vh[:k]
+
+    x = torch.zeros(OUT, IN, dtype=torch.float64)
+    m = torch.zeros_like(x)
+    previous = None
+    for global_update, updates in zip(history, inputs, strict=True):
+        g = _delta_pseudo_gradient(updates, previous, "l0")
+        m = trunc(0.5 * m + g)
+        x = trunc(x + 0.5 * m)
+        assert_close(global_update.layers["l0"].dense(), x, rtol=1e-8, atol=1e-8)
+        previous = global_update
+
+
+def test_factor_space_for_fedavg_and_zeropad() -> None:
+    # fedavg, sgd at eta = 1 is plain fedavg; avgm steps the averaged factors themselves.
+    plain, inputs = _run(ServerOptimizer("sgd", learning_rate=1.0), "fedavg", [4, 4, 4], 2)
+    for got, updates in zip(plain, inputs, strict=True):
+        want = get_strategy("fedavg").aggregate(updates)
+        assert_close(got.layers["l0"].left, want.layers["l0"].left)
+        assert_close(got.layers["l0"].right, want.layers["l0"].right)
+        assert_close(got.extras["head"], want.extras["head"])
+    opt = ServerOptimizer("avgm", learning_rate=0.5, momentum=0.9)
+    history, inputs = _run(opt, "zeropad", [2, 4], rounds=2)
+    weights = _weights([u.num_examples for u in inputs[0]])
+    first = get_strategy("zeropad").aggregate(inputs[0]).layers["l0"]
+    assert_close(history[0].layers["l0"].left, 0.5 * first.left)
+    # round 2: client k started from the leading r_k columns; g = aggregate - sum_k w_k start_k
+    c = torch.tensor([1.0, 1.0, weights[1], weights[1]], dtype=torch.float64)
+    second = get_strategy("zeropad").aggregate(inputs[1]).layers["l0"]
+    g = second.left - history[0].layers["l0"].left * c
+    m = 0.9 * first.left + g
+    assert_close(history[1].layers["l0"].left, history[0].layers["l0"].left + 0.5 * m)
+
+
+def test_increment_space_for_flora() -> None:
+    opt = ServerOptimizer("avgm", learning_rate=1.0, momentum=0.5)
+    history, inputs = _run(opt, "flora", [2, 4], rounds=2)
+    first = get_strategy("flora").aggregate(inputs[0]).layers["l0"].dense()
+    second = get_strategy("flora").aggregate(inputs[1]).layers["l0"].dense()
+    assert history[1].merge_into_base
+    assert_close(history[1].layers["l0"].dense(), 0.5 * first + second, rtol=1e-10, atol=1e-10)
+
+
+def test_inputs_are_not_mutated() -> None:
+    updates = _updates([2, 4], [10, 20], seed=0)
+    agg = get_strategy("hlora").aggregate(updates)
+    before = {k: t.clone() for k, t in agg.layers["l0"].__dict__.items() if torch.is_tensor(t)}
+    state = {"m.layer.l0": torch.ones(OUT, IN, dtype=torch.float64)}
+    opt = ServerOptimizer("avgm")
+    head = {"head": torch.zeros(3, dtype=torch.float64)}
+    server_step(opt, "delta", None, head, agg, rank_profile([2, 4], [1 / 3, 2 / 3]), state)
+    assert_close(state["m.layer.l0"], torch.ones(OUT, IN, dtype=torch.float64))
+    for k, t in before.items():
+        assert_close(getattr(agg.layers["l0"], k), t)
+
+
+def test_bad_settings() -> None:
+    with pytest.raises(ValueError, match="unknown server optimizer 'lamb'"):
+        ServerOptimizer("lamb")
+    with pytest.raises(ValueError, match="'adam' needs dense state"):
+        ServerOptimizer("adam", state="factored")
+    with pytest.raises(ValueError, match="learning_rate > 0"):
+        ServerOptimizer("sgd", learning_rate=0.0)
+    agg = GlobalUpdate("hlora", {"l0": LowRankDelta(torch.ones(2, 1), torch.ones(1, 2))}, {})
+    with pytest.raises(ValueError, match="unknown optimizer space 'weights'"):
+        server_step(ServerOptimizer("sgd"), "weights", None, {}, agg, torch.ones(1), {})
