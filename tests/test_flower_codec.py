@@ -24,6 +24,7 @@ from hlora.engines.flower_codec import (
     tensor_to_array,
 )
 from hlora.protocol import TrainInstruction, TrainReply
+from hlora.schedule import RoundSchedule
 
 LAYERS = {
     "encoder.layer.0.attention.self.query": (6, 5),
@@ -73,6 +74,7 @@ def _assert_instruction_equal(a: TrainInstruction, b: TrainInstruction) -> None:
     for field in ("client_id", "round_num", "rank", "scaling", "init_seed", "train_seed"):
         assert getattr(a, field) == getattr(b, field), field
     assert a.base_version == b.base_version
+    assert a.schedule == b.schedule
     assert (a.factors is None) == (b.factors is None)
     if a.factors is not None and b.factors is not None:
         assert set(a.factors) == set(b.factors)
@@ -124,6 +126,22 @@ def test_instruction_with_flora_base_delta_round_trips() -> None:
     }
     original = _instruction(factors=None, base_version=2, base_delta=delta)
     _assert_instruction_equal(original, decode_instruction(encode_instruction(original)))
+
+
+def test_instruction_schedule_round_trips() -> None:
+    schedule = RoundSchedule("cosine", 1.5e-3, 0.1, 0.25, 0.375)
+    original = _instruction(schedule=schedule)
+    decoded = decode_instruction(_through_message(encode_instruction(original)))
+    assert decoded.schedule == schedule
+    assert decode_instruction(encode_instruction(_instruction())).schedule is None
+    content = encode_instruction(original)
+    del content[INSTRUCTION]["lr-end"]
+    with pytest.raises(CodecError, match="lr-end"):
+        decode_instruction(content)
+    content = encode_instruction(original)
+    content[INSTRUCTION]["lr-start"] = 0.9
+    with pytest.raises(CodecError, match="bad learning-rate schedule: need 0 <= start <= end"):
+        decode_instruction(content)
 
 
 def test_round_trip_survives_flower_serialization() -> None:

@@ -19,6 +19,7 @@ from hlora.data.glue import Example
 from hlora.federation import load_run_task, run
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime, label_log_prior, proximal_term
+from hlora.schedule import RoundSchedule
 from tiny_models import build_tiny_backbone, tiny_overrides
 
 GOLDEN = Path(__file__).parent / "options_off_golden.json"
@@ -50,11 +51,15 @@ def _moved(runtime: ModelRuntime, features: list[dict], **kwargs: object) -> flo
     )
 
 
+def _flat(rate: float) -> RoundSchedule:
+    return RoundSchedule("constant", rate, 0.0, 0.0, 0.5)
+
+
 def test_the_instructions_learning_rates_drive_the_client() -> None:
     runtime, features = _runtime(TrainConfig(learning_rate=0.05, batch_size=4, local_epochs=1))
-    assert _moved(runtime, features, learning_rates=(0.0, 0.0)) == 0.0
-    small = _moved(runtime, features, learning_rates=(1e-3, 1e-3))
-    large = _moved(runtime, features, learning_rates=(1e-2, 1e-2))
+    assert _moved(runtime, features, schedule=_flat(0.0)) == 0.0
+    small = _moved(runtime, features, schedule=_flat(1e-3))
+    large = _moved(runtime, features, schedule=_flat(1e-2))
     assert 0 < small < large
     assert _moved(runtime, features) > 0  # None: the round's own schedule at the config's rate
 

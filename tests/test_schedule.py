@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from hlora.schedule import round_learning_rates, run_learning_rate, step_learning_rate
+from hlora.schedule import RoundSchedule, round_schedule, run_learning_rate
 
 
 def test_warmup_then_linear_decay_to_zero() -> None:
@@ -32,22 +32,32 @@ def test_cosine_and_constant() -> None:
 
 def test_rounds_tile_the_run() -> None:
     rounds = 8
-    ends = [round_learning_rates(t, rounds, 1.0, "linear", 0.25) for t in range(1, rounds + 1)]
-    assert all(e is not None for e in ends)
-    pairs = [e for e in ends if e is not None]
-    assert pairs[0] == (0.0, 0.5)
-    for (_, end), (start, _) in itertools.pairwise(pairs):
-        assert end == start  # one continuous schedule
-    assert pairs[-1][1] == pytest.approx(0.0)
-    assert round_learning_rates(3, rounds, 1.0, "round", 0.1) is None
+    parts = [round_schedule(t, rounds, 1.0, "linear", 0.25) for t in range(1, rounds + 1)]
+    pairs = [p for p in parts if p is not None]
+    assert len(pairs) == rounds
+    assert (pairs[0].start, pairs[-1].end) == (0.0, 1.0)
+    for before, after in itertools.pairwise(pairs):
+        assert before.end == after.start  # one continuous schedule
+    assert pairs[0].bounds() == (0.0, 0.5)
+    assert pairs[-1].bounds()[1] == pytest.approx(0.0)
+    assert round_schedule(3, rounds, 1.0, "round", 0.1) is None
 
 
-def test_step_rates_move_linearly_inside_a_round() -> None:
-    rates = [step_learning_rate((1.0, 0.0), i, 4) for i in range(4)]
-    assert rates == pytest.approx([0.875, 0.625, 0.375, 0.125])
+def test_steps_follow_the_schedule_even_across_its_peak() -> None:
+    # One round holding the whole run: its steps warm up, peak and decay (not 0 -> 0).
+    (only,) = [round_schedule(1, 1, 1.0, "linear", 0.5)]
+    assert only is not None
+    rates = [only.rate(i, 4) for i in range(4)]
+    assert rates == pytest.approx([0.25, 0.75, 0.75, 0.25])
+    half = RoundSchedule("constant", 2.0, 0.0, 0.5, 0.75)
+    assert [half.rate(i, 2) for i in range(2)] == [2.0, 2.0]
 
 
 def test_bad_schedule_inputs() -> None:
+    with pytest.raises(ValueError, match=r"need 0 <= start <= end <= 1, got 0\.5, 0\.25"):
+        RoundSchedule("linear", 1.0, 0.1, 0.5, 0.25)
+    with pytest.raises(ValueError, match="unknown run-wide schedule 'step'"):
+        RoundSchedule("step", 1.0, 0.1, 0.0, 0.5)
     with pytest.raises(ValueError, match="unknown run-wide schedule 'round'"):
         run_learning_rate(0.5, 1.0, "round", 0.1)
     with pytest.raises(ValueError, match=r"progress must be in \[0, 1\], got 1.5"):

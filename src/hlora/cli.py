@@ -54,7 +54,14 @@ def _run_flower_sim(config: RunConfig, progress: bool | None) -> Any:
 def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
     final: dict[str, Any] = summary.get("final") or {}
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
-    print(f"final dev metrics: {metrics}")
+    print(f"final dev metrics (global model): {metrics}")
+    for rank, values in (summary.get("final_by_rank") or {}).items():
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "loss")
+        print(f"  rank-{rank} clients' truncation: {shown}")
+    majority = summary.get("majority_class") or {}
+    if majority:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in majority.items())
+        print(f"  majority class: {shown}")
     if summary.get("comparable_to_glue") is False:
         print("note: qqp-sample numbers are not comparable with GLUE QQP dev")
     print(f"outputs: {run_dir}  (metrics.jsonl, summary.json, convergence.png, adapters/)")

@@ -13,6 +13,7 @@ from typing import Protocol
 from torch import Tensor
 
 from hlora.aggregation import ClientUpdate, LoraFactors, LowRankDelta
+from hlora.schedule import RoundSchedule
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class TrainInstruction:
         base_version: Number of merged updates the frozen base must carry (``flora``).
         base_delta: The cumulative merged update relative to the pretrained weights, per layer
             (``flora``); None when the base stays the pretrained model.
-        learning_rates: ``(lr_start, lr_end)`` of the run-wide schedule over this round (see
+        schedule: This round's stretch of the run-wide learning-rate schedule (see
             :mod:`hlora.schedule`); None: the client's own warm-up and decay inside the round.
     """
 
@@ -45,7 +46,7 @@ class TrainInstruction:
     train_seed: int
     base_version: int = 0
     base_delta: Mapping[str, LowRankDelta] | None = None
-    learning_rates: tuple[float, float] | None = None
+    schedule: RoundSchedule | None = None
 
 
 @dataclass(frozen=True)

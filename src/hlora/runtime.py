@@ -24,7 +24,6 @@ from hlora.config import TrainConfig
 from hlora.data.collate import DynamicPaddingCollator, length_grouped_batches
 from hlora.metrics import compute_metrics
 from hlora.protocol import TrainInstruction, TrainReply
-from hlora.schedule import step_learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class ModelRuntime:
         """Local training of one client (see :class:`TrainConfig`).
 
         AdamW (fused on CUDA) over the active adapter's factors and head; the learning rate
-        follows ``instruction.learning_rates`` (the run-wide schedule) or, when None, a linear
+        follows ``instruction.schedule`` (the run-wide schedule) or, when None, a linear
         warm-up and decay inside the round; optional FedProx term and logit adjustment (see
         :class:`TrainConfig`); gradient clipping, length-grouped batches with dynamic
         padding, bf16 autocast per ``train.precision``. Data order and dropout are seeded by
@@ -153,7 +152,7 @@ class ModelRuntime:
         batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
         total_steps = max(1, math.ceil(cfg.local_epochs * batches_per_epoch))
         scheduler = None
-        if instruction.learning_rates is None:  # warm-up and decay inside the round
+        if instruction.schedule is None:  # warm-up and decay inside the round
             scheduler = get_linear_schedule_with_warmup(
                 optimizer, int(cfg.warmup_ratio * total_steps), total_steps
             )
@@ -177,8 +176,8 @@ class ModelRuntime:
                 for batch_idx in order:
                     if step >= total_steps:
                         break
-                    if instruction.learning_rates is not None:
-                        lr = step_learning_rate(instruction.learning_rates, step, total_steps)
+                    if instruction.schedule is not None:
+                        lr = instruction.schedule.rate(step, total_steps)
                         for group in optimizer.param_groups:
                             group["lr"] = lr
                     batch = self._batch([features[i] for i in batch_idx])

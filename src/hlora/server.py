@@ -41,7 +41,7 @@ from hlora.protocol import (
     update_bytes,
 )
 from hlora.report import MetricsLog, RoundProgress
-from hlora.schedule import round_learning_rates
+from hlora.schedule import round_schedule
 from hlora.server_opt import ServerOptimizer, rank_profile, server_step
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class RoundLoop:
             train_seed=_seed(s.seed, round_num, 2, index),
             base_version=state.base_version,
             base_delta=state.base_delta,
-            learning_rates=round_learning_rates(
+            schedule=round_schedule(
                 round_num, s.rounds, s.learning_rate, s.lr_schedule, s.warmup_ratio
             ),
         )
@@ -275,8 +275,8 @@ class RoundLoop:
             "bytes_received": sum(e["bytes_received"] for e in clients_record),
             "round_time_s": elapsed,
         }
-        if instructions and instructions[0].learning_rates is not None:
-            record["learning_rate"] = list(instructions[0].learning_rates)
+        if instructions and instructions[0].schedule is not None:
+            record["learning_rate"] = list(instructions[0].schedule.bounds())
         spectrum = self.spectrum(new_state)
         if spectrum:
             record["energy_beyond_rank"] = spectrum

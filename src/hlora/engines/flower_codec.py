@@ -41,6 +41,7 @@ from torch import Tensor
 from hlora.aggregation import ClientUpdate, InvalidUpdateError, LoraFactors, LowRankDelta
 from hlora.errors import HloraError
 from hlora.protocol import TrainInstruction, TrainReply
+from hlora.schedule import RoundSchedule
 
 INSTRUCTION = "hlora.instruction"
 REPLY = "hlora.reply"
@@ -193,6 +194,9 @@ def _value(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -
 # -- instructions ----------------------------------------------------------------------------
 
 
+_SCHEDULE_KEYS = ("lr-peak", "lr-warmup", "lr-start", "lr-end")
+
+
 def encode_instruction(instruction: TrainInstruction) -> RecordDict:
     """A :class:`TrainInstruction` as message content (see the module docstring)."""
     config: dict[str, Any] = {
@@ -206,8 +210,12 @@ def encode_instruction(instruction: TrainInstruction) -> RecordDict:
         "has-factors": instruction.factors is not None,
         "has-base-delta": instruction.base_delta is not None,
     }
-    if instruction.learning_rates is not None:
-        config["lr-start"], config["lr-end"] = (float(x) for x in instruction.learning_rates)
+    if instruction.schedule is not None:
+        sched = instruction.schedule
+        config["lr-schedule"] = sched.schedule
+        config["lr-peak"] = float(sched.peak)
+        config["lr-warmup"] = float(sched.warmup_ratio)
+        config["lr-start"], config["lr-end"] = float(sched.start), float(sched.end)
     records: dict[str, Any] = {
         FACTORS: _factors_to_record(instruction.factors or {}),
         EXTRAS: tensors_to_record(instruction.extras),
@@ -233,12 +241,15 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     if _value(cfg, "has-base-delta", bool):
         scales = [float(s) for s in _value(cfg, "base-delta-scales", list)]
         base_delta = _record_to_base_delta(_get(content, BASE_DELTA, ArrayRecord), scales)
-    rates = None
-    if "lr-start" in cfg:
-        rates = (
-            float(_value(cfg, "lr-start", (int, float))),
-            float(_value(cfg, "lr-end", (int, float))),
-        )
+    schedule = None
+    if "lr-schedule" in cfg:
+        try:
+            schedule = RoundSchedule(
+                _value(cfg, "lr-schedule", str),
+                *(float(_value(cfg, k, (int, float))) for k in _SCHEDULE_KEYS),
+            )
+        except ValueError as err:
+            raise CodecError(f"bad learning-rate schedule: {err}") from err
     return TrainInstruction(
         client_id=_value(cfg, "client-id", str),
         round_num=_value(cfg, "round", int),
@@ -250,7 +261,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         train_seed=_value(cfg, "train-seed", int),
         base_version=_value(cfg, "base-version", int),
         base_delta=base_delta,
-        learning_rates=rates,
+        schedule=schedule,
     )
 
 
