@@ -4,7 +4,10 @@ One client's local epoch over the same MRPC pairs, same model, LoRA rank, batch 
 rate and precision, measured side by side in one process:
 
 - **hlora** -- :meth:`hlora.runtime.ModelRuntime.train_client` (length-grouped batches with
-  dynamic padding, AdamW, fused on CUDA; bf16 autocast on CUDA).
+  dynamic padding, AdamW, fused on CUDA; ``train.precision = "auto"``: bf16 autocast on CUDA and
+  on CPUs with native bf16 instructions).
+- **hlora-fp32** -- the same with ``train.precision = "fp32"``: what hlora did on every CPU
+  before the precision option (the ratio ``speedup_vs_fp32`` is the gain of the option).
 - **trainer-dynamic** -- ``transformers.Trainer`` with its default ``TrainingArguments`` and
   ``DataCollatorWithPadding`` (dynamic padding per random batch): what a user writing a
   Trainer loop gets.
@@ -97,7 +100,11 @@ def load_features(
 
 
 def run_hlora(
-    backbone: Backbone, features: list[dict[str, Any]], args: argparse.Namespace, epochs: float
+    backbone: Backbone,
+    features: list[dict[str, Any]],
+    args: argparse.Namespace,
+    epochs: float,
+    precision: str = "auto",
 ) -> float:
     """Seconds of ``epochs`` of hlora local training (one client, rank 8)."""
     device = torch.device(args.device)
@@ -107,6 +114,7 @@ def run_hlora(
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         device=args.device,
+        precision=precision,
     )
     runtime = ModelRuntime(bank, DynamicPaddingCollator(backbone.tokenizer), train, device)
     instruction = TrainInstruction(
@@ -220,6 +228,10 @@ def main() -> None:
             lambda b: run_hlora(b, features, args, 1.0),
             lambda b: run_hlora(b, warm_rows, args, 1.0),
         ),
+        "hlora-fp32": (
+            lambda b: run_hlora(b, features, args, 1.0, "fp32"),
+            lambda b: run_hlora(b, warm_rows, args, 1.0, "fp32"),
+        ),
         "trainer-dynamic": (
             lambda b: run_trainer(b, features, args, padded=False),
             lambda b: run_trainer(b, warm_rows, args, padded=False),
@@ -285,6 +297,7 @@ def main() -> None:
                 "floor_s": round(floor_s, 4),
                 "matmul_gflops": round(rate / 1e9, 2),
                 "speedup_vs_trainer": round(results["trainer-dynamic"] / results["hlora"], 3),
+                "speedup_vs_fp32": round(results["hlora-fp32"] / results["hlora"], 3),
                 "speedup_vs_trainer_padded": round(results["trainer-padded"] / results["hlora"], 3),
             }
         )

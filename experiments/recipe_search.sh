@@ -24,19 +24,18 @@ OLD=(--set train.lr_schedule=round --set server.optimizer=none)
 LIN=(--set train.lr_schedule=linear)
 
 if [ "$STAGE" = screen ]; then
-  # 4 passes over the data: 8 rounds of half an epoch.
-  LEN=(--set federation.rounds=8 --set train.local_epochs=0.5 --set server.eval_every=2)
+  # 12 passes over the data: 12 rounds of one local epoch (the main job's budget).
+  LEN=(--set federation.rounds=12 --set train.local_epochs=1 --set server.eval_every=3)
   RUNS=(
-    "s-fedavg-old|${FEDAVG[*]} ${OLD[*]}"
-    "s-fedavg-linear|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none"
-    "s-fedavg-linear-avgm|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=avgm --set server.learning_rate=1.0 --set server.momentum=0.9"
-    "s-fedavg-linear-adam1e-2|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=adam --set server.learning_rate=0.01"
-    "s-fedavg-linear-bs8-lr5e-3|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none --set train.batch_size=8 --set train.learning_rate=0.005"
-    "s-central-old|${CENTRAL[*]} ${OLD[*]}"
-    "s-central-linear|${CENTRAL[*]} ${LIN[*]}"
-    "s-fedavg-linear-avgm-b0.7|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=avgm --set server.learning_rate=1.0 --set server.momentum=0.7"
-    "s-fedavg-linear-adam3e-3|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=adam --set server.learning_rate=0.003"
-    "s-central-linear-bs8-lr5e-3|${CENTRAL[*]} ${LIN[*]} --set train.batch_size=8 --set train.learning_rate=0.005"
+    # in the order they ran
+    "fedavg-old|${FEDAVG[*]} ${OLD[*]}"
+    "fedavg-avgm|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=avgm --set server.learning_rate=1.0 --set server.momentum=0.9"
+    "central-linear|${CENTRAL[*]} ${LIN[*]}"
+    "fedavg-la1|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none --set train.logit_adjustment=1.0"
+    "fedavg-la1-avgm0.7|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=avgm --set server.momentum=0.7 --set train.logit_adjustment=1.0"
+    "fedavg-linear|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none"
+    "fedavg-adam1e-2|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=adam --set server.learning_rate=0.01"
+    "fedavg-la1-bs8-lr5e-3|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none --set train.logit_adjustment=1.0 --set train.batch_size=8 --set train.learning_rate=0.005"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2

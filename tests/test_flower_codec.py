@@ -138,6 +138,11 @@ def test_instruction_schedule_round_trips() -> None:
     del content[INSTRUCTION]["lr-end"]
     with pytest.raises(CodecError, match="lr-end"):
         decode_instruction(content)
+    with_prior = encode_instruction(_instruction(label_prior=(0.25, 0.75)))
+    assert decode_instruction(_through_message(with_prior)).label_prior == (0.25, 0.75)
+    with_prior[INSTRUCTION]["label-prior"] = [0.5, float("nan")]
+    with pytest.raises(CodecError, match="bad label-prior"):
+        decode_instruction(with_prior)
     content = encode_instruction(original)
     content[INSTRUCTION]["lr-start"] = 0.9
     with pytest.raises(CodecError, match="bad learning-rate schedule: need 0 <= start <= end"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hlora.metrics import METRIC_NAMES, accuracy, binary_f1, compute_metrics
+from hlora.metrics import METRIC_NAMES, accuracy, binary_f1, compute_metrics, majority_baseline
 
 PREDS = [1, 1, 0, 1, 0, 0, 1, 0]
 LABELS = [1, 0, 0, 1, 1, 0, 1, 1]
@@ -49,3 +49,14 @@ def test_errors() -> None:
         binary_f1([1], [1, 0])
     with pytest.raises(ValueError, match="zero examples"):
         accuracy([], [])
+
+
+def test_majority_baseline() -> None:
+    # the training majority (1) on an evaluation set with 3 of 4 positives
+    assert majority_baseline(("accuracy", "f1"), [1, 1, 0], [1, 0, 1, 1]) == {
+        "accuracy": 0.75,
+        "f1": pytest.approx(6 / 7),
+    }
+    assert majority_baseline(("accuracy",), [0, 1], [1, 1])["accuracy"] == 0.0  # tie -> 0
+    with pytest.raises(ValueError, match="at least one training label"):
+        majority_baseline(("accuracy",), [], [1])

@@ -81,13 +81,26 @@ def test_label_log_prior() -> None:
         label_log_prior([0, 2], 2)
 
 
-def test_logit_adjustment_changes_the_loss_only_when_on() -> None:
+def test_logit_adjustment_is_relative_to_the_federations_prior() -> None:
     runtime, features = _runtime(TrainConfig(batch_size=4, local_epochs=1))
     skewed = [f for f in features if f["labels"] == 1] + features[:2]
     plain = runtime.train_client(_instruction(runtime), skewed)
-    adjusted_rt, _ = _runtime(TrainConfig(batch_size=4, local_epochs=1, logit_adjustment=1.0))
-    adjusted = adjusted_rt.train_client(_instruction(adjusted_rt), skewed)
+    config = TrainConfig(batch_size=4, local_epochs=1, logit_adjustment=1.0)
+    adjusted_rt, _ = _runtime(config)
+    prior = (0.5, 0.5)
+    adjusted = adjusted_rt.train_client(_instruction(adjusted_rt, label_prior=prior), skewed)
     assert adjusted.loss != pytest.approx(plain.loss, abs=1e-4)
+    # a client whose labels follow the federation's prior trains exactly as without it
+    balanced = features[:8]  # labels 0, 1, 0, 1, ...: Laplace-smoothed prior (0.5, 0.5)
+    same_rt, _ = _runtime(config)
+    same = same_rt.train_client(_instruction(same_rt, label_prior=prior), balanced)
+    plain_rt, _ = _runtime(TrainConfig(batch_size=4, local_epochs=1))
+    reference = plain_rt.train_client(_instruction(plain_rt), balanced)
+    assert same.loss == pytest.approx(reference.loss, rel=1e-6)
+    # without the federation's prior (an old server) the option does nothing
+    off_rt, _ = _runtime(config)
+    off = off_rt.train_client(_instruction(off_rt), skewed)
+    assert off.loss == pytest.approx(plain.loss, rel=1e-6)
 
 
 def test_validation_split_holds_out_train_examples(glue_dir: Path) -> None:

@@ -20,6 +20,7 @@ from hlora.report import (
     format_table,
     load_run_records,
     plot_convergence,
+    rank_series,
     summarize,
     write_json,
 )
@@ -169,6 +170,7 @@ RECORDS: list[dict[str, Any]] = [
         train_loss=0.50,
         bytes_sent=1000,
         eval={"accuracy": 0.80, "f1": 0.74, "loss": 0.50},
+        eval_by_rank={"2": {"accuracy": 0.79}, "16": {"accuracy": 0.80}},
     ),
     _record(
         5,
@@ -194,6 +196,8 @@ def test_summarize() -> None:
         "mean_bytes_per_round": 1800.0,
         "wall_time_s": 51.25,
         "mean_train_loss_last_round": 0.45,
+        # the last evaluation of the truncations (round 4), though round 5 evaluated the global
+        "final_by_rank": {"2": {"accuracy": 0.79}, "16": {"accuracy": 0.80}},
     }
     assert "rounds_to_target" not in summarize(RECORDS, ["accuracy"])
 
@@ -210,6 +214,7 @@ def test_summarize_edge_cases() -> None:
         "mean_bytes_per_round": None,
         "wall_time_s": None,
         "mean_train_loss_last_round": None,
+        "final_by_rank": {},
     }
     # No train_loss in the last round: the clients' losses weighted by their examples.
     clients = [
@@ -270,6 +275,25 @@ def test_convergence_figure_wraps_a_long_title_inside_the_figure() -> None:
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width
     short = convergence_figure(runs, "accuracy")
     assert short.get_suptitle() == "accuracy by round"
+
+
+def test_one_run_shows_each_rank_and_the_reference_lines() -> None:
+    records = [
+        _record(1, eval={"accuracy": 0.6}, eval_by_rank={"2": {"accuracy": 0.5}}),
+        _record(2, eval={"accuracy": 0.7}),
+        _record(3, eval={"accuracy": 0.8}, eval_by_rank={"16": {"accuracy": 0.79}, "2": {}}),
+    ]
+    assert rank_series(records, "accuracy") == {"2": ([1], [0.5]), "16": ([3], [0.79])}
+    fig = convergence_figure(
+        {"hlora": records}, "accuracy", reference_lines={"majority class": 0.684}
+    )
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["hlora", "rank-2 truncation", "rank-16 truncation", "majority class"]
+    assert list(ax.get_lines()[-1].get_ydata()) == [0.684, 0.684]
+    # several runs: the global models and the lines only
+    two = convergence_figure({"a": records, "b": records}, "accuracy")
+    assert [line.get_label() for line in two.axes[0].get_lines()] == ["a", "b"]
 
 
 def test_plot_convergence_single_run_and_errors(tmp_path: Path) -> None:

@@ -270,8 +270,10 @@ class TrainConfig:
     logit_adjustment: float = field(
         default=0.0,
         metadata=_help(
-            "train on logits + tau * log(client label prior) (logit-adjusted loss, tau = this "
-            "value; evaluation uses the plain logits; 0: off)"
+            "logit adjustment for label skew: each client trains on logits + tau * (log of its "
+            "own label distribution - log of the federation's), tau = this value; a client "
+            "whose labels follow the federation's is unchanged; evaluation uses the plain "
+            "logits (0: off)"
         ),
     )
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: off)"))

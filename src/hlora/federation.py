@@ -6,6 +6,7 @@ folder is created, so a bad invocation leaves nothing half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -31,7 +32,7 @@ from hlora.metrics import majority_baseline
 from hlora.models import Backbone, load_backbone
 from hlora.protocol import Transport
 from hlora.report import MetricsLog, RoundProgress, plot_convergence, summarize, write_json
-from hlora.runtime import Features, ModelRuntime, resolve_device
+from hlora.runtime import Features, ModelRuntime, label_log_prior, resolve_device
 from hlora.server import ClientSlot, LoopSettings, RoundLoop
 from hlora.server_opt import ServerOptimizer
 
@@ -272,8 +273,13 @@ def make_loop(
 
     if transport is None:
         transport = InProcessTransport(runtime, federation.train_features, progress.client_done)
+    settings = loop_settings(config)
+    if config.train.logit_adjustment > 0:
+        labels = [e.label for e in federation.task.train]
+        prior = label_log_prior(labels, federation.task.task.num_labels).exp()
+        settings = dataclasses.replace(settings, label_prior=tuple(float(p) for p in prior))
     return RoundLoop(
-        loop_settings(config),
+        settings,
         federation.clients,
         federation.spec,
         federation.initial_extras,

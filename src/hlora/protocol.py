@@ -34,6 +34,8 @@ class TrainInstruction:
             (``flora``); None when the base stays the pretrained model.
         schedule: This round's stretch of the run-wide learning-rate schedule (see
             :mod:`hlora.schedule`); None: the client's own warm-up and decay inside the round.
+        label_prior: The federation's label distribution ``(num_labels,)``, for the logit
+            adjustment (``train.logit_adjustment``); None: no adjustment.
     """
 
     client_id: str
@@ -47,6 +49,7 @@ class TrainInstruction:
     base_version: int = 0
     base_delta: Mapping[str, LowRankDelta] | None = None
     schedule: RoundSchedule | None = None
+    label_prior: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

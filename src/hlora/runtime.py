@@ -158,10 +158,12 @@ class ModelRuntime:
             )
         anchors = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else []
         log_prior = None
-        if cfg.logit_adjustment > 0:
-            log_prior = cfg.logit_adjustment * label_log_prior(
-                [int(f["labels"]) for f in features], int(bank.model.config.num_labels)
-            ).to(self.device)
+        if cfg.logit_adjustment > 0 and instruction.label_prior is not None:
+            own = label_log_prior(
+                [int(f["labels"]) for f in features], len(instruction.label_prior)
+            )
+            federation = torch.tensor(instruction.label_prior, dtype=torch.float64).log().float()
+            log_prior = (cfg.logit_adjustment * (own - federation)).to(self.device)
         torch.manual_seed(instruction.train_seed)
         model = bank.model
         model.train()
@@ -265,7 +267,8 @@ class ModelRuntime:
 
     @staticmethod
     def _loss(model: torch.nn.Module, batch: dict[str, Tensor], log_prior: Tensor | None) -> Tensor:
-        """Cross-entropy of a batch; with ``log_prior`` (``(num_labels,)``) logit-adjusted."""
+        """Cross-entropy of a batch; with ``log_prior`` (``(num_labels,)``, added to the logits)
+        logit-adjusted."""
         if log_prior is None:
             return model(**batch).loss
         inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -80,6 +80,7 @@ class LoopSettings:
     learning_rate: float = 0.0  # the schedule's peak
     warmup_ratio: float = 0.0
     server_optimizer: ServerOptimizer | None = None  # None: the global update is the aggregate
+    label_prior: tuple[float, ...] | None = None  # sent when clients adjust their logits
 
 
 def _seed(*parts: int) -> int:
@@ -177,6 +178,7 @@ class RoundLoop:
             schedule=round_schedule(
                 round_num, s.rounds, s.learning_rate, s.lr_schedule, s.warmup_ratio
             ),
+            label_prior=s.label_prior,
         )
 
     def aggregate(

@@ -210,6 +210,8 @@ def encode_instruction(instruction: TrainInstruction) -> RecordDict:
         "has-factors": instruction.factors is not None,
         "has-base-delta": instruction.base_delta is not None,
     }
+    if instruction.label_prior is not None:
+        config["label-prior"] = [float(x) for x in instruction.label_prior]
     if instruction.schedule is not None:
         sched = instruction.schedule
         config["lr-schedule"] = sched.schedule
@@ -241,6 +243,14 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     if _value(cfg, "has-base-delta", bool):
         scales = [float(s) for s in _value(cfg, "base-delta-scales", list)]
         base_delta = _record_to_base_delta(_get(content, BASE_DELTA, ArrayRecord), scales)
+    prior = None
+    if "label-prior" in cfg:
+        values = _value(cfg, "label-prior", list)
+        if not values or not all(
+            isinstance(x, float) and math.isfinite(x) and 0 < x <= 1 for x in values
+        ):
+            raise CodecError(f"bad label-prior {values!r}: expected probabilities in (0, 1]")
+        prior = tuple(values)
     schedule = None
     if "lr-schedule" in cfg:
         try:
@@ -262,6 +272,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         base_version=_value(cfg, "base-version", int),
         base_delta=base_delta,
         schedule=schedule,
+        label_prior=prior,
     )
 
 
