@@ -70,7 +70,12 @@ set -euo pipefail
 out="${1:-runs/cpu-protocol}"
 data="${HLORA_DATA_DIR:-../shared/data/glue}"
 source "$(dirname "$0")/grid.sh"
-RUN_ARGS=(--no-progress --data-dir "$data" --set federation.rounds=6 --set train.local_epochs=0.25)
+# The recipe these cells ran with (before the run-wide schedule, the server optimizer and bf16 on
+# CPUs): OLD_RECIPE keeps them reproducible; recipe_grid.sh runs the current recipe.
+OLD_RECIPE=(--set train.lr_schedule=round --set server.optimizer=none --set train.precision=fp32
+  --set server.eval_truncations=final)
+RUN_ARGS=(--no-progress --data-dir "$data" --set federation.rounds=6 --set train.local_epochs=0.25
+  "${OLD_RECIPE[@]}")
 LOCAL_ARGS=(--set server.eval_every=3)
 
 # bias NAME CONFIG ROUNDS [--set ...]: aggregation_bias.py's rows, kept as OUT/bias/NAME.json.

@@ -23,7 +23,10 @@ label="${MODEL_LABEL:-$model}"
 jobs="${JOBS:-1}"
 data="${HLORA_DATA_DIR:-../shared/data/glue}"
 source "$(dirname "$0")/grid.sh"
-RUN_ARGS=(--no-progress --data-dir "$data")
+# The recipe of docs/RESULTS.md section 2 (before the run-wide schedule and the server optimizer;
+# on a GPU bf16 autocast was already the rule).
+RUN_ARGS=(--no-progress --data-dir "$data" --set train.lr_schedule=round --set server.optimizer=none
+  --set server.eval_truncations=final --set train.local_epochs=0.5)
 LOCAL_ARGS=()
 if ((jobs > 1)); then
   GRID_PLAN="$(mktemp)"

@@ -32,10 +32,17 @@ if [ "$STAGE" = screen ]; then
     "fedavg-avgm|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=avgm --set server.learning_rate=1.0 --set server.momentum=0.9"
     "central-linear|${CENTRAL[*]} ${LIN[*]}"
     "fedavg-la1|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none --set train.logit_adjustment=1.0"
-    "fedavg-la1-avgm0.7|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=avgm --set server.momentum=0.7 --set train.logit_adjustment=1.0"
-    "fedavg-linear|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none"
+  )
+elif [ "$STAGE" = screen2 ]; then
+  # After the first four: centralized learns in 3 passes what the federation has not learned
+  # in 12, and the clients' losses barely move inside a round (about 11 local steps). So: more
+  # and larger local steps, and server steps larger than the clients' mean progress.
+  LEN=(--set federation.rounds=12 --set train.local_epochs=1 --set server.eval_every=3)
+  RUNS=(
+    "fedavg-la1-bs4-lr5e-3|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none --set train.logit_adjustment=1.0 --set train.batch_size=4 --set train.learning_rate=0.005"
     "fedavg-adam1e-2|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=adam --set server.learning_rate=0.01"
-    "fedavg-la1-bs8-lr5e-3|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none --set train.logit_adjustment=1.0 --set train.batch_size=8 --set train.learning_rate=0.005"
+    "fedavg-la1-sgd3|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=sgd --set server.learning_rate=3.0 --set train.logit_adjustment=1.0"
+    "fedavg-la1-avgm0.7|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=avgm --set server.momentum=0.7 --set train.logit_adjustment=1.0"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2

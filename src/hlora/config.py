@@ -317,7 +317,7 @@ class ServerConfig:
         metadata=_help("evaluate the global model every N rounds (the last round always)"),
     )
     eval_truncations: str = field(
-        default="final",
+        default="every",
         metadata=_help(
             "also evaluate each client rank's truncation of the global update: "
             f"{', '.join(TRUNCATION_EVALS)}"
