@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The paper's comparisons with the current recipe (the defaults of `hlora run`: the main job's
-# length, run-wide schedule, server optimizer, logit adjustment), evaluated on dev: per cell and
-# seed, E1 (fedavg and hlora, every client at rank 8), E3 (hlora, zeropad, flora at ranks
-# {2, 4, 8, 16}) and the centralized reference (same passes over the data, one client, rank 16).
+# The paper's comparisons and the recipe's ablation with the current recipe (the defaults of
+# `hlora run`: the main job's length, run-wide linear schedule, logit adjustment), on dev.
 #
 #   bash experiments/recipe_grid.sh [OUT] [CELL ...]
 #
-# CELL: mrpc-dirichlet (default), mrpc-iid, qqp-dirichlet, qqp-iid (the local QQP sample).
-# SEEDS (default "0 1 2") and JOBS (default 2: runs at a time, one CPU thread each) come from
-# the environment. Finished runs (summary.json) are skipped: the script can be restarted.
+# CELL (default: mrpc-dirichlet ablation):
+#   mrpc-dirichlet, mrpc-iid, qqp-dirichlet, qqp-iid (the local QQP sample): per seed, E3
+#     (hlora, zeropad, flora at ranks {2, 4, 8, 16}), the centralized reference (one client with
+#     all the data, rank 16, the same passes) and E1 (fedavg and hlora, every client at rank 8);
+#   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
+#     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
+# SEEDS (default "0 1 2") and JOBS (default 2: runs at a time, one CPU thread each) come from the
+# environment. Runs are planned seed by seed, so the first seeds finish first. Finished runs
+# (summary.json) are skipped: the script can be restarted.
 # Tables: python experiments/results.py OUT/CELL --cell CELL --target 0.78
 set -euo pipefail
 out="${1:-runs/recipe-grid}"
 shift || true
 cells=("${@:-mrpc-dirichlet}")
+[[ $# -eq 0 ]] && cells=(mrpc-dirichlet ablation)
 data="${HLORA_DATA_DIR:-../shared/data/glue}"
 source "$(dirname "$0")/grid.sh"
 # The experiment files fix 20 rounds; the recipe's own length is the default's.
@@ -21,16 +26,28 @@ rounds="$(python -c 'from hlora.config import load_config; print(load_config().f
 RUN_ARGS=(--no-progress --data-dir "$data" --set federation.rounds="$rounds")
 export OMP_NUM_THREADS=1
 plan="$(mktemp)"
+export GRID_PLAN="$plan"
 for cell in "${cells[@]}"; do
   case "$cell" in
     mrpc-dirichlet) args=() ;;
     mrpc-iid) args=(--set data.partition=iid) ;;
     qqp-dirichlet) args=(--set data.task=qqp-sample) ;;
     qqp-iid) args=(--set data.task=qqp-sample --set data.partition=iid) ;;
+    ablation)
+      e3=experiments/e3_mrpc.toml
+      run "$out/ablation" old-recipe "$e3" --set train.logit_adjustment=0 \
+        --set train.lr_schedule=round
+      run "$out/ablation" no-logit-adjustment "$e3" --set train.logit_adjustment=0
+      run "$out/ablation" round-schedule "$e3" --set train.lr_schedule=round
+      run "$out/ablation" fedprox-0.01 "$e3" --set train.proximal_mu=0.01
+      run "$out/ablation" avgm-0.7 "$e3" --set server.optimizer=avgm --set server.momentum=0.7
+      continue ;;
     *) echo "unknown cell $cell" >&2; exit 2 ;;
   esac
   for seed in ${SEEDS:-0 1 2}; do
-    GRID_PLAN="$plan" GRID_REFS="centralized" grid "$out/$cell" "$seed" "${args[@]}"
+    GRID_REFS="centralized" GRID_RUNS="e3-hlora" grid "$out/$cell" "$seed" "${args[@]}"
+    GRID_REFS="" GRID_RUNS="e3-zeropad e1-fedavg e1-hlora e3-flora" grid "$out/$cell" "$seed" \
+      "${args[@]}"
   done
 done
 run_plan "$plan" "${JOBS:-2}"

@@ -168,7 +168,7 @@ class FederationConfig:
     clients_per_round: int = field(
         default=0, metadata=_help("clients sampled each round (0: all take part)")
     )
-    rounds: int = field(default=10, metadata=_help("federated rounds"))
+    rounds: int = field(default=16, metadata=_help("federated rounds"))
     rank_rule: str = field(
         default="cycle",
         metadata=_help(
@@ -240,7 +240,7 @@ class TrainConfig:
     """Local training of each client in each round."""
 
     local_epochs: float = field(
-        default=0.5, metadata=_help("passes over the client's data per round (fractions allowed)")
+        default=1.0, metadata=_help("passes over the client's data per round (fractions allowed)")
     )
     batch_size: int = field(default=16, metadata=_help("examples per step"))
     learning_rate: float = field(default=2e-3, metadata=_help("AdamW learning rate"))
@@ -268,7 +268,7 @@ class TrainConfig:
         ),
     )
     logit_adjustment: float = field(
-        default=0.0,
+        default=1.0,
         metadata=_help(
             "logit adjustment for label skew: each client trains on logits + tau * (log of its "
             "own label distribution - log of the federation's), tau = this value; a client "
