@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,13 +14,14 @@ from torch.testing import assert_close
 
 from hlora.adapters import LoraBank
 from hlora.checkpoint import ServerState, load_state, save_state
-from hlora.config import TrainConfig, load_config
+from hlora.config import RunConfig, TrainConfig, load_config
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
 from hlora.data.glue import Example
-from hlora.federation import load_run_task, run
+from hlora.federation import load_run_task, resume, run
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime, label_log_prior, proximal_term
 from hlora.schedule import RoundSchedule
+from hlora.server import RoundLoop
 from tiny_models import build_tiny_backbone, tiny_overrides
 
 GOLDEN = Path(__file__).parent / "options_off_golden.json"
@@ -178,3 +180,53 @@ def _close(got: object, want: object) -> bool:
         return True
     assert got == want
     return True
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "optimizer"), [("hlora", "avgm"), ("zeropad", "adam"), ("flora", "avgm")]
+)
+def test_a_resumed_run_keeps_the_server_optimizers_state(
+    strategy: str,
+    optimizer: str,
+    tiny_bert_dir: Path,
+    glue_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    extra = {
+        "federation.strategy": f'"{strategy}"',
+        "federation.rounds": 4,
+        "server.optimizer": f'"{optimizer}"',
+        "server.learning_rate": 0.5 if optimizer == "avgm" else 0.01,
+    }
+
+    def config(name: str) -> RunConfig:
+        overrides = tiny_overrides(tiny_bert_dir, glue_dir, tmp_path, **extra)
+        return load_config(None, (*overrides, f'output.name="{name}"'))
+
+    straight = run(config("straight"), progress=False)
+    original = RoundLoop.run_round
+
+    def crash_in_round_3(self: RoundLoop, state: ServerState, round_num: int) -> Any:
+        if round_num == 3:
+            raise _Crash
+        return original(self, state, round_num)
+
+    monkeypatch.setattr(RoundLoop, "run_round", crash_in_round_3)
+    with pytest.raises(_Crash):
+        run(config("crashed"), progress=False)
+    monkeypatch.setattr(RoundLoop, "run_round", original)
+    state = load_state(tmp_path / "crashed" / "checkpoint.safetensors")
+    assert state.round_num == 2 and state.optimizer  # the momentum is in the checkpoint
+    resumed = resume(tmp_path / "crashed", progress=False)
+
+    def evals(run_dir: Path) -> list[Any]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [(r["eval"], r["train_loss"]) for r in map(json.loads, lines)]
+
+    assert evals(resumed.run_dir) == evals(straight.run_dir)
