@@ -134,7 +134,8 @@ def test_optimizer_state_survives_a_checkpoint(tmp_path: Path) -> None:
 def test_every_new_option_off_reproduces_the_old_recipe(
     strategy: str, tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
-    """The per-round schedule and no server optimizer give the old recipe's run.
+    """The per-round schedule, no server optimizer, no logit adjustment and fp32 give the old
+    recipe's run.
 
     ``options_off_golden.json`` was written by the code before the run-wide schedule and the
     server optimizer existed (same tiny federation, CPU, torch 2.13.0); on that machine the new
@@ -151,6 +152,8 @@ def test_every_new_option_off_reproduces_the_old_recipe(
             "train.lr_schedule": '"round"',
             "server.optimizer": '"none"',
             "train.precision": '"fp32"',
+            "train.logit_adjustment": 0,
+            "train.local_epochs": 0.5,  # the old default
         },
     )
     result = run(load_config(None, tuple(overrides)), progress=False)
