@@ -29,7 +29,7 @@ from hlora.aggregation import (
     UpdateSpec,
     get_strategy,
 )
-from hlora.aggregation.factored import qr_svd
+from hlora.aggregation.factored import qr_svd, split_singular_values
 from hlora.aggregation.spectrum import energy_beyond
 from hlora.checkpoint import ClientState, ServerState, save_state
 from hlora.errors import HloraError
@@ -391,8 +391,6 @@ def _accumulate(
             left = torch.cat([base[name].left, left], dim=-1)  # (out, R_total)
             right = torch.cat([base[name].right, right], dim=-2)  # (R_total, in)
         if left.shape[-1] > min(left.shape[-2], right.shape[-1]):
-            u, s, vh = qr_svd(left, right)
-            root = s.clamp_min(0).sqrt()
-            left, right = u * root, root.unsqueeze(-1) * vh
+            left, right = split_singular_values(*qr_svd(left, right))
         out[name] = LowRankDelta(left=left, right=right)
     return out

@@ -48,7 +48,8 @@ import torch
 from torch import Tensor
 
 from hlora.aggregation import GlobalUpdate, LowRankDelta
-from hlora.aggregation.factored import qr_svd
+from hlora.aggregation._common import pad_to
+from hlora.aggregation.factored import qr_svd, split_singular_values
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
 SPACES: tuple[str, ...] = ("delta", "factors", "increment")
@@ -137,16 +138,16 @@ def _svd_delta(dense: Tensor, keep: int | None) -> LowRankDelta:
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)
     if keep is not None:
         u, s, vh = u[:, :keep], s[:keep], vh[:keep]
-    root = s.clamp_min(0).sqrt()
-    return LowRankDelta(left=u * root, right=root.unsqueeze(-1) * vh, singular_values=s)
+    left, right = split_singular_values(u, s, vh)
+    return LowRankDelta(left=left, right=right, singular_values=s)
 
 
 def _truncate(left: Tensor, right: Tensor, keep: int) -> LowRankDelta:
     """Best rank-``keep`` factors of ``left @ right`` (exact QR-based SVD, never dense)."""
     u, s, vh = qr_svd(left, right)
     u, s, vh = u[:, :keep], s[:keep], vh[:keep]
-    root = s.clamp_min(0).sqrt()
-    return LowRankDelta(left=u * root, right=root.unsqueeze(-1) * vh, singular_values=s)
+    new_left, new_right = split_singular_values(u, s, vh)
+    return LowRankDelta(left=new_left, right=new_right, singular_values=s)
 
 
 def _started_from(previous: LowRankDelta, profile: Tensor) -> tuple[Tensor, Tensor]:
@@ -267,16 +268,16 @@ def _factor_step(
     state: dict[str, Tensor],
 ) -> LowRankDelta:
     width = agg.left.shape[-1] if prev is None else max(agg.left.shape[-1], prev.rank)
-    left, right = _pad(agg.left, width, -1), _pad(agg.right, width, -2)  # (out, k), (k, in)
+    left, right = pad_to(agg.left, width, -1), pad_to(agg.right, width, -2)  # (out, k), (k, in)
     start_left, start_right = torch.zeros_like(left), torch.zeros_like(right)
     if prev is not None:
         if prev.scale != agg.scale:
             raise ValueError(
                 f"layer {name}: scale {agg.scale} differs from the global {prev.scale}"
             )
-        c = _pad(profile, width, 0)[:width].to(left.dtype)
-        start_left = _pad(prev.left, width, -1).to(left.dtype)
-        start_right = _pad(prev.right, width, -2).to(right.dtype)
+        c = pad_to(profile, width, 0)[:width].to(left.dtype)
+        start_left = pad_to(prev.left, width, -1).to(left.dtype)
+        start_right = pad_to(prev.right, width, -2).to(right.dtype)
         g_left = left - start_left * c
         g_right = right - start_right * c.unsqueeze(-1)
     else:
@@ -284,12 +285,3 @@ def _factor_step(
     new_left = start_left + opt.learning_rate * _direction(opt, f"left.{name}", g_left, state)
     new_right = start_right + opt.learning_rate * _direction(opt, f"right.{name}", g_right, state)
     return LowRankDelta(left=new_left, right=new_right, scale=agg.scale)
-
-
-def _pad(tensor: Tensor, size: int, dim: int) -> Tensor:
-    missing = size - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)

@@ -102,3 +102,13 @@ def require_homogeneous(updates: Sequence[ClientUpdate], strategy: str) -> tuple
             f"strategy '{strategy}' needs one LoRA scaling for every client, got {found}"
         )
     return ranks[0], scaling
+
+
+def pad_to(tensor: Tensor, size: int, dim: int) -> Tensor:
+    """``tensor`` zero-padded along ``dim`` to length ``size`` (unchanged when not shorter)."""
+    missing = size - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)

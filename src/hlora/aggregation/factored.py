@@ -52,6 +52,24 @@ def stack_factors(
     return left, right
 
 
+def split_singular_values(u: Tensor, s: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Factors of ``U diag(S) Vh`` with ``S`` split evenly: ``(U sqrt(S), sqrt(S) Vh)``.
+
+    The one place this split is made, so that the leading ``r`` columns / rows of the two
+    factors are the best rank-``r`` approximation (Eckart-Young) with balanced norms.
+
+    Args:
+        u: ``(..., out, k)``.
+        s: ``(..., k)``, non-negative (tiny negative rounding is clamped to zero).
+        vh: ``(..., k, in)``.
+
+    Returns:
+        ``left: (..., out, k)`` and ``right: (..., k, in)``.
+    """
+    root = s.clamp_min(0).sqrt()  # (..., k)
+    return u * root.unsqueeze(-2), root.unsqueeze(-1) * vh
+
+
 def qr_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Exact SVD of ``left @ right`` through two QR factorisations.
 

@@ -21,7 +21,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from hlora.aggregation._common import average_extras, compute_dtype, prepare, shape_groups, stacked
-from hlora.aggregation.factored import choose_method, factored_svd, stack_factors
+from hlora.aggregation.factored import (
+    choose_method,
+    factored_svd,
+    split_singular_values,
+    stack_factors,
+)
 from hlora.aggregation.types import AggregationOptions, ClientUpdate, GlobalUpdate, LowRankDelta
 from hlora.aggregation.validation import UpdateSpec
 
@@ -77,9 +82,7 @@ def aggregate_hlora(
             power_iterations=opts.power_iterations,
             generator=generator,
         )
-        root = s.clamp_min(0).sqrt()  # (L, k)
-        left_out = u * root.unsqueeze(-2)  # (L, out, k)
-        right_out = root.unsqueeze(-1) * vh  # (L, k, in)
+        left_out, right_out = split_singular_values(u, s, vh)  # (L, out, k), (L, k, in)
         for i, name in enumerate(names):
             layers[name] = LowRankDelta(
                 left=left_out[i], right=right_out[i], scale=1.0, singular_values=s[i]

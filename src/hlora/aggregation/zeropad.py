@@ -16,28 +16,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import torch
-from torch import Tensor
-
 from hlora.aggregation._common import (
     average_extras,
     common_scaling,
     compute_dtype,
+    pad_to,
     prepare,
     shape_groups,
     stacked,
 )
 from hlora.aggregation.types import AggregationOptions, ClientUpdate, GlobalUpdate, LowRankDelta
 from hlora.aggregation.validation import UpdateSpec
-
-
-def _pad(tensor: Tensor, size: int, dim: int) -> Tensor:
-    missing = size - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
 def aggregate_zeropad(
@@ -71,8 +60,8 @@ def aggregate_zeropad(
         a_sum = first_a.new_zeros(first_a.shape[0], r_max, first_a.shape[2])  # (L, r_max, in)
         b_sum = first_b.new_zeros(first_b.shape[0], first_b.shape[1], r_max)  # (L, out, r_max)
         for (a, b), weight, coef in zip(pairs, weights, coefficients, strict=True):
-            a_sum = a_sum + (weight * coef) * _pad(a, r_max, dim=1)
-            b_sum = b_sum + (weight * coef) * _pad(b, r_max, dim=2)
+            a_sum = a_sum + (weight * coef) * pad_to(a, r_max, dim=1)
+            b_sum = b_sum + (weight * coef) * pad_to(b, r_max, dim=2)
         for i, name in enumerate(names):
             layers[name] = LowRankDelta(left=b_sum[i], right=a_sum[i], scale=scale)
     return GlobalUpdate(
