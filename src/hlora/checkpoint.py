@@ -9,7 +9,6 @@ checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from hlora.aggregation import GlobalUpdate, LoraFactors, LowRankDelta
 from hlora.errors import CheckpointError
+from hlora.io import write_bytes_atomic
 
 FORMAT_VERSION = 1
 
@@ -126,11 +126,7 @@ def save_state(path: str | Path, state: ServerState, fingerprint: str) -> None:
     for name, t in state.optimizer.items():
         tensors[f"opt.{name}"] = t.contiguous()
     tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"hlora": json.dumps(meta)})
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    write_bytes_atomic(target, save(tensors, metadata={"hlora": json.dumps(meta)}))
 
 
 def load_state(path: str | Path, fingerprint: str | None = None) -> ServerState:

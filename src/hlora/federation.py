@@ -28,6 +28,7 @@ from hlora.data.glue import Example, TaskData, load_task
 from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
+from hlora.io import write_text_atomic
 from hlora.metrics import majority_baseline
 from hlora.models import Backbone, load_backbone
 from hlora.protocol import Transport
@@ -329,7 +330,7 @@ def run(
         )
     federation = build_federation(config)  # every input check happens here, before writing
     target.mkdir(parents=True, exist_ok=True)
-    (target / CONFIG_FILE).write_text(to_toml(config), encoding="utf-8")
+    write_text_atomic(target / CONFIG_FILE, to_toml(config))
     write_json(target / "clients.json", [c.__dict__ for c in federation.clients])
     show = config.output.progress if progress is None else progress
     with RoundProgress(config.federation.rounds, enabled=show) as bar:

@@ -28,11 +28,11 @@ folder and moved into place with :func:`os.replace`.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
 import os
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,6 +44,7 @@ import rich.console
 import rich.progress
 
 from hlora.errors import CheckpointError
+from hlora.io import write_bytes_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -100,47 +101,6 @@ def _to_jsonable(value: Any) -> Any:
     raise TypeError(f"value of type {type(value).__name__} cannot be written as JSON: {value!r}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entry table to disk (so a rename survives a power cut); POSIX only."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` all at once: temporary file, ``fsync``, :func:`os.replace`.
-
-    Readers see either the old file or the new one, never a part. The temporary file lies in the
-    same folder (a rename across file systems would not be atomic) and is removed on failure.
-
-    Args:
-        path: The file to write; its parent folders are created.
-        data: The complete new contents.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as a JSON file atomically (temporary file, then :func:`os.replace`).
 
@@ -155,7 +115,7 @@ def write_json(path: str | Path, data: Any) -> None:
         TypeError: If ``data`` holds a value with no JSON form (nothing is written then).
     """
     text = json.dumps(_to_jsonable(data), indent=2, sort_keys=True, allow_nan=False)
-    _atomic_write_bytes(Path(path), (text + "\n").encode("utf-8"))
+    write_bytes_atomic(Path(path), (text + "\n").encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,7 +291,7 @@ class MetricsLog:
             json.dumps(_to_jsonable(record), allow_nan=False, separators=(", ", ": ")) + "\n"
             for record in kept
         )
-        _atomic_write_bytes(self.path, text.encode("utf-8"))
+        write_bytes_atomic(self.path, text.encode("utf-8"))
 
 
 def load_run_records(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -647,18 +607,12 @@ def plot_convergence(
     """
     fig = convergence_figure(runs, metric, title=title, reference_lines=reference_lines)
     path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buffer = io.BytesIO()
     try:
-        with os.fdopen(fd, "wb") as tmp:
-            fig.savefig(tmp, format="png")
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+        fig.savefig(buffer, format="png")
     finally:
         fig.clear()
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 

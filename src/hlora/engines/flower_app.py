@@ -75,6 +75,7 @@ from hlora.federation import (
     new_run_dir,
     pair_examples,
 )
+from hlora.io import write_text_atomic
 from hlora.models import Backbone, load_backbone
 from hlora.protocol import ClientFailure, RoundResult, TrainInstruction, TrainReply
 from hlora.report import MetricsLog, RoundProgress, write_json
@@ -386,7 +387,7 @@ def serve(
         MetricsLog(run_dir / "metrics.jsonl").truncate_to_round(resumed.round_num)
         logger.info("resuming %s after round %d", run_dir, resumed.round_num)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(to_toml(config), encoding="utf-8")
+    write_text_atomic(run_dir / CONFIG_FILE, to_toml(config))
     write_json(
         run_dir / "clients.json",
         [{**s.__dict__, "node_id": i.node_id} for s, i in zip(slots, infos, strict=True)],

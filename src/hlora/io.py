@@ -1,0 +1,59 @@
+"""Atomic file writes: the one place a run folder's files are written.
+
+A crash, even ``SIGKILL``, leaves either the old file or the new one, never a part of one: the
+data goes to a uniquely named temporary file in the same folder, is flushed with ``fsync``, moved
+over the target with :func:`os.replace`, and the folder's entry table is synced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entry table to disk (so a rename survives a power cut); POSIX only."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all at once: temporary file, ``fsync``, :func:`os.replace`.
+
+    Readers see either the old file or the new one, never a part. The temporary file lies in the
+    same folder (a rename across file systems would not be atomic) and is removed on failure.
+
+    Args:
+        path: The file to write; its parent folders are created.
+        data: The complete new contents.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(Path(path), text.encode("utf-8"))
