@@ -94,6 +94,23 @@ def test_bad_files_and_override_syntax(tmp_path: Path) -> None:
         parse_override("rounds=3")
 
 
+def test_fedavg_with_memory_ranks_is_refused_before_the_run() -> None:
+    with pytest.raises(ConfigError, match="strategy 'fedavg' needs one rank for every client"):
+        load_config(
+            None,
+            (
+                "federation.strategy=fedavg",
+                "federation.rank_rule=memory",
+                "federation.memory_budgets_mb=[1.0, 100.0]",
+            ),
+        )
+    one_rank = ("federation.ranks=[8]", "federation.memory_budgets_mb=[100.0]")
+    config = load_config(
+        None, ("federation.strategy=fedavg", "federation.rank_rule=memory", *one_rank)
+    )
+    assert config.federation.ranks == (8,)
+
+
 def test_factored_state_is_refused_for_adaptive_optimizers() -> None:
     with pytest.raises(ConfigError, match=r"'yogi' needs 'dense' or 'auto' state"):
         load_config(None, ("server.optimizer=yogi", "server.optimizer_state=factored"))

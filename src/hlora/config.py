@@ -227,7 +227,7 @@ class FederationConfig:
         _non_negative_int("federation.centralized_rank", self.centralized_rank)
         _positive_int("federation.min_clients", self.min_clients)
         _non_negative_int("federation.seed", self.seed)
-        if self.strategy == "fedavg" and self.rank_rule != "memory" and len(set(self.ranks)) > 1:
+        if self.strategy == "fedavg" and len(set(self.ranks)) > 1:  # whatever the rank rule
             raise _fail(
                 "federation.ranks",
                 list(self.ranks),
