@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
+
 from hlora.errors import HloraError
 from hlora.protocol import ClientFailure, RoundResult, TrainInstruction, TrainReply
 from hlora.runtime import Features, ModelRuntime
@@ -32,15 +34,23 @@ class InProcessTransport:
         self.on_client_done = on_client_done
 
     def run_round(self, instructions: Sequence[TrainInstruction]) -> RoundResult:
-        """Train every instructed client; a client that raises is reported as a failure."""
+        """Train every instructed client.
+
+        A client whose input is bad (:class:`HloraError`, ``ValueError``) or that runs out of
+        device memory is reported as a failure naming the error's type, and the round goes on.
+        Any other error (a bug) propagates: it would fail every client the same way.
+        """
         replies: list[TrainReply] = []
         failures: list[ClientFailure] = []
         for instruction in instructions:
             try:
                 reply = self.runtime.train_client(instruction, self.features[instruction.client_id])
-            except (HloraError, RuntimeError, ValueError) as err:
-                logger.warning("client %s failed: %s", instruction.client_id, err)
-                failures.append(ClientFailure(instruction.client_id, f"training failed: {err}"))
+            except (HloraError, ValueError, torch.OutOfMemoryError) as err:
+                kind = type(err).__name__
+                logger.warning("client %s failed (%s): %s", instruction.client_id, kind, err)
+                failures.append(
+                    ClientFailure(instruction.client_id, f"training failed ({kind}): {err}")
+                )
                 if self.on_client_done:
                     self.on_client_done(instruction.client_id, instruction.rank, None)
                 continue
