@@ -308,3 +308,36 @@ def test_smollm2_decoder_federation(glue_dir: Path, tmp_path: Path) -> None:
     (record,) = _records(result.run_dir)
     assert 0.0 <= record["eval"]["accuracy"] <= 1.0
     assert (result.run_dir / "adapters" / "r4" / "adapter_config.json").is_file()
+
+
+def test_export_takes_the_label_count_from_the_task(
+    glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A RoBERTa head's first tensor is a (hidden, hidden) dense layer, not the label vector.
+    from transformers import BertTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+
+    from tiny_models import build_tiny_backbone
+
+    tokenizer: BertTokenizerFast = build_tiny_backbone().tokenizer
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        type_vocab_size=2,
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path / "tiny-roberta"
+    torch.manual_seed(0)
+    RobertaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    overrides = tiny_overrides(
+        folder, glue_dir, tmp_path, **{"federation.rounds": 1, "model.target_modules": '["query"]'}
+    )
+    result = run(load_config(None, tuple(overrides)), progress=False)
+    assert main(["export", str(result.run_dir), "--rank", "2", "--out", str(tmp_path / "a")]) == 0
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["r"] == 2

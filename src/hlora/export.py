@@ -6,6 +6,7 @@ from pathlib import Path
 
 from hlora.checkpoint import load_state
 from hlora.config import CONFIG_FILE
+from hlora.data.glue import get_task
 from hlora.errors import CheckpointError, ConfigError
 from hlora.federation import (
     CHECKPOINT_FILE,
@@ -49,9 +50,9 @@ def export_run(
             f"run '{run_dir}' has no global update (strategy "
             f"'{config.federation.strategy}' keeps one adapter per client)"
         )
-    backbone = load_backbone(
-        config.model.name, len(next(iter(state.extras.values()))), seed=config.federation.seed
-    )
+    # The label count is the task's (a head's first tensor need not be its label vector).
+    num_labels = get_task(config.data.task).num_labels
+    backbone = load_backbone(config.model.name, num_labels, seed=config.federation.seed)
     bank = LoraBank(
         backbone,
         [rank],
