@@ -28,7 +28,7 @@ from hlora.data.glue import Example, TaskData, load_task
 from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
-from hlora.io import write_text_atomic
+from hlora.io import run_folder_lock, write_text_atomic
 from hlora.metrics import majority_baseline
 from hlora.models import Backbone, load_backbone
 from hlora.protocol import Transport
@@ -320,7 +320,8 @@ def run(
         progress: Show progress (default: ``config.output.progress``).
 
     Raises:
-        HloraError: Bad input, or a round that cannot go on.
+        HloraError: Bad input, a round that cannot go on, or a run folder another process is
+            writing (:class:`hlora.io.RunFolderBusyError`).
     """
     target = run_dir or new_run_dir(config)
     if (target / CONFIG_FILE).exists():
@@ -329,14 +330,16 @@ def run(
             "or another output.name"
         )
     federation = build_federation(config)  # every input check happens here, before writing
-    target.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(target / CONFIG_FILE, to_toml(config))
-    write_json(target / "clients.json", [c.__dict__ for c in federation.clients])
-    show = config.output.progress if progress is None else progress
-    with RoundProgress(config.federation.rounds, enabled=show) as bar:
-        loop = make_loop(federation, target, bar)
-        state = loop.run()
-    return finish(federation, target, state)
+    with run_folder_lock(target):
+        if (target / CONFIG_FILE).exists():  # another run took the folder meanwhile
+            raise ConfigError(f"run folder '{target}' already holds a run")
+        write_text_atomic(target / CONFIG_FILE, to_toml(config))
+        write_json(target / "clients.json", [c.__dict__ for c in federation.clients])
+        show = config.output.progress if progress is None else progress
+        with RoundProgress(config.federation.rounds, enabled=show) as bar:
+            loop = make_loop(federation, target, bar)
+            state = loop.run()
+        return finish(federation, target, state)
 
 
 def resume(run_dir: Path, *, progress: bool | None = None) -> RunResult:
@@ -344,23 +347,25 @@ def resume(run_dir: Path, *, progress: bool | None = None) -> RunResult:
 
     Raises:
         CheckpointError: Missing config or corrupt checkpoint.
+        RunFolderBusyError: Another process is writing the run folder.
     """
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
     config = load_config(config_path)
-    checkpoint = run_dir / CHECKPOINT_FILE
-    state: ServerState | None = None
-    if checkpoint.exists():
-        state = load_state(checkpoint, fingerprint(config))
-    federation = build_federation(config)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    metrics.truncate_to_round(state.round_num if state else 0)
-    show = config.output.progress if progress is None else progress
-    with RoundProgress(config.federation.rounds, enabled=show) as bar:
-        loop = make_loop(federation, run_dir, bar)
-        state = loop.run(state)
-    return finish(federation, run_dir, state)
+    with run_folder_lock(run_dir):
+        checkpoint = run_dir / CHECKPOINT_FILE
+        state: ServerState | None = None
+        if checkpoint.exists():
+            state = load_state(checkpoint, fingerprint(config))
+        federation = build_federation(config)
+        metrics = MetricsLog(run_dir / "metrics.jsonl")
+        metrics.truncate_to_round(state.round_num if state else 0)
+        show = config.output.progress if progress is None else progress
+        with RoundProgress(config.federation.rounds, enabled=show) as bar:
+            loop = make_loop(federation, run_dir, bar)
+            state = loop.run(state)
+        return finish(federation, run_dir, state)
 
 
 def global_delta(state: ServerState) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Atomic file writes: the one place a run folder's files are written.
+"""Atomic file writes (the one place a run folder's files are written) and the run folder's lock.
 
 A crash, even ``SIGKILL``, leaves either the old file or the new one, never a part of one: the
 data goes to a uniquely named temporary file in the same folder, is flushed with ``fsync``, moved
@@ -10,7 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from hlora.errors import HloraError
+
+
+class RunFolderBusyError(HloraError):
+    """Another process is writing the run folder."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -57,3 +64,37 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_bytes_atomic`)."""
     write_bytes_atomic(Path(path), text.encode("utf-8"))
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock: one process at a time writes a run folder.
+
+    An exclusive ``flock`` on ``folder/.lock``, released when the block ends or the process dies
+    (even by ``SIGKILL``), so a crashed run never leaves a stale lock. POSIX only; elsewhere the
+    block runs unlocked.
+
+    Raises:
+        RunFolderBusyError: Another process holds the lock.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(folder / LOCK_FILE, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise RunFolderBusyError(
+                f"run folder '{folder}' is being written by another process (its '{LOCK_FILE}' "
+                "is locked): wait for it to finish or stop it first"
+            ) from err
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
