@@ -233,3 +233,17 @@ def test_a_resumed_run_keeps_the_server_optimizers_state(
         return [(r["eval"], r["train_loss"]) for r in map(json.loads, lines)]
 
     assert evals(resumed.run_dir) == evals(straight.run_dir)
+
+
+def test_gradients_are_cleared_when_training_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime, features = _runtime(TrainConfig(batch_size=4, local_epochs=1))
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("clipping failed")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", broken)
+    with pytest.raises(RuntimeError, match="clipping failed"):
+        runtime.train_client(_instruction(runtime), features)
+    params = runtime.bank.trainable_parameters(4)
+    assert params and all(p.grad is None for p in params)
+    assert not runtime.bank.model.training  # back in evaluation mode
