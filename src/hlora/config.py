@@ -256,8 +256,9 @@ class TrainConfig:
         default="linear",
         metadata=_help(
             "'linear' or 'cosine': one warm-up, then decay to zero across the whole run (the "
-            "server tells each client its round's learning rates); 'constant': one warm-up, "
-            "then flat; 'round': warm-up and linear decay inside every round"
+            "server tells each client the stretch of the schedule its round covers); "
+            "'constant': one warm-up, then flat; 'round': warm-up and linear decay inside "
+            "every round"
         ),
     )
     proximal_mu: float = field(
@@ -346,7 +347,8 @@ class ServerConfig:
         metadata=_help(
             "where the optimizer keeps each layer's state: 'dense' (out x in tensors), "
             "'factored' (low-rank, at most state_rank components; 'sgd' and 'avgm' only) or "
-            "'auto' (dense up to 4M entries per layer, factored above)"
+            "'auto' (dense up to 4M entries per layer, factored above; always dense for 'adam' "
+            "and 'yogi')"
         ),
     )
     state_rank: int = field(
