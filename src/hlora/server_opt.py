@@ -136,18 +136,20 @@ def _direction(opt: ServerOptimizer, key: str, g: Tensor, state: dict[str, Tenso
 def _svd_delta(dense: Tensor, keep: int | None) -> LowRankDelta:
     """``dense (out, in)`` as ``U sqrt(S) . sqrt(S) Vh``, keeping at most ``keep`` components."""
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)
-    if keep is not None:
-        u, s, vh = u[:, :keep], s[:keep], vh[:keep]
-    left, right = split_singular_values(u, s, vh)
-    return LowRankDelta(left=left, right=right, singular_values=s)
+    return _kept(u, s, vh, keep)
 
 
 def _truncate(left: Tensor, right: Tensor, keep: int) -> LowRankDelta:
     """Best rank-``keep`` factors of ``left @ right`` (exact QR-based SVD, never dense)."""
-    u, s, vh = qr_svd(left, right)
-    u, s, vh = u[:, :keep], s[:keep], vh[:keep]
-    new_left, new_right = split_singular_values(u, s, vh)
-    return LowRankDelta(left=new_left, right=new_right, singular_values=s)
+    return _kept(*qr_svd(left, right), keep)
+
+
+def _kept(u: Tensor, s: Tensor, vh: Tensor, keep: int | None) -> LowRankDelta:
+    """The leading ``keep`` SVD components (all when None) as a :class:`LowRankDelta`."""
+    if keep is not None:
+        u, s, vh = u[:, :keep], s[:keep], vh[:keep]
+    left, right = split_singular_values(u, s, vh)
+    return LowRankDelta(left=left, right=right, singular_values=s)
 
 
 def _started_from(previous: LowRankDelta, profile: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,11 +253,10 @@ def _factored_delta_step(
         m = _truncate(g_left, g_right, opt.state_rank)
         state[m_left], state[m_right] = m.left, m.right
         g_left, g_right = m.left, m.right
-    step_left = opt.learning_rate * g_left
-    if prev is None:
-        return _truncate(step_left, g_right, opt.global_rank or opt.state_rank)
-    left = torch.cat([prev.scale * prev.left.to(step_left.dtype), step_left], dim=-1)
-    right = torch.cat([prev.right.to(g_right.dtype), g_right], dim=-2)
+    left, right = opt.learning_rate * g_left, g_right  # the step, (out, k) and (k, in)
+    if prev is not None:  # x + eta * u, stacked
+        left = torch.cat([prev.scale * prev.left.to(left.dtype), left], dim=-1)
+        right = torch.cat([prev.right.to(right.dtype), right], dim=-2)
     return _truncate(left, right, opt.global_rank or opt.state_rank)
 
 
