@@ -57,6 +57,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("data.alpha=0", "invalid value for 'data.alpha': 0"),
         ("model.lora_scaling=-2", "invalid value for 'model.lora_scaling': -2"),
         ("server.svd_method=lanczos", "invalid value for 'server.svd_method': 'lanczos'"),
+        ("server.factor_split=left", "invalid value for 'server.factor_split': 'left'"),
         ("server.eval_truncations=sometimes", "invalid value for 'server.eval_truncations'"),
         ("train.lr_schedule=step", "invalid value for 'train.lr_schedule': 'step' (allowed: round"),
         ("train.proximal_mu=-0.1", "invalid value for 'train.proximal_mu': -0.1"),

@@ -216,3 +216,30 @@ def test_bad_settings() -> None:
     agg = GlobalUpdate("hlora", {"l0": LowRankDelta(torch.ones(2, 1), torch.ones(1, 2))}, {})
     with pytest.raises(ValueError, match="unknown optimizer space 'weights'"):
         server_step(ServerOptimizer("sgd"), "weights", None, {}, agg, torch.ones(1), {})
+
+
+@pytest.mark.parametrize("state", ["dense", "factored"])
+def test_factor_split_of_the_stepped_update(state: str) -> None:
+    """The re-decomposed update has the same product under either split, and ``orthonormal-a``
+    hands clients orthonormal rows of ``A``."""
+    opt = ServerOptimizer("avgm", learning_rate=0.9, momentum=0.6, state=state)
+    ranks, sizes = [1, 2, 3], [30, 10, 20]
+    profile = rank_profile(ranks, _weights(sizes))
+    space = get_strategy("hlora").optimizer_space
+    head = {"head": torch.zeros(3, dtype=torch.float64)}
+    results = {}
+    for split in ("balanced", "orthonormal-a"):
+        previous, opt_state = None, {}
+        for t in range(2):
+            agg = get_strategy("hlora").aggregate(_updates(ranks, sizes, seed=t))
+            previous, opt_state = server_step(
+                opt, space, previous, head, agg, profile, opt_state, split
+            )
+        results[split] = previous
+    for name in ("l0", "l1"):
+        a, b = results["balanced"].layers[name], results["orthonormal-a"].layers[name]
+        assert_close(b.dense(), a.dense(), rtol=1e-9, atol=1e-9)
+        right = b.right
+        assert_close(
+            right @ right.T, torch.eye(right.shape[0], dtype=right.dtype), atol=1e-9, rtol=0
+        )

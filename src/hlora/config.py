@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from hlora.aggregation.factored import SVD_METHODS
+from hlora.aggregation.factored import FACTOR_SPLITS, SVD_METHODS
 from hlora.aggregation.registry import STRATEGY_NAMES
 from hlora.data.glue import TASK_NAMES
 from hlora.data.partition import PARTITION_SCHEMES
@@ -313,6 +313,15 @@ class ServerConfig:
         ),
     )
     svd_method: str = field(default="auto", metadata=_help(f"one of {', '.join(SVD_METHODS)}"))
+    factor_split: str = field(
+        default="balanced",
+        metadata=_help(
+            "where the global update's singular values sit in the factors a client starts "
+            "from (hlora): balanced (B = U sqrt(S), A = sqrt(S) Vh) or orthonormal-a "
+            "(B = U S, A = Vh, as LoRA starts a fresh adapter, so weak components keep "
+            "learning); the product is the same"
+        ),
+    )
     eval_every: int = field(
         default=1,
         metadata=_help("evaluate the global model every N rounds (the last round always)"),
@@ -373,6 +382,7 @@ class ServerConfig:
             )
         _non_negative_int("server.global_rank", self.global_rank)
         _choice("server.svd_method", self.svd_method, SVD_METHODS)
+        _choice("server.factor_split", self.factor_split, FACTOR_SPLITS)
         _positive_int("server.eval_every", self.eval_every)
         _choice("server.eval_truncations", self.eval_truncations, TRUNCATION_EVALS)
         _positive_int("server.eval_batch_size", self.eval_batch_size)

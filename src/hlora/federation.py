@@ -236,6 +236,7 @@ def loop_settings(config: RunConfig) -> LoopSettings:
             global_rank=config.server.global_rank or None,
             svd_method=config.server.svd_method,
             seed=fed.seed,
+            factor_split=config.server.factor_split,
         ),
         lr_schedule=config.train.lr_schedule,
         learning_rate=config.train.learning_rate,

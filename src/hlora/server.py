@@ -315,6 +315,7 @@ class RoundLoop:
             aggregate,
             profile,
             state.optimizer,
+            self.settings.options.factor_split,
         )
 
     def spectrum(self, state: ServerState) -> dict[str, float]:

@@ -133,22 +133,22 @@ def _direction(opt: ServerOptimizer, key: str, g: Tensor, state: dict[str, Tenso
     return m / (v.clamp_min(0).sqrt() + opt.epsilon)
 
 
-def _svd_delta(dense: Tensor, keep: int | None) -> LowRankDelta:
-    """``dense (out, in)`` as ``U sqrt(S) . sqrt(S) Vh``, keeping at most ``keep`` components."""
+def _svd_delta(dense: Tensor, keep: int | None, split: str) -> LowRankDelta:
+    """``dense (out, in)`` as SVD factors split by ``split``, keeping at most ``keep``."""
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)
-    return _kept(u, s, vh, keep)
+    return _kept(u, s, vh, keep, split)
 
 
-def _truncate(left: Tensor, right: Tensor, keep: int) -> LowRankDelta:
+def _truncate(left: Tensor, right: Tensor, keep: int, split: str = "balanced") -> LowRankDelta:
     """Best rank-``keep`` factors of ``left @ right`` (exact QR-based SVD, never dense)."""
-    return _kept(*qr_svd(left, right), keep)
+    return _kept(*qr_svd(left, right), keep, split)
 
 
-def _kept(u: Tensor, s: Tensor, vh: Tensor, keep: int | None) -> LowRankDelta:
+def _kept(u: Tensor, s: Tensor, vh: Tensor, keep: int | None, split: str) -> LowRankDelta:
     """The leading ``keep`` SVD components (all when None) as a :class:`LowRankDelta`."""
     if keep is not None:
         u, s, vh = u[:, :keep], s[:keep], vh[:keep]
-    left, right = split_singular_values(u, s, vh)
+    left, right = split_singular_values(u, s, vh, split)
     return LowRankDelta(left=left, right=right, singular_values=s)
 
 
@@ -170,6 +170,7 @@ def server_step(
     aggregate: GlobalUpdate,
     profile: Tensor,
     state: Mapping[str, Tensor],
+    split: str = "balanced",
 ) -> tuple[GlobalUpdate, dict[str, Tensor]]:
     """Step the global update with the round's pseudo-gradient (see the module docstring).
 
@@ -182,6 +183,8 @@ def server_step(
         aggregate: The strategy's aggregate of the round's updates.
         profile: :func:`rank_profile` of the aggregated clients.
         state: The optimizer state after the previous round (empty at first); not mutated.
+        split: How a re-decomposed global update's ``S`` is split between its factors
+            (:func:`~hlora.aggregation.factored.split_singular_values`).
 
     Returns:
         The new global update (same strategy and layout as ``aggregate``) and the new state.
@@ -198,9 +201,9 @@ def server_step(
         if space == "factors":
             layers[name] = _factor_step(opt, name, prev, agg, profile, new_state)
         elif opt.factored_for(agg.left.shape[0], agg.right.shape[1]):
-            layers[name] = _factored_delta_step(opt, name, prev, agg, profile, new_state)
+            layers[name] = _factored_delta_step(opt, name, prev, agg, profile, new_state, split)
         else:
-            layers[name] = _dense_delta_step(opt, name, prev, agg, profile, new_state, space)
+            layers[name] = _dense_delta_step(opt, name, prev, agg, profile, new_state, space, split)
     extras = {}
     for name, head in aggregate.extras.items():
         start = previous_extras[name].to(head.dtype)
@@ -220,6 +223,7 @@ def _dense_delta_step(
     profile: Tensor,
     state: dict[str, Tensor],
     space: str,
+    split: str,
 ) -> LowRankDelta:
     g = agg.dense()  # (out, in)
     base = torch.zeros_like(g)
@@ -229,7 +233,7 @@ def _dense_delta_step(
         base = prev.dense().to(g.dtype)
     step = opt.learning_rate * _direction(opt, f"layer.{name}", g, state)
     keep = None if space == "increment" else opt.global_rank
-    return _svd_delta(base + step, keep)
+    return _svd_delta(base + step, keep, split)
 
 
 def _factored_delta_step(
@@ -239,6 +243,7 @@ def _factored_delta_step(
     agg: LowRankDelta,
     profile: Tensor,
     state: dict[str, Tensor],
+    split: str,
 ) -> LowRankDelta:
     g_left, g_right = agg.scale * agg.left, agg.right  # (out, k), (k, in)
     if prev is not None:
@@ -257,7 +262,7 @@ def _factored_delta_step(
     if prev is not None:  # x + eta * u, stacked
         left = torch.cat([prev.scale * prev.left.to(left.dtype), left], dim=-1)
         right = torch.cat([prev.right.to(right.dtype), right], dim=-2)
-    return _truncate(left, right, opt.global_rank or opt.state_rank)
+    return _truncate(left, right, opt.global_rank or opt.state_rank, split)
 
 
 def _factor_step(

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hlora.aggregation import AggregationOptions, ClientUpdate, aggregate_hlora
+from hlora.aggregation.factored import split_singular_values
 
 EXACT_METHODS = ["qr", "gram"]
 
@@ -195,3 +196,57 @@ def test_property_exact_and_optimal(
         mine = result.client_factors(update.rank, update.scaling)["w"]
         err = float((dense - update.scaling * mine.B @ mine.A).norm())
         assert err <= optimal_error(dense, update.rank) + 1e-9 * float(dense.norm())
+
+
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_orthonormal_a_split_changes_the_factors_not_the_update(method: str) -> None:
+    updates = make_round([1, 2, 3, 5])
+    balanced = aggregate_hlora(updates, AggregationOptions(svd_method=method))
+    split = aggregate_hlora(
+        updates, AggregationOptions(svd_method=method, factor_split="orthonormal-a")
+    )
+    for name in SHAPES:
+        dense = reference_delta(updates, name)
+        assert rel(split.layers[name].dense(), dense) <= 1e-10
+        # (k, in): Vh, orthonormal rows (the gram method leaves rows of zero S at zero)
+        values = split.layers[name].singular_values
+        assert values is not None
+        right = split.layers[name].right[values > 1e-8 * values[0]]
+        eye = torch.eye(right.shape[0], dtype=right.dtype)
+        torch.testing.assert_close(right @ right.T, eye, rtol=0, atol=1e-10)
+        for update in updates:
+            mine = split.client_factors(update.rank, update.scaling)[name]
+            theirs = balanced.client_factors(update.rank, update.scaling)[name]
+            torch.testing.assert_close(mine.B @ mine.A, theirs.B @ theirs.A, rtol=1e-9, atol=1e-12)
+            err = float((dense - update.scaling * mine.B @ mine.A).norm())
+            assert err == pytest.approx(optimal_error(dense, update.rank), rel=1e-9, abs=1e-12)
+
+
+def test_unknown_factor_split_is_refused() -> None:
+    with pytest.raises(ValueError, match="factor_split must be one of"):
+        AggregationOptions(factor_split="left")
+
+
+def test_a_dead_component_learns_only_with_the_orthonormal_a_split() -> None:
+    """A component whose singular value is zero: under the balanced split both its factors are
+    zero, a saddle point of ``B @ A`` where no gradient reaches it; under ``orthonormal-a`` its
+    row of ``A`` is a unit vector, so the gradient on its column of ``B`` is not zero."""
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(6, 3, generator=gen, dtype=torch.float64))
+    vh = torch.linalg.qr(torch.randn(5, 3, generator=gen, dtype=torch.float64))[0].T
+    s = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    target = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    grads = {}
+    for split in ("balanced", "orthonormal-a"):
+        left, right = split_singular_values(u, s, vh, split)
+        b = left.clone().requires_grad_(True)
+        a = right.clone().requires_grad_(True)
+        loss = ((x @ (b @ a).T - target) ** 2).sum()
+        loss.backward()
+        assert b.grad is not None and a.grad is not None
+        grads[split] = (float(b.grad[:, 2].norm()), float(a.grad[2].norm()))
+    assert grads["balanced"] == (0.0, 0.0)
+    assert grads["orthonormal-a"][0] > 1e-3
+    with pytest.raises(ValueError, match="unknown factor split 'left'"):
+        split_singular_values(u, s, vh, "left")

@@ -52,22 +52,43 @@ def stack_factors(
     return left, right
 
 
-def split_singular_values(u: Tensor, s: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
-    """Factors of ``U diag(S) Vh`` with ``S`` split evenly: ``(U sqrt(S), sqrt(S) Vh)``.
+FACTOR_SPLITS = ("balanced", "orthonormal-a")
 
-    The one place this split is made, so that the leading ``r`` columns / rows of the two
-    factors are the best rank-``r`` approximation (Eckart-Young) with balanced norms.
+
+def split_singular_values(
+    u: Tensor, s: Tensor, vh: Tensor, split: str = "balanced"
+) -> tuple[Tensor, Tensor]:
+    """Factors ``(left, right)`` of ``U diag(S) Vh``: the one place ``S`` is split between them.
+
+    The leading ``r`` columns / rows of the two factors are the best rank-``r`` approximation
+    (Eckart-Young) with either split; the split only decides where the magnitude sits, which
+    matters to a client that keeps training them (``B = left``, ``A = right``):
+
+    * ``balanced``: ``(U sqrt(S), sqrt(S) Vh)``, equal norms on both sides. A component with a
+      tiny singular value has tiny ``B`` and ``A`` and barely moves under training (the
+      product's change ``dB A + B dA`` is proportional to ``sqrt(s_j)``).
+    * ``orthonormal-a``: ``(U diag(S), Vh)``, the rows of ``A`` orthonormal and the magnitude in
+      ``B``, as LoRA initialises a fresh adapter (``A`` random at unit scale, ``B`` zero); a
+      component with ``s_j = 0`` starts like a fresh LoRA component and can still learn.
 
     Args:
         u: ``(..., out, k)``.
         s: ``(..., k)``, non-negative (tiny negative rounding is clamped to zero).
         vh: ``(..., k, in)``.
+        split: One of :data:`FACTOR_SPLITS`.
 
     Returns:
         ``left: (..., out, k)`` and ``right: (..., k, in)``.
+
+    Raises:
+        ValueError: An unknown split.
     """
-    root = s.clamp_min(0).sqrt()  # (..., k)
-    return u * root.unsqueeze(-2), root.unsqueeze(-1) * vh
+    if split == "balanced":
+        root = s.clamp_min(0).sqrt()  # (..., k)
+        return u * root.unsqueeze(-2), root.unsqueeze(-1) * vh
+    if split == "orthonormal-a":
+        return u * s.clamp_min(0).unsqueeze(-2), vh
+    raise ValueError(f"unknown factor split {split!r} (allowed: {FACTOR_SPLITS})")
 
 
 def qr_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,7 +7,8 @@ For every adapted layer the global update is::
 It is never formed as a dense matrix: the clients' factors are stacked into ``P (out, R)`` and
 ``Q (R, in)`` (``R = sum_k r_k``, see :mod:`hlora.aggregation.factored`) and ``dW = P @ Q`` is
 decomposed as ``U diag(S) Vh``. The result is stored as ``left = U sqrt(S)`` and
-``right = sqrt(S) Vh`` (``S`` split evenly between the two sides), so a client of rank ``r`` and
+``right = sqrt(S) Vh`` (``S`` split evenly between the two sides; or ``left = U S``,
+``right = Vh`` with ``factor_split = "orthonormal-a"``), so a client of rank ``r`` and
 scaling ``s`` starts the next round from ``B' = left[:, :r] / sqrt(s)``,
 ``A' = right[:r] / sqrt(s)``: ``s B' A'`` is the best rank-``r`` approximation of ``dW``
 (Eckart-Young). Same-shape layers are decomposed in one batched call.
@@ -82,7 +83,8 @@ def aggregate_hlora(
             power_iterations=opts.power_iterations,
             generator=generator,
         )
-        left_out, right_out = split_singular_values(u, s, vh)  # (L, out, k), (L, k, in)
+        # (L, out, k), (L, k, in)
+        left_out, right_out = split_singular_values(u, s, vh, opts.factor_split)
         for i, name in enumerate(names):
             layers[name] = LowRankDelta(
                 left=left_out[i], right=right_out[i], scale=1.0, singular_values=s[i]

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hlora.aggregation.factored import FACTOR_SPLITS
+
 
 @dataclass(frozen=True)
 class LoraFactors:
@@ -71,7 +73,9 @@ class LowRankDelta:
     The columns of ``left`` (rows of ``right``) are ordered by importance: a client of rank ``r``
     takes the leading ``r`` of them. For the ``hlora`` strategy ``left = U * sqrt(S)`` and
     ``right = sqrt(S)[:, None] * Vh`` from the SVD ``dW = U diag(S) Vh``, so the leading ``r``
-    columns give the best rank-``r`` approximation (Eckart-Young).
+    columns give the best rank-``r`` approximation (Eckart-Young); with
+    ``AggregationOptions.factor_split = "orthonormal-a"`` the magnitude sits in ``left = U S``
+    and ``right = Vh``.
 
     Attributes:
         left: Shape ``(out_features, k)``.
@@ -177,6 +181,9 @@ class AggregationOptions:
         seed: Seed of the randomized method's test matrices.
         compute_dtype: dtype of the math; ``None`` keeps fp32/fp64 inputs as they are and
             promotes half-precision inputs to fp32.
+        factor_split: How an SVD's ``S`` is split between the factors clients start from
+            (:func:`hlora.aggregation.factored.split_singular_values`): ``balanced`` or
+            ``orthonormal-a``. The product, and so every exactness property, is the same.
     """
 
     global_rank: int | None = None
@@ -185,8 +192,13 @@ class AggregationOptions:
     power_iterations: int = 4
     seed: int = 0
     compute_dtype: torch.dtype | None = None
+    factor_split: str = "balanced"
 
     def __post_init__(self) -> None:
+        if self.factor_split not in FACTOR_SPLITS:
+            raise ValueError(
+                f"factor_split must be one of {FACTOR_SPLITS}, got {self.factor_split!r}"
+            )
         if self.global_rank is not None and self.global_rank < 1:
             raise ValueError(f"global_rank must be >= 1 or None, got {self.global_rank}")
         if self.oversampling is not None and self.oversampling < 0:
