@@ -9,7 +9,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from hlora.aggregation import ClientUpdate, InvalidUpdateError, LoraFactors, LowRankDelta
-from hlora.engines.flower_codec import (
+from hlora.engines.flower.codec import (
     EXTRAS,
     FACTORS,
     INSTRUCTION,

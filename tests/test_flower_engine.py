@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from hlora.aggregation import ClientUpdate, LoraFactors
 from hlora.config import RunConfig, load_config, replace, to_toml
-from hlora.engines.flower_codec import decode_instruction, encode_reply
+from hlora.engines.flower.codec import decode_instruction, encode_reply
 from hlora.errors import ConfigError
 from hlora.federation import build_federation, run
 from hlora.protocol import TrainInstruction, TrainReply
@@ -67,7 +67,7 @@ def _tiny_config(tiny_bert_dir: Path, glue_dir: Path, out: Path, **extra: object
 def test_node_partitions_match_build_federation(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
-    from hlora.engines.flower_app import client_runtime, partition_features
+    from hlora.engines.flower.node import client_runtime, partition_features
 
     config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path)
     federation = build_federation(config)
@@ -154,7 +154,7 @@ def _instructions(n: int) -> list[TrainInstruction]:
 def test_transport_turns_errors_silence_and_bad_replies_into_failures(
     task_identity: None,
 ) -> None:
-    from hlora.engines.flower_app import FlowerTransport
+    from hlora.engines.flower.transport import FlowerTransport
 
     grid = FakeGrid(
         {
@@ -204,7 +204,7 @@ def _query_answer(partition: int, rank: int = 0, memory_mb: float = 0.0) -> Call
 
 def test_query_maps_nodes_to_clients_and_ranks(task_identity: None) -> None:
     from hlora.adapters import LayerShape
-    from hlora.engines.flower_app import node_rank, query_nodes
+    from hlora.engines.flower.identity import node_rank, query_nodes
 
     grid = FakeGrid(
         {
@@ -227,7 +227,7 @@ def test_query_maps_nodes_to_clients_and_ranks(task_identity: None) -> None:
 
 
 def test_query_rejects_duplicate_partitions(task_identity: None) -> None:
-    from hlora.engines.flower_app import query_nodes
+    from hlora.engines.flower.identity import query_nodes
     from hlora.server import FederationError
 
     grid = FakeGrid({1: _query_answer(0), 2: _query_answer(0), 3: _query_answer(1)})
@@ -237,7 +237,7 @@ def test_query_rejects_duplicate_partitions(task_identity: None) -> None:
 
 def test_declared_rank_outside_the_config_is_an_error() -> None:
     from hlora.adapters import LayerShape
-    from hlora.engines.flower_app import NodeInfo, node_rank
+    from hlora.engines.flower.identity import NodeInfo, node_rank
 
     config = load_config(None, ("federation.num_clients=3", "federation.ranks=[2, 4]"))
     info = NodeInfo(node_id=1, partition_id=0, num_partitions=3, num_examples=5, rank=16)
@@ -246,7 +246,7 @@ def test_declared_rank_outside_the_config_is_an_error() -> None:
 
 
 def test_simulation_refuses_centralized_and_used_run_folders(tmp_path: Path) -> None:
-    from hlora.engines.flower_app import run_flower_simulation
+    from hlora.engines.flower.simulation import run_flower_simulation
 
     config = load_config(None, ("federation.strategy=centralized",))
     with pytest.raises(ConfigError, match="centralized"):
@@ -260,7 +260,7 @@ def test_simulation_refuses_centralized_and_used_run_folders(tmp_path: Path) -> 
 def test_cli_engine_option_dispatches_to_the_simulation(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import hlora.engines.flower_app as flower_app
+    import hlora.engines.flower.simulation as simulation
     from hlora.cli import build_parser, main
     from hlora.federation import RunResult
 
@@ -271,7 +271,7 @@ def test_cli_engine_option_dispatches_to_the_simulation(
         calls.append((config.federation.num_clients, run_dir, progress))
         return RunResult(run_dir, {"final": {"accuracy": 0.5}})
 
-    monkeypatch.setattr(flower_app, "run_flower_simulation", fake)
+    monkeypatch.setattr(simulation, "run_flower_simulation", fake)
     args = ["run", "--engine", "flower-sim", "--no-progress", "--output", str(tmp_path)]
     assert main([*args, "--set", "federation.num_clients=3", "--set", "output.name=x"]) == 0
     assert calls == [(3, tmp_path / "x", False)]
@@ -282,7 +282,7 @@ def test_cli_engine_option_dispatches_to_the_simulation(
 def test_flower_simulation_matches_inprocess(
     strategy: str, tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
 ) -> None:
-    from hlora.engines.flower_app import run_flower_simulation
+    from hlora.engines.flower.simulation import run_flower_simulation
 
     config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path, **{"federation.strategy": strategy})
     reference = run(replace(config, output={"name": "inprocess"}), progress=False)
@@ -766,7 +766,7 @@ def test_flower_simulation_resumes_a_stopped_run(
     flower_env: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from hlora.engines.flower_app import run_flower_simulation
+    from hlora.engines.flower.simulation import run_flower_simulation
     from hlora.report import RoundProgress
 
     config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path, **{"federation.rounds": 3})

@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_flower_sim(config: RunConfig, progress: bool | None) -> Any:
     """``hlora run --engine flower-sim``: the federation in Flower's simulation runtime."""
-    from hlora.engines.flower_app import run_flower_simulation
+    from hlora.engines.flower.simulation import run_flower_simulation
     from hlora.federation import new_run_dir
 
     show = config.output.progress if progress is None else progress

@@ -19,6 +19,11 @@ Reply (client -> server)::
     "hlora.train"        MetricRecord  num-examples, loss, steps, seconds
     "hlora.factors", "hlora.extras"    as above
 
+QUERY reply (node -> server)::
+
+    "hlora.node"         ConfigRecord  partition-id, num-partitions, num-examples, rank,
+                                       memory-mb
+
 Tensors travel as :class:`~flwr.app.Array` in NumPy's ``.npy`` form (Flower's own), except
 ``bfloat16``, which NumPy lacks: its raw little-endian bytes travel with ``stype = "torch.raw"``.
 Either way the decoded tensor has the sent dtype, shape and bits.
@@ -49,6 +54,8 @@ TRAIN_METRICS = "hlora.train"
 FACTORS = "hlora.factors"
 EXTRAS = "hlora.extras"
 BASE_DELTA = "hlora.base-delta"
+NODE_INFO = "hlora.node"
+"""The QUERY reply's ConfigRecord (see :func:`hlora.engines.flower.node.node_info`)."""
 
 _RAW_STYPE = "torch.raw"
 _SEP = "/"

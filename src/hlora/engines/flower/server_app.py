@@ -1,0 +1,171 @@
+"""The ServerApp and its main: query the nodes, run the rounds, write the run folder.
+
+The server side is :class:`hlora.server.RoundLoop` (written once) over a
+:class:`~hlora.engines.flower.transport.FlowerTransport`. Before round 1 a ``QUERY`` round
+(:mod:`~hlora.engines.flower.identity`) maps every node to its client and rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log as flwr_log
+from flwr.serverapp import Grid, ServerApp
+
+from hlora.checkpoint import ServerState, load_state
+from hlora.config import CONFIG_FILE, RunConfig, load_config, to_toml
+from hlora.engines.flower.identity import node_rank, query_nodes
+from hlora.engines.flower.settings import DEFAULT_NODE_WAIT_S, AppSettings
+from hlora.engines.flower.transport import FlowerTransport
+from hlora.errors import ConfigError
+from hlora.federation import (
+    CHECKPOINT_FILE,
+    RunResult,
+    assign_ranks,
+    build_federation,
+    fingerprint,
+    finish,
+    make_loop,
+    new_run_dir,
+)
+from hlora.io import write_text_atomic
+from hlora.report import MetricsLog, RoundProgress, write_json
+from hlora.server import ClientSlot, FederationError
+
+logger = logging.getLogger(__name__)
+
+
+def check_runnable(config: RunConfig, run_dir: Path) -> ServerState | None:
+    """Refuse what the Flower engine cannot run, before anything starts.
+
+    A run folder that already holds ``config.toml`` is refused unless it also holds a
+    checkpoint of this same configuration: then the run resumes from it.
+
+    Returns:
+        The checkpointed state to resume from, or None for a new run.
+
+    Raises:
+        ConfigError: The ``centralized`` reference mode, or a run folder already in use (by
+            another configuration, or without a checkpoint).
+        CheckpointError: A corrupt checkpoint.
+    """
+    if config.federation.strategy == "centralized":
+        raise ConfigError(
+            "strategy 'centralized' has one client and no federation: use --engine inprocess"
+        )
+    if not (run_dir / CONFIG_FILE).exists():
+        return None
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if checkpoint.exists() and fingerprint(load_config(run_dir / CONFIG_FILE)) == fingerprint(
+        config
+    ):
+        return load_state(checkpoint, fingerprint(config))
+    raise ConfigError(
+        f"run folder '{run_dir}' already holds a run (of another configuration, or with no "
+        "finished round to resume from): choose another output.name"
+    )
+
+
+def serve(
+    grid: Grid,
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    progress: bool,
+    round_timeout: float | None = None,
+    node_wait_s: float = DEFAULT_NODE_WAIT_S,
+) -> RunResult:
+    """The whole server side of a Flower run: query nodes, run the rounds, write the run folder.
+
+    A run folder holding a checkpoint of the same configuration resumes after the checkpoint's
+    round (see :func:`check_runnable`): ``metrics.jsonl`` is cut back to that round and the nodes
+    must map to the same clients, ranks and example counts as in ``clients.json``.
+
+    Raises:
+        HloraError: Bad input, missing nodes, or a round that cannot go on.
+    """
+    resumed = check_runnable(config, run_dir)
+    federation = build_federation(config)  # the server's model: evaluation and the update spec
+    infos = query_nodes(
+        grid, config.federation.num_clients, wait_s=node_wait_s, timeout=round_timeout
+    )
+    shapes = federation.runtime.bank.layer_shapes()
+    rule_ranks = assign_ranks(config, shapes)
+    slots = [
+        ClientSlot(i.client_id, node_rank(config, shapes, i, rule_ranks), i.num_examples)
+        for i in infos
+    ]
+    federation = dataclasses.replace(federation, clients=slots)
+    if resumed is not None:
+        before = json.loads((run_dir / "clients.json").read_text(encoding="utf-8"))
+        now = [s.__dict__ for s in slots]
+        if [{k: c[k] for k in now[0]} for c in before] != now:
+            raise FederationError(
+                f"cannot resume '{run_dir}': the nodes now declare {now}, the run had {before}"
+            )
+        MetricsLog(run_dir / "metrics.jsonl").truncate_to_round(resumed.round_num)
+        logger.info("resuming %s after round %d", run_dir, resumed.round_num)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / CONFIG_FILE, to_toml(config))
+    write_json(
+        run_dir / "clients.json",
+        [{**s.__dict__, "node_id": i.node_id} for s, i in zip(slots, infos, strict=True)],
+    )
+    transport = FlowerTransport(grid, {i.client_id: i.node_id for i in infos}, round_timeout)
+    with RoundProgress(config.federation.rounds, enabled=progress) as bar:
+        transport.on_client_done = bar.client_done
+        state = make_loop(federation, run_dir, bar, transport).run(resumed)
+    return finish(federation, run_dir, state)
+
+
+def make_server_app(
+    config: RunConfig | None = None,
+    run_dir: Path | None = None,
+    *,
+    progress: bool = False,
+    results: list[RunResult] | None = None,
+    errors: list[BaseException] | None = None,
+) -> ServerApp:
+    """A ServerApp running :func:`serve`.
+
+    Args:
+        config: The configuration; None: read ``context.run_config["hlora-config"]``.
+        run_dir: The run folder; None: ``run-dir`` from the run config, else a new one.
+        progress: Show progress bars.
+        results: The finished run's :class:`RunResult` is appended here (simulation).
+        errors: An exception of the server is appended here instead of propagating.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        """The whole run (see :func:`serve`)."""
+        try:
+            settings = AppSettings.from_run_config(dict(context.run_config))
+            cfg = config if config is not None else settings.load_config()
+            target = run_dir or Path(settings.run_dir or new_run_dir(cfg))
+            result = serve(
+                grid,
+                cfg,
+                target,
+                progress=progress,
+                round_timeout=settings.round_timeout,
+                node_wait_s=settings.node_wait,
+            )
+            flwr_log(logging.INFO, "hlora run finished: %s", result.run_dir)
+            if results is not None:
+                results.append(result)
+        except BaseException as err:
+            if errors is None:
+                raise
+            errors.append(err)
+
+    return app
+
+
+# The entry point of a deployment (``[tool.flwr.app.components]`` in pyproject.toml).
+server_app = make_server_app(progress=False)

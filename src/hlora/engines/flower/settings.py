@@ -1,0 +1,85 @@
+"""The Flower App's run config (``[tool.flwr.app.config]``), parsed once at the edge.
+
+Every key is documented in docs/FLOWER.md. Values arrive as Flower's ``context.run_config``
+(a flat mapping of kebab-case keys to scalars) and leave as a frozen :class:`AppSettings`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hlora.config import RunConfig, load_config
+from hlora.errors import ConfigError
+
+CONFIG_KEY = "hlora-config"
+RUN_DIR_KEY = "run-dir"
+ROUND_TIMEOUT_KEY = "round-timeout"
+NODE_WAIT_KEY = "node-wait"
+DEFAULT_NODE_WAIT_S = 120.0
+
+
+def _seconds(settings: Mapping[str, Any], key: str, default: float) -> float:
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"run config '{key}' must be a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except ValueError as err:
+        raise ConfigError(f"run config '{key}' must be a number of seconds, got {value!r}") from err
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"run config '{key}' must be finite and >= 0, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The Flower App's run config.
+
+    Attributes:
+        hlora_config: Path of the hlora TOML run configuration ('' when the app was built
+            with a configuration object, as in simulation).
+        run_dir: The server's run folder ('' : ``output.dir/output.name`` as ``hlora run``).
+        round_timeout: Seconds to wait for one round's replies (None: no limit).
+        node_wait: Seconds the server waits for ``federation.num_clients`` nodes to connect.
+    """
+
+    hlora_config: str = field(default="", metadata={"help": "path of the hlora TOML file"})
+    run_dir: str = field(default="", metadata={"help": "the server's run folder"})
+    round_timeout: float | None = field(
+        default=None, metadata={"help": "seconds to wait for a round's replies (None: no limit)"}
+    )
+    node_wait: float = field(
+        default=DEFAULT_NODE_WAIT_S,
+        metadata={"help": "seconds the server waits for the nodes to connect"},
+    )
+
+    @staticmethod
+    def from_run_config(settings: Mapping[str, Any]) -> AppSettings:
+        """Parse ``context.run_config``.
+
+        Raises:
+            ConfigError: A timeout or wait that is not a finite number >= 0.
+        """
+        timeout = _seconds(settings, ROUND_TIMEOUT_KEY, 0.0)
+        return AppSettings(
+            hlora_config=str(settings.get(CONFIG_KEY) or ""),
+            run_dir=str(settings.get(RUN_DIR_KEY) or ""),
+            round_timeout=timeout or None,
+            node_wait=_seconds(settings, NODE_WAIT_KEY, DEFAULT_NODE_WAIT_S),
+        )
+
+    def load_config(self) -> RunConfig:
+        """The hlora configuration named by ``hlora-config``.
+
+        Raises:
+            ConfigError: No ``hlora-config`` key, or a bad configuration.
+        """
+        if not self.hlora_config:
+            raise ConfigError(
+                f"the Flower run config has no '{CONFIG_KEY}' key: set it in "
+                "[tool.flwr.app.config] or with flwr run --run-config"
+            )
+        return load_config(self.hlora_config)

@@ -1,0 +1,52 @@
+"""A whole federation in Flower's simulation runtime (Ray): ``hlora run --engine flower-sim``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hlora.config import RunConfig
+from hlora.engines.flower.client_app import make_client_app
+from hlora.engines.flower.server_app import check_runnable, make_server_app
+from hlora.federation import RunResult
+from hlora.server import FederationError
+
+
+def run_flower_simulation(config: RunConfig, run_dir: Path, *, progress: bool) -> RunResult:
+    """Run a whole federation in Flower's simulation runtime (Ray), one virtual node per client.
+
+    Each virtual node gets 1 CPU and no GPU; Ray runs as many client actors as there are CPUs.
+
+    Raises:
+        HloraError: Bad input, or a round that cannot go on.
+    """
+    from flwr.simulation import run_simulation
+
+    check_runnable(config, run_dir)
+    results: list[RunResult] = []
+    errors: list[BaseException] = []
+    n = config.federation.num_clients
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": max(1, min(n, os.cpu_count() or 1)), "num_gpus": 0},
+    }
+    flwr_logger = logging.getLogger("flwr")  # Flower logs through its own handler: no echo
+    propagate, flwr_logger.propagate = flwr_logger.propagate, False
+    try:
+        run_simulation(
+            server_app=make_server_app(
+                config, run_dir, progress=progress, results=results, errors=errors
+            ),
+            client_app=make_client_app(config),
+            num_supernodes=n,
+            backend_config=backend_config,
+        )
+    finally:
+        flwr_logger.propagate = propagate
+    if errors:
+        raise errors[0]
+    if not results:
+        raise FederationError("the Flower simulation ended without a result (see its log)")
+    return results[0]

@@ -1,0 +1,106 @@
+"""The round loop's transport over Flower: one ``TRAIN`` message per node and its reply.
+
+:class:`FlowerTransport` implements :class:`hlora.protocol.Transport` on a ServerApp's
+:class:`~flwr.serverapp.Grid`; errors, timeouts and malformed replies become
+:class:`~hlora.protocol.ClientFailure` with their reason, so the round goes on without them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from hlora.aggregation import InvalidUpdateError
+from hlora.engines.flower.codec import content_bytes, decode_reply, encode_instruction
+from hlora.protocol import ClientFailure, RoundResult, TrainInstruction, TrainReply
+
+logger = logging.getLogger(__name__)
+
+
+def match_replies(messages: Sequence[Message], replies: Iterable[Message]) -> list[Message | None]:
+    """The reply to each sent message, or None where none came.
+
+    Replies are matched by ``reply_to_message_id``, not by ``src_node_id``: the error replies
+    the SuperLink itself makes for an unavailable node carry node id 0.
+    """
+    by_request = {r.metadata.reply_to_message_id: r for r in replies}
+    return [by_request.get(m.metadata.message_id) for m in messages]
+
+
+class FlowerTransport:
+    """Sends each instruction to its node as a ``TRAIN`` message and collects the replies.
+
+    Args:
+        grid: The ServerApp's grid.
+        node_of: Client id -> Flower node id.
+        timeout: Seconds to wait for a round's replies (None: until every node answers).
+        on_client_done: Called as ``(client_id, rank, loss)`` per client (progress).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        node_of: Mapping[str, int],
+        timeout: float | None = None,
+        on_client_done: Callable[[str, int, float | None], None] | None = None,
+    ) -> None:
+        self.grid = grid
+        self.node_of = dict(node_of)
+        self.timeout = timeout
+        self.on_client_done = on_client_done
+        self.wire_bytes: dict[str, tuple[int, int]] = {}
+        """Client id -> (array bytes sent, received) of the last round, ``.npy`` headers in."""
+
+    def run_round(self, instructions: Sequence[TrainInstruction]) -> RoundResult:
+        """One round: a message per node, then replies, failures for the rest."""
+        messages = []
+        sent: dict[str, int] = {}
+        for instruction in instructions:
+            content = encode_instruction(instruction)
+            sent[instruction.client_id] = content_bytes(content)
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=self.node_of[instruction.client_id],
+                    message_type=MessageType.TRAIN,
+                    group_id=str(instruction.round_num),
+                )
+            )
+        answers = match_replies(
+            messages, self.grid.send_and_receive(messages, timeout=self.timeout)
+        )
+        replies: list[TrainReply] = []
+        failures: list[ClientFailure] = []
+        self.wire_bytes = {}
+        for instruction, answer in zip(instructions, answers, strict=True):
+            cid = instruction.client_id
+            node = self.node_of[cid]
+            reply, failure = self._one(cid, node, answer)
+            if reply is not None:
+                replies.append(reply)
+            if failure is not None:
+                logger.warning("client %s (node %d) dropped: %s", cid, node, failure.reason)
+                failures.append(failure)
+            got = content_bytes(answer.content) if answer is not None and reply else 0
+            self.wire_bytes[cid] = (sent[cid], got)
+            logger.info("client %s (node %d): sent %d B, received %d B", cid, node, sent[cid], got)
+            if self.on_client_done:
+                self.on_client_done(cid, instruction.rank, reply.loss if reply else None)
+        return RoundResult(replies=replies, failures=failures)
+
+    def _one(
+        self, client_id: str, node: int, message: Message | None
+    ) -> tuple[TrainReply | None, ClientFailure | None]:
+        if message is None:
+            limit = f"within {self.timeout:g} s" if self.timeout else ""
+            return None, ClientFailure(client_id, f"node {node}: no reply {limit}".strip())
+        if message.has_error():
+            err = message.error
+            return None, ClientFailure(client_id, f"node {node}: error {err.code}: {err.reason}")
+        try:
+            return decode_reply(message.content, client_id), None
+        except InvalidUpdateError as err:
+            return None, ClientFailure(client_id, f"node {node}: {err.reason}")
