@@ -7,9 +7,11 @@ into temporary folders; every process started is stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -213,7 +215,9 @@ def test_query_maps_nodes_to_clients_and_ranks(task_identity: None) -> None:
             9: _query_answer(1),
         }
     )
-    infos = query_nodes(grid, 3, wait_s=1, timeout=None)  # type: ignore[arg-type]
+    roster = query_nodes(grid, 3, wait_s=1, timeout=None)  # type: ignore[arg-type]
+    infos = roster.accepted
+    assert roster.dropped == []
     assert [(i.node_id, i.client_id, i.num_examples) for i in infos] == [
         (5, "client00", 10),
         (9, "client01", 11),
@@ -226,13 +230,141 @@ def test_query_maps_nodes_to_clients_and_ranks(task_identity: None) -> None:
     assert [node_rank(config, shapes, i, rule) for i in infos] == [8, 4, 4]
 
 
-def test_query_rejects_duplicate_partitions(task_identity: None) -> None:
-    from hlora.engines.flower.identity import query_nodes
+def test_query_drops_duplicate_partitions_and_goes_on(task_identity: None) -> None:
+    from hlora.engines.flower.identity import NodeDrop, query_nodes
     from hlora.server import FederationError
 
     grid = FakeGrid({1: _query_answer(0), 2: _query_answer(0), 3: _query_answer(1)})
-    with pytest.raises(FederationError, match="both declare partition-id 0"):
-        query_nodes(grid, 3, wait_s=1, timeout=None)  # type: ignore[arg-type]
+    roster = query_nodes(grid, 3, wait_s=1, timeout=None)  # type: ignore[arg-type]
+    assert [(i.node_id, i.client_id) for i in roster.accepted] == [(3, "client01")]
+    reason = "partition-id 0 is declared by nodes 1, 2"
+    assert roster.dropped == [NodeDrop(1, reason), NodeDrop(2, reason)]
+    with pytest.raises(FederationError, match=r"only 1 nodes accepted.*node 1: partition-id 0"):
+        query_nodes(grid, 3, wait_s=1, timeout=None, min_clients=2)  # type: ignore[arg-type]
+
+
+def _query_reply(record: dict) -> Callable:
+    def answer(message: Message) -> Message:
+        return Message(RecordDict({"hlora.node": ConfigRecord(record)}), reply_to=message)
+
+    return answer
+
+
+GOOD = {"partition-id": 0, "num-partitions": 3, "num-examples": 10, "rank": 0, "memory-mb": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [
+        (lambda m: None, "no reply to the query within 5 s"),
+        (_train_error, "failed the query: error 1: boom"),
+        (
+            lambda m: Message(RecordDict({}), reply_to=m),
+            "malformed query reply: no 'hlora.node' record",
+        ),
+        (_query_reply({**GOOD, "num-examples": 0}), "'num-examples' is 0, expected >= 1"),
+        (_query_reply({**GOOD, "num-examples": 2.5}), "'num-examples' is 2.5, expected an integer"),
+        (_query_reply({k: v for k, v in GOOD.items() if k != "rank"}), "'rank' is None"),
+        (_query_reply({**GOOD, "memory-mb": -1.0}), "'memory-mb' is -1.0"),
+        (_query_reply({**GOOD, "partition-id": 3}), r"declares partition-id 3 of 3: expected"),
+        (_query_reply({**GOOD, "partition-id": 2, "num-partitions": 4}), "partition-id 2 of 4"),
+    ],
+)
+def test_a_bad_query_answer_drops_the_node_and_the_run_goes_on(
+    task_identity: None, behaviour: Callable, reason: str
+) -> None:
+    from hlora.engines.flower.identity import query_nodes
+
+    grid = FakeGrid({1: _query_answer(1), 2: _query_answer(2), 9: behaviour})
+    roster = query_nodes(grid, 3, wait_s=1, timeout=5)  # type: ignore[arg-type]
+    assert [i.client_id for i in roster.accepted] == ["client01", "client02"]
+    (drop,) = roster.dropped
+    assert drop.node_id == 9 and drop.when == "query"
+    assert re.search(reason, drop.reason), drop.reason
+
+
+def test_a_rank_the_run_cannot_serve_drops_the_node(task_identity: None) -> None:
+    from hlora.adapters import LayerShape
+    from hlora.engines.flower.identity import NodeInfo, Roster, assign_slots
+    from hlora.server import ClientSlot, FederationError
+
+    config = load_config(None, ("federation.num_clients=3", "federation.ranks=[2, 4]"))
+    shapes = {"layer": LayerShape(out_features=64, in_features=64)}
+    roster = Roster(
+        [
+            NodeInfo(5, 0, 3, 10),
+            NodeInfo(6, 1, 3, 11, rank=16),
+            NodeInfo(7, 2, 3, 12, memory_mb=1e-6),
+        ]
+    )
+    slots, kept = assign_slots(config, shapes, roster)
+    assert slots == [ClientSlot("client00", 2, 10)]
+    assert [i.node_id for i in kept.accepted] == [5]
+    assert [d.node_id for d in kept.dropped] == [6, 7]
+    assert "declares rank 16" in kept.dropped[0].reason
+    assert "memory_budgets_mb" in kept.dropped[1].reason
+    many = replace(config, federation={"min_clients": 2})
+    with pytest.raises(FederationError, match=r"fewer than federation\.min_clients = 2"):
+        assign_slots(many, shapes, roster)
+
+
+def test_a_node_past_the_timeout_misses_the_round_and_may_return(task_identity: None) -> None:
+    from hlora.engines.flower.transport import FlowerTransport
+
+    silent = {"round": 1}
+
+    def slow_in_round_1(message: Message) -> Message | None:
+        return None if message.metadata.group_id == str(silent["round"]) else _train_ok(message)
+
+    grid = FakeGrid({10: _train_ok, 11: slow_in_round_1})
+    transport = FlowerTransport(grid, {"client00": 10, "client01": 11}, timeout=30)  # type: ignore[arg-type]
+    first = transport.run_round(_instructions(2))
+    assert [r.update.client_id for r in first.replies] == ["client00"]
+    assert [(f.client_id, f.reason) for f in first.failures] == [
+        ("client01", "node 11: no reply within 30 s")
+    ]
+    second = transport.run_round([dataclasses.replace(i, round_num=2) for i in _instructions(2)])
+    assert [r.update.client_id for r in second.replies] == ["client00", "client01"]
+    assert second.failures == []
+
+
+def test_a_node_that_joins_late_is_left_out_with_its_reason(task_identity: None) -> None:
+    from hlora.engines.flower.transport import FlowerTransport
+
+    grid = FakeGrid({10: _train_ok, 11: _train_ok})
+    dropped: list[tuple[int, str, int]] = []
+    transport = FlowerTransport(
+        grid,  # type: ignore[arg-type]
+        {"client00": 10, "client01": 11},
+        timeout=30,
+        on_node_dropped=lambda n, reason, r: dropped.append((n, reason, r)),
+    )
+    transport.run_round(_instructions(2))
+    grid.behaviour[12] = _train_ok  # connects after the QUERY round
+    for round_num in (2, 3):
+        result = transport.run_round(
+            [dataclasses.replace(i, round_num=round_num) for i in _instructions(2)]
+        )
+        assert len(result.replies) == 2
+    assert [(n, r) for n, _, r in dropped] == [(12, 2)]  # reported once
+    assert "connected after the QUERY round" in dropped[0][1]
+    assert {m.metadata.dst_node_id for m in grid.sent} == {10, 11}  # it never gets a message
+
+
+def test_run_config_settings_are_parsed_once_and_checked() -> None:
+    from hlora.engines.flower.settings import DEFAULT_ROUND_TIMEOUT_S, AppSettings
+
+    default = AppSettings.from_run_config({})
+    assert default.round_timeout == DEFAULT_ROUND_TIMEOUT_S > 0
+    assert AppSettings.from_run_config({"round-timeout": 0}).round_timeout is None
+    parsed = AppSettings.from_run_config({"round-timeout": 90, "node-wait": 5, "run-dir": "r"})
+    assert (parsed.round_timeout, parsed.node_wait, parsed.run_dir) == (90.0, 5.0, "r")
+    with pytest.raises(ConfigError, match=r"'round-timeout' must be finite and >= 0, got -1"):
+        AppSettings.from_run_config({"round-timeout": -1})
+    with pytest.raises(ConfigError, match=r"'node-wait' must be a number of seconds, got 'x'"):
+        AppSettings.from_run_config({"node-wait": "x"})
+    with pytest.raises(ConfigError, match="has no 'hlora-config' key"):
+        default.load_config()
 
 
 def test_declared_rank_outside_the_config_is_an_error() -> None:

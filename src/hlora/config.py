@@ -36,6 +36,7 @@ SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
 OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + two AdamW moments
 CONFIG_FILE = "config.toml"  # the configuration a run folder holds, as written by a run
+NORM_POLICIES: tuple[str, ...] = ("reject", "clip")  # trust.norm_policy (see hlora.trust)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -389,6 +390,38 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class TrustConfig:
+    """What the server accepts from clients (see hlora.trust); every engine applies it."""
+
+    max_client_examples: int = field(
+        default=0,
+        metadata=_help(
+            "cap on the example count a client's aggregation weight is computed from "
+            "(0: no cap); the count itself is the one the server accepted when the client joined"
+        ),
+    )
+    update_norm_bound: float = field(
+        default=0.0,
+        metadata=_help(
+            "bound on each client update's Frobenius norm sqrt(sum over layers of "
+            "||s B A||_F^2), computed from the r x r Gram products (0: no bound)"
+        ),
+    )
+    norm_policy: str = field(
+        default="reject",
+        metadata=_help(
+            "what a larger update gets: 'reject' (dropped for the round with its norm) or "
+            "'clip' (both factors scaled by sqrt(bound / norm), so s B A lands on the bound)"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _non_negative_int("trust.max_client_examples", self.max_client_examples)
+        _number("trust.update_norm_bound", self.update_norm_bound, low=0.0)
+        _choice("trust.norm_policy", self.norm_policy, NORM_POLICIES)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where the run folder goes."""
 
@@ -410,6 +443,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -491,7 +525,7 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] = ())
 
     Args:
         path: A TOML file with any of the sections ``model``, ``data``, ``federation``,
-            ``train``, ``server``, ``output``; None for the defaults.
+            ``train``, ``server``, ``trust``, ``output``; None for the defaults.
         overrides: ``section.key=value`` strings, applied after the file.
 
     Raises:

@@ -22,7 +22,14 @@ from hlora.adapters import LayerShape, LoraBank
 from hlora.aggregation import AggregationOptions, UpdateSpec, get_strategy
 from hlora.aggregation.factored import qr_svd
 from hlora.checkpoint import ServerState, load_state
-from hlora.config import ADAPTER_BYTES_PER_PARAM, CONFIG_FILE, RunConfig, load_config, to_toml
+from hlora.config import (
+    ADAPTER_BYTES_PER_PARAM,
+    CONFIG_FILE,
+    RunConfig,
+    TrustConfig,
+    load_config,
+    to_toml,
+)
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
 from hlora.data.glue import Example, TaskData, load_task
 from hlora.data.partition import partition_indices
@@ -36,6 +43,7 @@ from hlora.report import MetricsLog, RoundProgress, plot_convergence, summarize,
 from hlora.runtime import Features, ModelRuntime, label_log_prior, resolve_device
 from hlora.server import ClientSlot, LoopSettings, RoundLoop
 from hlora.server_opt import ServerOptimizer
+from hlora.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +53,15 @@ PLOT_FILE = "convergence.png"
 
 
 def fingerprint(config: RunConfig) -> str:
-    """Hash of everything that changes results (the output section is left out)."""
+    """Hash of everything that changes results (the output section is left out).
+
+    The ``trust`` section counts only when it differs from its defaults, so the runs and
+    checkpoints made before it existed keep their fingerprints.
+    """
     body = config.to_dict()
     body.pop("output", None)
+    if config.trust == TrustConfig():
+        body.pop("trust", None)
     return hashlib.sha256(repr(sorted(body.items())).encode()).hexdigest()[:16]
 
 
@@ -242,6 +256,11 @@ def loop_settings(config: RunConfig) -> LoopSettings:
         learning_rate=config.train.learning_rate,
         warmup_ratio=config.train.warmup_ratio,
         server_optimizer=optimizer,
+        trust=TrustPolicy(
+            max_client_examples=config.trust.max_client_examples,
+            norm_bound=config.trust.update_norm_bound,
+            norm_policy=config.trust.norm_policy,
+        ),
     )
 
 

@@ -1,9 +1,12 @@
 """The federated round loop, written once against :class:`hlora.protocol.Transport`.
 
 Each round: pick the clients, send each its instruction (factors at its own rank), collect the
-replies, validate and aggregate them with the chosen strategy (a client whose update fails
-validation is dropped with a logged reason), evaluate the global model, append a metrics record
-and checkpoint the state. The in-process engine and the Flower engine both drive this loop.
+replies, screen them (:mod:`hlora.trust`: the example count accepted at join time, the run's
+scaling and precision, an optional norm bound), validate and aggregate them with the chosen
+strategy (a client whose update fails a check is dropped with a logged reason), check the new
+global state for non-finite values (a bad one is not taken: the round keeps the old state and
+records why), evaluate the global model, append a metrics record and checkpoint the state. The
+in-process engine and the Flower engine both drive this loop.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from hlora.errors import HloraError
 from hlora.protocol import (
     RoundResult,
     TrainInstruction,
+    TrainReply,
     Transport,
     instruction_bytes,
     update_bytes,
@@ -43,6 +47,7 @@ from hlora.protocol import (
 from hlora.report import MetricsLog, RoundProgress
 from hlora.schedule import round_schedule
 from hlora.server_opt import ServerOptimizer, rank_profile, server_step
+from hlora.trust import Screened, TrustPolicy, nonfinite_state, screen_update
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +86,7 @@ class LoopSettings:
     warmup_ratio: float = 0.0
     server_optimizer: ServerOptimizer | None = None  # None: the global update is the aggregate
     label_prior: tuple[float, ...] | None = None  # sent when clients adjust their logits
+    trust: TrustPolicy = field(default_factory=TrustPolicy)  # checks on replies (hlora.trust)
 
 
 def _seed(*parts: int) -> int:
@@ -205,6 +211,47 @@ class RoundLoop:
                 logger.warning("dropping client %s: %s", err.client_id, err.reason)
                 remaining = [u for u in remaining if u.client_id != err.client_id]
 
+    def _drop(self, dropped: list[dict[str, str]], client_id: str, reason: str) -> None:
+        dropped.append({"client_id": client_id, "reason": reason})
+        self.progress.log(f"dropped {client_id}: {reason}")
+        logger.warning("dropping client %s: %s", client_id, reason)
+
+    def screen(
+        self, replies: Sequence[TrainReply], chosen: Sequence[str], dropped: list[dict[str, str]]
+    ) -> dict[str, Screened]:
+        """The replies the server accepts, as they will be aggregated (see :mod:`hlora.trust`).
+
+        A reply from a client not asked this round, a second reply for one client, or one that
+        fails :func:`hlora.trust.screen_update` is dropped with its reason.
+        """
+        asked = set(chosen)
+        counts: dict[str, int] = {}
+        for r in replies:
+            counts[r.update.client_id] = counts.get(r.update.client_id, 0) + 1
+        out: dict[str, Screened] = {}
+        for reply in replies:
+            cid = reply.update.client_id
+            if cid not in asked:
+                self._drop(dropped, cid, "reply from a client not asked this round")
+                continue
+            if counts[cid] > 1:
+                if cid not in {d["client_id"] for d in dropped}:
+                    self._drop(dropped, cid, f"{counts[cid]} replies for one client")
+                continue
+            slot = self.clients[cid]
+            try:
+                out[cid] = screen_update(
+                    reply.update,
+                    accepted_examples=slot.num_examples,
+                    scaling=self.settings.scaling,
+                    rank=slot.rank,
+                    spec=self.spec,
+                    policy=self.settings.trust,
+                )
+            except InvalidUpdateError as err:
+                self._drop(dropped, cid, err.reason)
+        return out
+
     def run_round(self, state: ServerState, round_num: int) -> tuple[ServerState, dict[str, Any]]:
         """Run one round and return the new state and its metrics record."""
         start = time.perf_counter()
@@ -216,9 +263,11 @@ class RoundLoop:
         dropped = [{"client_id": f.client_id, "reason": f.reason} for f in result.failures]
         for f in result.failures:
             self.progress.log(f"dropped {f.client_id}: {f.reason}")
+        screened = self.screen(result.replies, chosen, dropped)
         replies = {r.update.client_id: r for r in result.replies}
-        updates = [r.update for r in result.replies]
+        updates = [screened[c].update for c in chosen if c in screened]  # a fixed order
         new_state = replace(state, round_num=round_num)
+        rejected = None
         if self.settings.mode == "local":
             if len(updates) < self.settings.min_clients:
                 raise FederationError(
@@ -243,6 +292,14 @@ class RoundLoop:
                     base_delta=_accumulate(state.base_delta, aggregate.layers),
                     global_update=replace(aggregate, layers={}),
                 )
+            rejected = nonfinite_state(
+                new_state.global_update, new_state.extras, new_state.base_delta, new_state.optimizer
+            )
+            if rejected is not None:  # the old state stays; the round is recorded as rejected
+                self.progress.log(f"round {round_num}: aggregate rejected: {rejected}")
+                logger.error("round %d: aggregate rejected, state kept: %s", round_num, rejected)
+                new_state = replace(state, round_num=round_num)
+                kept = []
         kept_ids = {u.client_id for u in kept}
         clients_record = []
         for cid in chosen:
@@ -257,14 +314,16 @@ class RoundLoop:
                 "seconds": reply.seconds if reply else None,
                 "accepted": cid in kept_ids,
             }
+            if cid in screened and screened[cid].norm is not None:
+                entry["update_norm"] = screened[cid].norm
+                entry["clipped"] = screened[cid].clipped
             clients_record.append(entry)
         kept_order = [c for c in chosen if c in kept_ids]  # a fixed order: sums reproduce
+        weights = {c: screened[c].update.num_examples for c in kept_order}  # accepted, capped
         losses = [
-            replies[c].loss * replies[c].update.num_examples
-            for c in kept_order
-            if math.isfinite(replies[c].loss)
+            replies[c].loss * weights[c] for c in kept_order if math.isfinite(replies[c].loss)
         ]
-        weight = sum(replies[c].update.num_examples for c in kept_order)
+        weight = sum(weights.values())
         elapsed = time.perf_counter() - start
         new_state = replace(new_state, wall_time_s=state.wall_time_s + elapsed)
         record: dict[str, Any] = {
@@ -277,6 +336,8 @@ class RoundLoop:
             "bytes_received": sum(e["bytes_received"] for e in clients_record),
             "round_time_s": elapsed,
         }
+        if rejected is not None:
+            record["aggregate_rejected"] = rejected
         if instructions and instructions[0].schedule is not None:
             record["learning_rate"] = list(instructions[0].schedule.bounds())
         spectrum = self.spectrum(new_state)

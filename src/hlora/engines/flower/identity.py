@@ -4,24 +4,31 @@ Before round 1 the server asks every connected node its ``partition-id``, number
 examples and declared ``rank`` / ``memory-mb`` (the node's answer is
 :func:`hlora.engines.flower.node.node_info`); node ``partition-id = k`` becomes client
 ``client{k:02d}`` (as in the in-process engine).
+
+Nothing a node declares is taken on trust: a node that fails the query or does not answer it,
+answers with a malformed record, declares a partition out of range or one another node also
+declares, or a rank the run does not have, is dropped with its reason (:class:`NodeDrop`), and
+the run goes on while ``federation.min_clients`` nodes remain. The example count a node declares
+here is the one its later replies must repeat (see :mod:`hlora.trust`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from hlora.adapters import LayerShape
 from hlora.config import RunConfig, replace
 from hlora.engines.flower.codec import NODE_INFO
 from hlora.engines.flower.transport import match_replies
-from hlora.errors import ConfigError
+from hlora.errors import ConfigError, HloraError
 from hlora.federation import assign_ranks
-from hlora.server import FederationError
+from hlora.server import ClientSlot, FederationError
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,121 @@ class NodeInfo:
     def client_id(self) -> str:
         """The hlora client id of this node."""
         return f"client{self.partition_id:02d}"
+
+
+@dataclass(frozen=True)
+class NodeDrop:
+    """A node the server does not take into the run (or not into a round).
+
+    Attributes:
+        node_id: Flower's node id.
+        reason: Why, in words.
+        when: ``"query"`` (before round 1) or ``"round N"``.
+    """
+
+    node_id: int
+    reason: str
+    when: str = "query"
+
+
+@dataclass(frozen=True)
+class Roster:
+    """The outcome of the QUERY round.
+
+    Attributes:
+        accepted: The nodes taken into the run, by partition id.
+        dropped: The nodes left out, with their reasons, by node id.
+    """
+
+    accepted: list[NodeInfo]
+    dropped: list[NodeDrop] = field(default_factory=list)
+
+
+def _int(record: Mapping[str, object], key: str, low: int) -> int:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HloraError(f"'{key}' is {value!r}, expected an integer")
+    if value < low:
+        raise HloraError(f"'{key}' is {value}, expected >= {low}")
+    return value
+
+
+def parse_node_info(node_id: int, reply: Message | None, timeout: float | None) -> NodeInfo:
+    """One node's QUERY reply as a :class:`NodeInfo`.
+
+    Raises:
+        HloraError: Why the node is dropped: no reply, an error reply, a missing record, a
+            missing key or a value of the wrong type or range.
+    """
+    if reply is None:
+        limit = f" within {timeout:g} s" if timeout else ""
+        raise HloraError(f"no reply to the query{limit}")
+    if reply.has_error():
+        raise HloraError(f"failed the query: error {reply.error.code}: {reply.error.reason}")
+    content: RecordDict = reply.content
+    record = content.get(NODE_INFO) if NODE_INFO in content else None
+    if not isinstance(record, ConfigRecord):
+        raise HloraError(f"malformed query reply: no '{NODE_INFO}' record")
+    try:
+        memory = record.get("memory-mb")
+        if isinstance(memory, bool) or not isinstance(memory, int | float):
+            raise HloraError(f"'memory-mb' is {memory!r}, expected a number")
+        if not math.isfinite(memory) or memory < 0:
+            raise HloraError(f"'memory-mb' is {memory!r}, expected a finite number >= 0")
+        return NodeInfo(
+            node_id=node_id,
+            partition_id=_int(record, "partition-id", 0),
+            num_partitions=_int(record, "num-partitions", 1),
+            num_examples=_int(record, "num-examples", 1),
+            rank=_int(record, "rank", 0),
+            memory_mb=float(memory),
+        )
+    except HloraError as err:
+        raise HloraError(f"malformed query reply: {err}") from err
+
+
+def admit(infos: Sequence[NodeInfo], expected: int) -> Roster:
+    """Keep the nodes whose identity is consistent; drop the others with their reasons.
+
+    A partition id out of ``[0, expected)``, a ``num-partitions`` other than ``expected``, or a
+    partition id declared by several nodes (all of them are dropped: the server cannot tell
+    which one is genuine) leaves the node out.
+
+    Args:
+        infos: Parsed QUERY replies.
+        expected: ``federation.num_clients``.
+    """
+    dropped: list[NodeDrop] = []
+    claimants: dict[int, list[int]] = {}
+    valid = []
+    for info in infos:
+        if not 0 <= info.partition_id < expected or info.num_partitions != expected:
+            dropped.append(
+                NodeDrop(
+                    info.node_id,
+                    f"declares partition-id {info.partition_id} of {info.num_partitions}: "
+                    f"expected partition-id in [0, {expected}) of federation.num_clients = "
+                    f"{expected}",
+                )
+            )
+            continue
+        claimants.setdefault(info.partition_id, []).append(info.node_id)
+        valid.append(info)
+    accepted = []
+    for info in valid:
+        nodes = claimants[info.partition_id]
+        if len(nodes) > 1:
+            others = ", ".join(str(n) for n in sorted(nodes))
+            dropped.append(
+                NodeDrop(
+                    info.node_id, f"partition-id {info.partition_id} is declared by nodes {others}"
+                )
+            )
+        else:
+            accepted.append(info)
+    accepted.sort(key=lambda i: i.partition_id)
+    dropped.sort(key=lambda d: d.node_id)
+    return Roster(accepted, dropped)
 
 
 def node_rank(
@@ -86,62 +208,89 @@ def node_rank(
     return rule_ranks[info.partition_id]
 
 
-def query_nodes(
-    grid: Grid, expected: int, *, wait_s: float, timeout: float | None
-) -> list[NodeInfo]:
-    """Wait for ``expected`` nodes, ask each who it is, return the answers by partition id.
+def assign_slots(
+    config: RunConfig, shapes: Mapping[str, LayerShape], roster: Roster
+) -> tuple[list[ClientSlot], Roster]:
+    """Each accepted node's client slot (id, rank, example count); a node whose declared rank or
+    memory budget the run cannot serve is dropped with the reason.
 
     Raises:
-        FederationError: Too few nodes in ``wait_s`` seconds, a node that fails the query, or
-            two nodes with the same partition id.
+        FederationError: Fewer than ``federation.min_clients`` nodes remain.
+    """
+    rule_ranks = assign_ranks(config, dict(shapes))
+    slots, accepted, dropped = [], [], list(roster.dropped)
+    for info in roster.accepted:
+        try:
+            rank = node_rank(config, shapes, info, rule_ranks)
+        except ConfigError as err:
+            dropped.append(NodeDrop(info.node_id, str(err)))
+            continue
+        slots.append(ClientSlot(info.client_id, rank, info.num_examples))
+        accepted.append(info)
+    roster = Roster(accepted, sorted(dropped, key=lambda d: d.node_id))
+    require_nodes(roster, config.federation.min_clients)
+    return slots, roster
+
+
+def require_nodes(roster: Roster, min_clients: int) -> None:
+    """Raise unless at least ``min_clients`` nodes were accepted.
+
+    Raises:
+        FederationError: Naming every dropped node and its reason.
+    """
+    if len(roster.accepted) >= min_clients:
+        return
+    reasons = "; ".join(f"node {d.node_id}: {d.reason}" for d in roster.dropped) or "none"
+    raise FederationError(
+        f"only {len(roster.accepted)} nodes accepted, fewer than federation.min_clients = "
+        f"{min_clients} (dropped: {reasons})"
+    )
+
+
+def query_nodes(
+    grid: Grid, expected: int, *, wait_s: float, timeout: float | None, min_clients: int = 1
+) -> Roster:
+    """Wait for ``expected`` nodes, ask each who it is, keep those whose answer holds.
+
+    The server waits up to ``wait_s`` seconds for ``expected`` nodes; with fewer by then it goes
+    on with those connected when they are at least ``min_clients``.
+
+    Args:
+        grid: The ServerApp's grid.
+        expected: ``federation.num_clients``.
+        wait_s: Seconds to wait for the nodes to connect.
+        timeout: Seconds to wait for the QUERY replies (None: no limit).
+        min_clients: ``federation.min_clients``.
+
+    Returns:
+        The accepted nodes by partition id and the dropped ones with their reasons.
+
+    Raises:
+        FederationError: Fewer than ``min_clients`` nodes connected or accepted.
     """
     deadline = time.monotonic() + wait_s
     node_ids = sorted(grid.get_node_ids())
     while len(node_ids) < expected and time.monotonic() < deadline:
         time.sleep(1.0)
         node_ids = sorted(grid.get_node_ids())
-    if len(node_ids) < expected:
+    if len(node_ids) < min(expected, min_clients):
         raise FederationError(
             f"only {len(node_ids)} of federation.num_clients = {expected} nodes connected "
-            f"within {wait_s:.0f} s"
+            f"within {wait_s:.0f} s (federation.min_clients = {min_clients})"
         )
     messages = [
         Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, group_id="query")
         for n in node_ids
     ]
-    infos = []
     answers = match_replies(messages, grid.send_and_receive(messages, timeout=timeout))
+    infos: list[NodeInfo] = []
+    dropped: list[NodeDrop] = []
     for node, reply in zip(node_ids, answers, strict=True):
-        if reply is None:
-            continue  # counted below
-        if reply.has_error():
-            raise FederationError(f"node {node} failed the query: {reply.error.reason}")
-        cfg = reply.content[NODE_INFO]
-        infos.append(
-            NodeInfo(
-                node_id=node,
-                partition_id=int(cfg["partition-id"]),  # type: ignore[arg-type]
-                num_partitions=int(cfg["num-partitions"]),  # type: ignore[arg-type]
-                num_examples=int(cfg["num-examples"]),  # type: ignore[arg-type]
-                rank=int(cfg["rank"]),  # type: ignore[arg-type]
-                memory_mb=float(cfg["memory-mb"]),  # type: ignore[arg-type]
-            )
-        )
-    infos.sort(key=lambda i: i.partition_id)
-    seen: dict[int, int] = {}
-    for info in infos:
-        if info.partition_id in seen:
-            raise FederationError(
-                f"nodes {seen[info.partition_id]} and {info.node_id} both declare "
-                f"partition-id {info.partition_id}"
-            )
-        if not 0 <= info.partition_id < expected or info.num_partitions != expected:
-            raise FederationError(
-                f"node {info.node_id} declares partition-id {info.partition_id} of "
-                f"{info.num_partitions}: expected num-partitions = federation.num_clients = "
-                f"{expected}"
-            )
-        seen[info.partition_id] = info.node_id
-    if len(infos) < expected:
-        raise FederationError(f"only {len(infos)} of {expected} nodes answered the query")
-    return infos
+        try:
+            infos.append(parse_node_info(node, reply, timeout))
+        except HloraError as err:
+            dropped.append(NodeDrop(node, str(err)))
+    roster = admit(infos, expected)
+    roster = Roster(roster.accepted, sorted([*dropped, *roster.dropped], key=lambda d: d.node_id))
+    require_nodes(roster, min_clients)
+    return roster

@@ -18,14 +18,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from hlora.checkpoint import ServerState, load_state
 from hlora.config import CONFIG_FILE, RunConfig, load_config, to_toml
-from hlora.engines.flower.identity import node_rank, query_nodes
-from hlora.engines.flower.settings import DEFAULT_NODE_WAIT_S, AppSettings
+from hlora.engines.flower.identity import NodeDrop, assign_slots, query_nodes
+from hlora.engines.flower.settings import (
+    DEFAULT_NODE_WAIT_S,
+    DEFAULT_ROUND_TIMEOUT_S,
+    AppSettings,
+)
 from hlora.engines.flower.transport import FlowerTransport
 from hlora.errors import ConfigError
 from hlora.federation import (
     CHECKPOINT_FILE,
     RunResult,
-    assign_ranks,
     build_federation,
     fingerprint,
     finish,
@@ -34,9 +37,11 @@ from hlora.federation import (
 )
 from hlora.io import write_text_atomic
 from hlora.report import MetricsLog, RoundProgress, write_json
-from hlora.server import ClientSlot, FederationError
+from hlora.server import FederationError
 
 logger = logging.getLogger(__name__)
+
+DROPPED_NODES_FILE = "dropped_nodes.json"
 
 
 def check_runnable(config: RunConfig, run_dir: Path) -> ServerState | None:
@@ -76,10 +81,14 @@ def serve(
     run_dir: Path,
     *,
     progress: bool,
-    round_timeout: float | None = None,
+    round_timeout: float | None = DEFAULT_ROUND_TIMEOUT_S,
     node_wait_s: float = DEFAULT_NODE_WAIT_S,
 ) -> RunResult:
     """The whole server side of a Flower run: query nodes, run the rounds, write the run folder.
+
+    Nodes whose QUERY answer does not hold (see :mod:`~hlora.engines.flower.identity`) are left
+    out with their reasons, in ``dropped_nodes.json`` (with nodes that connect later), and the
+    run goes on while ``federation.min_clients`` nodes remain.
 
     A run folder holding a checkpoint of the same configuration resumes after the checkpoint's
     round (see :func:`check_runnable`): ``metrics.jsonl`` is cut back to that round and the nodes
@@ -90,15 +99,18 @@ def serve(
     """
     resumed = check_runnable(config, run_dir)
     federation = build_federation(config)  # the server's model: evaluation and the update spec
-    infos = query_nodes(
-        grid, config.federation.num_clients, wait_s=node_wait_s, timeout=round_timeout
+    fed = config.federation
+    roster = query_nodes(
+        grid,
+        fed.num_clients,
+        wait_s=node_wait_s,
+        timeout=round_timeout,
+        min_clients=fed.min_clients,
     )
-    shapes = federation.runtime.bank.layer_shapes()
-    rule_ranks = assign_ranks(config, shapes)
-    slots = [
-        ClientSlot(i.client_id, node_rank(config, shapes, i, rule_ranks), i.num_examples)
-        for i in infos
-    ]
+    slots, roster = assign_slots(config, federation.runtime.bank.layer_shapes(), roster)
+    infos = roster.accepted
+    for drop in roster.dropped:
+        logger.warning("node %d left out of the run: %s", drop.node_id, drop.reason)
     federation = dataclasses.replace(federation, clients=slots)
     if resumed is not None:
         before = json.loads((run_dir / "clients.json").read_text(encoding="utf-8"))
@@ -115,7 +127,19 @@ def serve(
         run_dir / "clients.json",
         [{**s.__dict__, "node_id": i.node_id} for s, i in zip(slots, infos, strict=True)],
     )
-    transport = FlowerTransport(grid, {i.client_id: i.node_id for i in infos}, round_timeout)
+    dropped_nodes = [dataclasses.asdict(d) for d in roster.dropped]
+    write_json(run_dir / DROPPED_NODES_FILE, dropped_nodes)
+
+    def node_dropped(node_id: int, reason: str, round_num: int) -> None:
+        dropped_nodes.append(dataclasses.asdict(NodeDrop(node_id, reason, f"round {round_num}")))
+        write_json(run_dir / DROPPED_NODES_FILE, dropped_nodes)
+
+    transport = FlowerTransport(
+        grid,
+        {i.client_id: i.node_id for i in infos},
+        round_timeout,
+        on_node_dropped=node_dropped,
+    )
     with RoundProgress(config.federation.rounds, enabled=progress) as bar:
         transport.on_client_done = bar.client_done
         state = make_loop(federation, run_dir, bar, transport).run(resumed)

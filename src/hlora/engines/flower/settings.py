@@ -19,6 +19,7 @@ RUN_DIR_KEY = "run-dir"
 ROUND_TIMEOUT_KEY = "round-timeout"
 NODE_WAIT_KEY = "node-wait"
 DEFAULT_NODE_WAIT_S = 120.0
+DEFAULT_ROUND_TIMEOUT_S = 1800.0
 
 
 def _seconds(settings: Mapping[str, Any], key: str, default: float) -> float:
@@ -42,14 +43,16 @@ class AppSettings:
         hlora_config: Path of the hlora TOML run configuration ('' when the app was built
             with a configuration object, as in simulation).
         run_dir: The server's run folder ('' : ``output.dir/output.name`` as ``hlora run``).
-        round_timeout: Seconds to wait for one round's replies (None: no limit).
+        round_timeout: Seconds to wait for one round's replies (None: no limit, only when the
+            run config sets ``round-timeout = 0``).
         node_wait: Seconds the server waits for ``federation.num_clients`` nodes to connect.
     """
 
     hlora_config: str = field(default="", metadata={"help": "path of the hlora TOML file"})
     run_dir: str = field(default="", metadata={"help": "the server's run folder"})
     round_timeout: float | None = field(
-        default=None, metadata={"help": "seconds to wait for a round's replies (None: no limit)"}
+        default=DEFAULT_ROUND_TIMEOUT_S,
+        metadata={"help": "seconds to wait for a round's replies (None: no limit)"},
     )
     node_wait: float = field(
         default=DEFAULT_NODE_WAIT_S,
@@ -63,7 +66,7 @@ class AppSettings:
         Raises:
             ConfigError: A timeout or wait that is not a finite number >= 0.
         """
-        timeout = _seconds(settings, ROUND_TIMEOUT_KEY, 0.0)
+        timeout = _seconds(settings, ROUND_TIMEOUT_KEY, DEFAULT_ROUND_TIMEOUT_S)
         return AppSettings(
             hlora_config=str(settings.get(CONFIG_KEY) or ""),
             run_dir=str(settings.get(RUN_DIR_KEY) or ""),

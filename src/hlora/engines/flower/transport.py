@@ -33,11 +33,18 @@ def match_replies(messages: Sequence[Message], replies: Iterable[Message]) -> li
 class FlowerTransport:
     """Sends each instruction to its node as a ``TRAIN`` message and collects the replies.
 
+    A node past ``timeout`` is dropped for the round (its late reply is never matched to a
+    later round: replies are matched by message id) and gets the next round's message as usual.
+    A node that connects after the QUERY round is not one of the run's clients: it gets no
+    message, and is reported once through ``on_node_dropped``.
+
     Args:
         grid: The ServerApp's grid.
         node_of: Client id -> Flower node id.
         timeout: Seconds to wait for a round's replies (None: until every node answers).
         on_client_done: Called as ``(client_id, rank, loss)`` per client (progress).
+        on_node_dropped: Called as ``(node_id, reason, round)`` for each node that connected
+            after the QUERY round, once.
     """
 
     def __init__(
@@ -46,16 +53,35 @@ class FlowerTransport:
         node_of: Mapping[str, int],
         timeout: float | None = None,
         on_client_done: Callable[[str, int, float | None], None] | None = None,
+        on_node_dropped: Callable[[int, str, int], None] | None = None,
     ) -> None:
         self.grid = grid
         self.node_of = dict(node_of)
         self.timeout = timeout
         self.on_client_done = on_client_done
+        self.on_node_dropped = on_node_dropped
+        self.late_nodes: dict[int, str] = {}
+        """Node id -> why it is not in the run (it connected after the QUERY round)."""
         self.wire_bytes: dict[str, tuple[int, int]] = {}
         """Client id -> (array bytes sent, received) of the last round, ``.npy`` headers in."""
 
+    def check_late_nodes(self, round_num: int) -> None:
+        """Report each node connected now that is not one of the run's clients (once)."""
+        known = set(self.node_of.values())
+        for node in sorted(set(self.grid.get_node_ids()) - known - set(self.late_nodes)):
+            reason = (
+                "connected after the QUERY round: the run's clients are fixed at its start "
+                "(a node rejoining under its registered id takes part again)"
+            )
+            self.late_nodes[node] = reason
+            logger.warning("node %d left out: %s", node, reason)
+            if self.on_node_dropped:
+                self.on_node_dropped(node, reason, round_num)
+
     def run_round(self, instructions: Sequence[TrainInstruction]) -> RoundResult:
         """One round: a message per node, then replies, failures for the rest."""
+        if instructions:
+            self.check_late_nodes(instructions[0].round_num)
         messages = []
         sent: dict[str, int] = {}
         for instruction in instructions:
