@@ -267,6 +267,7 @@ GOOD = {"partition-id": 0, "num-partitions": 3, "num-examples": 10, "rank": 0, "
         (_query_reply({k: v for k, v in GOOD.items() if k != "rank"}), "'rank' is None"),
         (_query_reply({**GOOD, "memory-mb": -1.0}), "'memory-mb' is -1.0"),
         (_query_reply({**GOOD, "partition-id": 3}), r"declares partition-id 3 of 3: expected"),
+        (_query_reply({"refused": "this node's model 'x' is not"}), "^refused: this node's model"),
         (_query_reply({**GOOD, "partition-id": 2, "num-partitions": 4}), "partition-id 2 of 4"),
     ],
 )

@@ -7,6 +7,8 @@ back to the server as the message's error, and the server drops this node for th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -19,25 +21,32 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
     """A ClientApp answering ``QUERY`` (who am I) and ``TRAIN`` (one round of local training).
 
     Args:
-        config: The configuration; None: read ``context.run_config["hlora-config"]``.
+        config: This node's own copy of the configuration; None: ``hlora-config`` of the run
+            config when that file exists here. Either way the node trains with the
+            configuration the server sends, filling in only its own paths.
     """
     app = ClientApp()
 
-    def cfg(context: Context) -> RunConfig:
-        """The hlora configuration of this run."""
+    def local(context: Context) -> RunConfig | None:
+        """This node's own copy of the configuration: the one given, else ``hlora-config``
+        when that file exists on this machine (the server's message carries the run's)."""
         if config is not None:
             return config
-        return AppSettings.from_run_config(dict(context.run_config)).load_config()
+        settings = AppSettings.from_run_config(dict(context.run_config))
+        if settings.hlora_config and Path(settings.hlora_config).is_file():
+            return settings.load_config()
+        return None
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """This node's partition id, number of examples and declared rank / memory budget."""
-        return Message(node.node_info(cfg(context), dict(context.node_config)), reply_to=msg)
+        info = node.node_info(local(context), dict(context.node_config), msg.content)
+        return Message(info, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """One round of local training on this node's partition (errors go back as errors)."""
-        reply = node.train(cfg(context), dict(context.node_config), msg.content)
+        reply = node.train(local(context), dict(context.node_config), msg.content)
         return Message(reply, reply_to=msg)
 
     return app

@@ -19,10 +19,15 @@ Reply (client -> server)::
     "hlora.train"        MetricRecord  num-examples, loss, steps, seconds
     "hlora.factors", "hlora.extras"    as above
 
+QUERY (server -> node), and beside the instruction in every TRAIN message::
+
+    "hlora.run"          ConfigRecord  config (TOML), model-sha256, model-is-folder,
+                                       fingerprint, model, task, target-modules, scaling, ranks
+
 QUERY reply (node -> server)::
 
     "hlora.node"         ConfigRecord  partition-id, num-partitions, num-examples, rank,
-                                       memory-mb
+                                       memory-mb; or only refused (one line: why not)
 
 Tensors travel as :class:`~flwr.app.Array` in NumPy's ``.npy`` form (Flower's own), except
 ``bfloat16``, which NumPy lacks: its raw little-endian bytes travel with ``stype = "torch.raw"``.
@@ -56,6 +61,8 @@ EXTRAS = "hlora.extras"
 BASE_DELTA = "hlora.base-delta"
 NODE_INFO = "hlora.node"
 """The QUERY reply's ConfigRecord (see :func:`hlora.engines.flower.node.node_info`)."""
+RUN = "hlora.run"
+"""The run's configuration and fingerprint, in QUERY and TRAIN messages (see ``manifest``)."""
 
 _RAW_STYPE = "torch.raw"
 _SEP = "/"

@@ -6,7 +6,8 @@ examples and declared ``rank`` / ``memory-mb`` (the node's answer is
 ``client{k:02d}`` (as in the in-process engine).
 
 Nothing a node declares is taken on trust: a node that fails the query or does not answer it,
-answers with a malformed record, declares a partition out of range or one another node also
+refuses the run (its model is not the run's, its data cannot be read), answers with a malformed
+record, declares a partition out of range or one another node also
 declares, or a rank the run does not have, is dropped with its reason (:class:`NodeDrop`), and
 the run goes on while ``federation.min_clients`` nodes remain. The example count a node declares
 here is the one its later replies must repeat (see :mod:`hlora.trust`).
@@ -24,7 +25,7 @@ from flwr.serverapp import Grid
 
 from hlora.adapters import LayerShape
 from hlora.config import RunConfig, replace
-from hlora.engines.flower.codec import NODE_INFO
+from hlora.engines.flower.codec import NODE_INFO, RUN
 from hlora.engines.flower.transport import match_replies
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import assign_ranks
@@ -110,6 +111,8 @@ def parse_node_info(node_id: int, reply: Message | None, timeout: float | None) 
     record = content.get(NODE_INFO) if NODE_INFO in content else None
     if not isinstance(record, ConfigRecord):
         raise HloraError(f"malformed query reply: no '{NODE_INFO}' record")
+    if "refused" in record:
+        raise HloraError(f"refused: {record['refused']!s:.500}")
     try:
         memory = record.get("memory-mb")
         if isinstance(memory, bool) or not isinstance(memory, int | float):
@@ -248,7 +251,13 @@ def require_nodes(roster: Roster, min_clients: int) -> None:
 
 
 def query_nodes(
-    grid: Grid, expected: int, *, wait_s: float, timeout: float | None, min_clients: int = 1
+    grid: Grid,
+    expected: int,
+    *,
+    wait_s: float,
+    timeout: float | None,
+    min_clients: int = 1,
+    run_record: ConfigRecord | None = None,
 ) -> Roster:
     """Wait for ``expected`` nodes, ask each who it is, keep those whose answer holds.
 
@@ -261,6 +270,7 @@ def query_nodes(
         wait_s: Seconds to wait for the nodes to connect.
         timeout: Seconds to wait for the QUERY replies (None: no limit).
         min_clients: ``federation.min_clients``.
+        run_record: The run's manifest (``hlora.run``), sent with the query.
 
     Returns:
         The accepted nodes by partition id and the dropped ones with their reasons.
@@ -278,8 +288,14 @@ def query_nodes(
             f"only {len(node_ids)} of federation.num_clients = {expected} nodes connected "
             f"within {wait_s:.0f} s (federation.min_clients = {min_clients})"
         )
+    content = {RUN: run_record} if run_record is not None else {}
     messages = [
-        Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, group_id="query")
+        Message(
+            RecordDict(dict(content)),
+            dst_node_id=n,
+            message_type=MessageType.QUERY,
+            group_id="query",
+        )
         for n in node_ids
     ]
     answers = match_replies(messages, grid.send_and_receive(messages, timeout=timeout))

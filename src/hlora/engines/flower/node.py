@@ -5,10 +5,16 @@ engines train on the same examples. The model and the partition are cached per p
 by the configuration: in simulation a Ray actor keeps them across rounds; a deployed SuperNode
 starts a new ClientApp process per message (Flower's stateless design), which loads them again.
 
+The configuration a node trains with is the server's (the ``hlora.run`` record of its messages,
+:mod:`~hlora.engines.flower.manifest`), with this node's own paths; a node refuses the run in
+one line (the QUERY answer's ``refused`` key) when its model is not the run's or its data
+cannot be read.
+
 Per-node settings come from ``context.node_config`` (``flower-supernode --node-config``):
 ``partition-id``, ``num-partitions`` (both set by Flower itself in simulation) and optionally
-``data-dir`` (this node's GLUE folder), ``rank`` (wins over the config's rank rule) or
-``memory-mb`` (rank by ``federation.rank_rule = "memory"`` semantics with this budget).
+``data-dir`` (this node's GLUE folder), ``model-dir`` (this node's copy of a model folder),
+``rank`` (wins over the config's rank rule) or ``memory-mb`` (rank by
+``federation.rank_rule = "memory"`` semantics with this budget).
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from hlora.adapters import LoraBank
 from hlora.config import RunConfig, replace
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
 from hlora.data.glue import get_task
-from hlora.engines.flower.codec import NODE_INFO, decode_instruction, encode_reply
+from hlora.engines.flower.codec import NODE_INFO, CodecError, decode_instruction, encode_reply
+from hlora.engines.flower.manifest import (
+    RunManifest,
+    backbone_sha256,
+    check_model,
+    model_sha256,
+    node_run_config,
+)
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import client_partitions, fingerprint, load_run_task, pair_examples
 from hlora.models import Backbone, load_backbone
@@ -30,6 +43,7 @@ from hlora.runtime import Features, ModelRuntime, resolve_device
 
 _RUNTIMES: dict[tuple[str, ...], tuple[ModelRuntime, Backbone]] = {}
 _PARTITIONS: dict[tuple[str, ...], Features] = {}
+_MODEL_SHA: dict[str, str] = {}  # fingerprint(config) -> backbone_sha256 before LoRA was added
 
 
 def partition_features(
@@ -61,12 +75,15 @@ def partition_features(
     )
 
 
-def client_runtime(config: RunConfig, extra_rank: int = 0) -> tuple[ModelRuntime, Backbone]:
+def client_runtime(
+    config: RunConfig, extra_rank: int = 0, *, hash_model: bool = False
+) -> tuple[ModelRuntime, Backbone]:
     """This process's model, cached per configuration (one serves every node of a process).
 
     Args:
         config: The run configuration.
         extra_rank: A node-declared rank the LoRA bank must hold besides ``federation.ranks``.
+        hash_model: Also record :func:`node_model_sha256` of the model as loaded.
 
     Returns:
         The runtime and its backbone.
@@ -77,6 +94,8 @@ def client_runtime(config: RunConfig, extra_rank: int = 0) -> tuple[ModelRuntime
         backbone = load_backbone(
             config.model.name, get_task(config.data.task).num_labels, seed=config.federation.seed
         )
+        if hash_model:
+            _MODEL_SHA[fingerprint(config)] = backbone_sha256(backbone)
         bank = LoraBank(
             backbone,
             ranks,
@@ -94,7 +113,46 @@ def client_runtime(config: RunConfig, extra_rank: int = 0) -> tuple[ModelRuntime
     return _RUNTIMES[key]
 
 
-def node_setup(config: RunConfig, node: Mapping[str, Any]) -> tuple[ModelRuntime, Features, int]:
+def node_model_sha256(config: RunConfig) -> str:
+    """:func:`~hlora.engines.flower.manifest.backbone_sha256` of this node's model (cached)."""
+    key = fingerprint(config)
+    if key not in _MODEL_SHA:
+        _MODEL_SHA[key] = model_sha256(config)
+    return _MODEL_SHA[key]
+
+
+def run_config(
+    local: RunConfig | None, node: Mapping[str, Any], content: RecordDict
+) -> tuple[RunConfig, RunManifest | None]:
+    """The configuration this node trains with, and the server's manifest if it sent one.
+
+    Args:
+        local: This node's own copy of the configuration, if any (the only one when the server
+            sends none).
+        node: The node's ``context.node_config``.
+        content: The message's content.
+
+    Raises:
+        HloraError: No configuration at all, a malformed manifest, or a model folder this node
+            has no copy of.
+    """
+    try:
+        manifest = RunManifest.from_content(content)
+    except CodecError as err:
+        raise HloraError(f"malformed run configuration from the server: {err}") from err
+    if manifest is not None:
+        return node_run_config(manifest, local, node), manifest
+    if local is None:
+        raise ConfigError(
+            "the server sent no run configuration and this node has none: set 'hlora-config' "
+            "in the Flower run config"
+        )
+    return local, None
+
+
+def node_setup(
+    config: RunConfig, node: Mapping[str, Any], *, hash_model: bool = False
+) -> tuple[ModelRuntime, Features, int]:
     """This process's runtime, this node's features (both cached) and its partition id.
 
     Args:
@@ -114,16 +172,32 @@ def node_setup(config: RunConfig, node: Mapping[str, Any]) -> tuple[ModelRuntime
         )
     if node.get("data-dir"):
         config = replace(config, data={"data_dir": str(node["data-dir"])})
-    runtime, backbone = client_runtime(config, int(node.get("rank", 0) or 0))
+    runtime, backbone = client_runtime(config, int(node.get("rank", 0) or 0), hash_model=hash_model)
     key = (fingerprint(config), str(partition_id), str(num_partitions))
     if key not in _PARTITIONS:
         _PARTITIONS[key] = partition_features(config, backbone, partition_id, num_partitions)
     return runtime, _PARTITIONS[key], partition_id
 
 
-def node_info(config: RunConfig, node: Mapping[str, Any]) -> RecordDict:
-    """The QUERY answer: partition id, number of examples and declared rank / memory budget."""
-    _, features, partition_id = node_setup(config, node)
+def node_info(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict) -> RecordDict:
+    """The QUERY answer: partition id, number of examples and declared rank / memory budget.
+
+    A node that cannot take part (its model is not the run's, its data cannot be read, its node
+    config lacks its partition) answers only ``refused``: the first line of the reason.
+
+    Args:
+        local: This node's own copy of the configuration, if any.
+        node: The node's ``context.node_config``.
+        content: The QUERY message's content (the server's ``hlora.run`` manifest).
+    """
+    try:
+        config, manifest = run_config(local, node, content)
+        _, features, partition_id = node_setup(config, node, hash_model=manifest is not None)
+        if manifest is not None:
+            check_model(manifest, config, node_model_sha256(config))
+    except HloraError as err:
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return RecordDict({NODE_INFO: ConfigRecord({"refused": line})})
     info = ConfigRecord(
         {
             "partition-id": partition_id,
@@ -136,13 +210,14 @@ def node_info(config: RunConfig, node: Mapping[str, Any]) -> RecordDict:
     return RecordDict({NODE_INFO: info})
 
 
-def train(config: RunConfig, node: Mapping[str, Any], content: RecordDict) -> RecordDict:
+def train(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict) -> RecordDict:
     """One round of local training on this node's partition.
 
     Args:
-        config: The run configuration.
+        local: This node's own copy of the configuration, if any.
         node: The node's ``context.node_config``.
-        content: The ``TRAIN`` message's content (an encoded instruction).
+        content: The ``TRAIN`` message's content (an encoded instruction and the server's
+            ``hlora.run`` manifest).
 
     Returns:
         The encoded reply.
@@ -151,6 +226,7 @@ def train(config: RunConfig, node: Mapping[str, Any], content: RecordDict) -> Re
         HloraError: An instruction for another client, bad data or a failed training.
     """
     instruction = decode_instruction(content)
+    config, _ = run_config(local, node, content)
     runtime, features, partition_id = node_setup(config, node)
     if instruction.client_id != f"client{partition_id:02d}":
         raise HloraError(

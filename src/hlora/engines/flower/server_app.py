@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from hlora.checkpoint import ServerState, load_state
 from hlora.config import CONFIG_FILE, RunConfig, load_config, to_toml
 from hlora.engines.flower.identity import NodeDrop, assign_slots, query_nodes
+from hlora.engines.flower.manifest import RunManifest, model_sha256
 from hlora.engines.flower.settings import (
     DEFAULT_NODE_WAIT_S,
     DEFAULT_ROUND_TIMEOUT_S,
@@ -86,9 +87,12 @@ def serve(
 ) -> RunResult:
     """The whole server side of a Flower run: query nodes, run the rounds, write the run folder.
 
-    Nodes whose QUERY answer does not hold (see :mod:`~hlora.engines.flower.identity`) are left
-    out with their reasons, in ``dropped_nodes.json`` (with nodes that connect later), and the
-    run goes on while ``federation.min_clients`` nodes remain.
+    The QUERY message and every TRAIN message carry the run's manifest (its portable
+    configuration and fingerprint, :mod:`~hlora.engines.flower.manifest`); nodes train with it.
+    Nodes that refuse it, or whose QUERY answer does not hold (see
+    :mod:`~hlora.engines.flower.identity`), are left out with their reasons, in
+    ``dropped_nodes.json`` (with nodes that connect later), and the run goes on while
+    ``federation.min_clients`` nodes remain.
 
     A run folder holding a checkpoint of the same configuration resumes after the checkpoint's
     round (see :func:`check_runnable`): ``metrics.jsonl`` is cut back to that round and the nodes
@@ -100,12 +104,16 @@ def serve(
     resumed = check_runnable(config, run_dir)
     federation = build_federation(config)  # the server's model: evaluation and the update spec
     fed = config.federation
+    manifest = RunManifest.of(config, model_sha256(config))
+    logger.info("run manifest: %s", manifest.summary())
+    run_record = manifest.to_record()
     roster = query_nodes(
         grid,
         fed.num_clients,
         wait_s=node_wait_s,
         timeout=round_timeout,
         min_clients=fed.min_clients,
+        run_record=run_record,
     )
     slots, roster = assign_slots(config, federation.runtime.bank.layer_shapes(), roster)
     infos = roster.accepted
@@ -139,6 +147,7 @@ def serve(
         {i.client_id: i.node_id for i in infos},
         round_timeout,
         on_node_dropped=node_dropped,
+        run_record=run_record,
     )
     with RoundProgress(config.federation.rounds, enabled=progress) as bar:
         transport.on_client_done = bar.client_done

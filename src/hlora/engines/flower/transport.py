@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from flwr.app import Message, MessageType
+from flwr.app import ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from hlora.aggregation import InvalidUpdateError
-from hlora.engines.flower.codec import content_bytes, decode_reply, encode_instruction
+from hlora.engines.flower.codec import RUN, content_bytes, decode_reply, encode_instruction
 from hlora.protocol import ClientFailure, RoundResult, TrainInstruction, TrainReply
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class FlowerTransport:
         on_client_done: Called as ``(client_id, rank, loss)`` per client (progress).
         on_node_dropped: Called as ``(node_id, reason, round)`` for each node that connected
             after the QUERY round, once.
+        run_record: The run's manifest (``hlora.run``), sent beside every instruction.
     """
 
     def __init__(
@@ -54,12 +55,14 @@ class FlowerTransport:
         timeout: float | None = None,
         on_client_done: Callable[[str, int, float | None], None] | None = None,
         on_node_dropped: Callable[[int, str, int], None] | None = None,
+        run_record: ConfigRecord | None = None,
     ) -> None:
         self.grid = grid
         self.node_of = dict(node_of)
         self.timeout = timeout
         self.on_client_done = on_client_done
         self.on_node_dropped = on_node_dropped
+        self.run_record = run_record
         self.late_nodes: dict[int, str] = {}
         """Node id -> why it is not in the run (it connected after the QUERY round)."""
         self.wire_bytes: dict[str, tuple[int, int]] = {}
@@ -87,6 +90,8 @@ class FlowerTransport:
         for instruction in instructions:
             content = encode_instruction(instruction)
             sent[instruction.client_id] = content_bytes(content)
+            if self.run_record is not None:
+                content[RUN] = self.run_record
             messages.append(
                 Message(
                     content,
