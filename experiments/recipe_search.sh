@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | confirm
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped.
@@ -44,6 +44,18 @@ elif [ "$STAGE" = screen2 ]; then
     "fedavg-la1-sgd3|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=sgd --set server.learning_rate=3.0 --set train.logit_adjustment=1.0"
     "fedavg-la1-avgm0.7|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=avgm --set server.momentum=0.7 --set train.logit_adjustment=1.0"
   )
+elif [ "$STAGE" = split ]; then
+  # hlora's own mechanism, which no other strategy has: where S sits in the factors a client
+  # starts from. Chosen on hlora (ranks {2, 4, 8, 16}) at the chosen recipe, on the validation
+  # split, 3 seeds, balanced vs orthonormal-a, the main job's 16 passes.
+  LEN=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
+  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]")
+  RUNS=()
+  for seed in 1 2 0; do
+    for split in balanced orthonormal-a; do
+      RUNS+=("hlora-$split-s$seed|${HET[*]} --set server.factor_split=$split --set federation.seed=$seed")
+    done
+  done
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi
