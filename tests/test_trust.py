@@ -439,3 +439,24 @@ def test_a_nonfinite_aggregate_keeps_the_old_state(tmp_path: Path) -> None:
 def test_too_few_screened_updates_stop_the_run(tmp_path: Path) -> None:
     with pytest.raises(FederationError, match="only 0 valid client updates"):
         _loop(tmp_path, {"client00": _lie(num_examples=99)})
+
+
+def test_a_reply_for_a_client_not_asked_is_dropped(tmp_path: Path) -> None:
+    class Chatty(FakeTransport):
+        def run_round(self, instructions: Sequence[TrainInstruction]) -> RoundResult:
+            result = super().run_round(instructions)
+            stranger = _honest(dataclasses.replace(instructions[0], client_id="client09"))
+            return RoundResult(replies=[*result.replies, stranger])
+
+    behaviour = {"client00": _honest, "client01": _honest}
+    _, clean, _ = _loop(tmp_path, behaviour, rounds=1)
+    loop, _, _ = _loop(tmp_path, behaviour, rounds=1)
+    loop.transport = Chatty(behaviour)
+    state, record = loop.run_round(loop.initial_state(), 1)
+    assert record["dropped"] == [
+        {"client_id": "client09", "reason": "reply from a client not asked this round"}
+    ]
+    assert [c["client_id"] for c in record["clients"]] == ["client00", "client01"]
+    assert state.global_update is not None and clean.global_update is not None
+    for name, layer in clean.global_update.layers.items():
+        assert torch.equal(state.global_update.layers[name].left, layer.left)
