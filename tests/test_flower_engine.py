@@ -28,6 +28,7 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from hlora.aggregation import ClientUpdate, LoraFactors
 from hlora.config import RunConfig, load_config, replace, to_toml
+from hlora.data.glue import load_task
 from hlora.engines.flower.codec import decode_instruction, encode_reply
 from hlora.errors import ConfigError
 from hlora.federation import build_federation, run
@@ -192,9 +193,11 @@ def _query_answer(partition: int, rank: int = 0, memory_mb: float = 0.0) -> Call
     def answer(message: Message) -> Message:
         info = ConfigRecord(
             {
+                "data-mode": "simulated-partition",
                 "partition-id": partition,
                 "num-partitions": 3,
                 "num-examples": 10 + partition,
+                "label-counts": [4, 6 + partition],
                 "rank": rank,
                 "memory-mb": memory_mb,
             }
@@ -250,7 +253,22 @@ def _query_reply(record: dict) -> Callable:
     return answer
 
 
-GOOD = {"partition-id": 0, "num-partitions": 3, "num-examples": 10, "rank": 0, "memory-mb": 0.0}
+GOOD = {
+    "data-mode": "simulated-partition",
+    "partition-id": 0,
+    "num-partitions": 3,
+    "num-examples": 10,
+    "label-counts": [3, 7],
+    "rank": 0,
+    "memory-mb": 0.0,
+}
+OWN_ANSWER = {
+    "data-mode": "own",
+    "num-examples": 7,
+    "label-counts": [7, 0],
+    "rank": 0,
+    "memory-mb": 0.0,
+}
 
 
 @pytest.mark.parametrize(
@@ -263,12 +281,18 @@ GOOD = {"partition-id": 0, "num-partitions": 3, "num-examples": 10, "rank": 0, "
             "malformed query reply: no 'hlora.node' record",
         ),
         (_query_reply({**GOOD, "num-examples": 0}), "'num-examples' is 0, expected >= 1"),
+        (_query_reply({**GOOD, "label-counts": [3, 8]}), r"'label-counts' is \[3, 8\], expected"),
+        (_query_reply({**GOOD, "label-counts": [-1, 11]}), "'label-counts' is"),
+        (_query_reply({k: v for k, v in GOOD.items() if k != "label-counts"}), "'label-co"),
         (_query_reply({**GOOD, "num-examples": 2.5}), "'num-examples' is 2.5, expected an integer"),
         (_query_reply({k: v for k, v in GOOD.items() if k != "rank"}), "'rank' is None"),
         (_query_reply({**GOOD, "memory-mb": -1.0}), "'memory-mb' is -1.0"),
         (_query_reply({**GOOD, "partition-id": 3}), r"declares partition-id 3 of 3: expected"),
         (_query_reply({"refused": "this node's model 'x' is not"}), "^refused: this node's model"),
         (_query_reply({**GOOD, "partition-id": 2, "num-partitions": 4}), "partition-id 2 of 4"),
+        (_query_reply({k: v for k, v in GOOD.items() if k != "data-mode"}), "'data-mode' is None"),
+        (_query_reply({**GOOD, "data-mode": "mine"}), "'data-mode' is 'mine', expected one of"),
+        (_query_reply(OWN_ANSWER), "node data mode 'own', the run's nodes use 'simulated-part"),
     ],
 )
 def test_a_bad_query_answer_drops_the_node_and_the_run_goes_on(
@@ -282,6 +306,57 @@ def test_a_bad_query_answer_drops_the_node_and_the_run_goes_on(
     (drop,) = roster.dropped
     assert drop.node_id == 9 and drop.when == "query"
     assert re.search(reason, drop.reason), drop.reason
+
+
+def test_own_data_nodes_become_clients_in_node_id_order(task_identity: None) -> None:
+    """Mode ``own``: no partition; clients by ascending node id, the example count as declared,
+    nodes beyond federation.num_clients and nodes of the other mode left out with the reason."""
+    from hlora.adapters import LayerShape
+    from hlora.engines.flower.identity import assign_slots, query_nodes
+    from hlora.engines.flower.server_app import declared_label_prior
+    from hlora.server import ClientSlot, FederationError
+
+    grid = FakeGrid(
+        {
+            40: _query_reply({**OWN_ANSWER, "num-examples": 40, "label-counts": [40, 0]}),
+            12: _query_reply(
+                {**OWN_ANSWER, "num-examples": 12, "label-counts": [2, 10], "rank": 4}
+            ),
+            31: _query_reply({**OWN_ANSWER, "num-examples": 31, "label-counts": [30, 1]}),
+            50: _query_reply({**OWN_ANSWER, "num-examples": 50, "label-counts": [0, 50]}),
+            20: _query_reply(GOOD),
+        }
+    )
+    roster = query_nodes(grid, 3, wait_s=1, timeout=None, mode="own")  # type: ignore[arg-type]
+    assert [(i.node_id, i.client_id, i.num_examples) for i in roster.accepted] == [
+        (12, "client00", 12),
+        (31, "client01", 31),
+        (40, "client02", 40),
+    ]
+    assert [d.node_id for d in roster.dropped] == [20, 50]
+    assert "node data mode 'simulated-partition', the run's nodes use 'own'" in (
+        roster.dropped[0].reason
+    )
+    assert "federation.num_clients = 3 clients are taken" in roster.dropped[1].reason
+    config = load_config(None, ("federation.num_clients=3", "federation.ranks=[2, 4, 8]"))
+    shapes = {"layer": LayerShape(out_features=64, in_features=64)}
+    slots, _ = assign_slots(config, shapes, roster)
+    assert slots == [  # declared rank wins; else the rule's cycle for client k
+        ClientSlot("client00", 4, 12),
+        ClientSlot("client01", 4, 31),
+        ClientSlot("client02", 8, 40),
+    ]
+    # The label prior of a server without training labels: the declared counts, smoothed
+    # as label_log_prior smooths the in-process engine's training labels.
+    prior = declared_label_prior(roster.accepted, 2)
+    assert prior == pytest.approx(((1 + 72) / 85, (1 + 11) / 85))
+    with pytest.raises(ConfigError, match=r"node 12 declares label counts \[2, 10\]: expected 3"):
+        declared_label_prior(roster.accepted, 3)
+    three = dataclasses.replace(
+        roster, accepted=[dataclasses.replace(roster.accepted[0], label_counts=(1, 1, 10))]
+    )
+    with pytest.raises(FederationError, match="node 12 declares 3 label counts: task 'mrpc' has 2"):
+        assign_slots(config, shapes, three)
 
 
 def test_a_rank_the_run_cannot_serve_drops_the_node(task_identity: None) -> None:
@@ -358,6 +433,11 @@ def test_run_config_settings_are_parsed_once_and_checked() -> None:
     default = AppSettings.from_run_config({})
     assert default.round_timeout == DEFAULT_ROUND_TIMEOUT_S > 0
     assert AppSettings.from_run_config({"round-timeout": 0}).round_timeout is None
+    assert default.node_data == "own" and default.eval_data == ""
+    sim = AppSettings.from_run_config({"node-data": "simulated-partition", "eval-data": "/e.csv"})
+    assert (sim.node_data, sim.eval_data) == ("simulated-partition", "/e.csv")
+    with pytest.raises(ConfigError, match="'node-data' must be one of own, simulated-partition"):
+        AppSettings.from_run_config({"node-data": "shared"})
     parsed = AppSettings.from_run_config({"round-timeout": 90, "node-wait": 5, "run-dir": "r"})
     assert (parsed.round_timeout, parsed.node_wait, parsed.run_dir) == (90.0, 5.0, "r")
     with pytest.raises(ConfigError, match=r"'round-timeout' must be finite and >= 0, got -1"):
@@ -447,6 +527,39 @@ def test_flower_simulation_matches_inprocess(
     assert sorted(p.name for p in (flower.run_dir / "adapters").glob("r*")) == ["r2", "r4"]
 
 
+@pytest.mark.distributed
+def test_flower_simulation_with_own_data(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
+) -> None:
+    """Each virtual node trains on all of its own file; the server reads only the dev file."""
+    from hlora.engines.flower.simulation import run_flower_simulation
+
+    config = _tiny_config(tiny_bert_dir, tmp_path / "no-shared-task", tmp_path)
+    own, dev = _own_files(glue_dir, tmp_path / "own", [10, 16, 22])
+    result = run_flower_simulation(
+        config,
+        tmp_path / "flower",
+        progress=False,
+        own_data=[str(p) for p in own],
+        eval_data=str(dev),
+    )
+    clients = json.loads((result.run_dir / "clients.json").read_text())
+    assert [c["client_id"] for c in clients] == ["client00", "client01", "client02"]
+    assert [c["node_id"] for c in clients] == sorted(c["node_id"] for c in clients)
+    assert sorted(c["num_examples"] for c in clients) == [10, 16, 22]
+    assert {c["data_mode"] for c in clients} == {"own"}
+    records = _records(result.run_dir)
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        assert record["dropped"] == []
+        assert all(c["accepted"] for c in record["clients"])
+        assert {c["num_examples"] for c in record["clients"]} <= {10, 16, 22}
+        assert "accuracy" in record["eval"]
+    assert json.loads((result.run_dir / "dropped_nodes.json").read_text()) == []
+    with pytest.raises(ConfigError, match="own_data names 2 paths, expected one per client"):
+        run_flower_simulation(config, tmp_path / "x", progress=False, own_data=["a", "b"])
+
+
 # -- deployment on 127.0.0.1 --------------------------------------------------------------------
 
 
@@ -495,14 +608,18 @@ class LocalDeployment:
 
     Args:
         home: Folder for ``FLWR_HOME``, logs and state.
-        num_nodes: SuperNodes; node ``i`` declares ``partition-id=i``.
+        num_nodes: SuperNodes; node ``i`` declares ``partition-id=i`` unless ``node_configs``.
+        node_configs: Each node's ``--node-config`` string.
     """
 
     FEDERATION = "hlora-local"
 
-    def __init__(self, home: Path, num_nodes: int) -> None:
+    def __init__(self, home: Path, num_nodes: int, node_configs: list[str] | None = None) -> None:
         self.home = home
         self.num_nodes = num_nodes
+        self.node_configs = node_configs or [
+            f"partition-id={i} num-partitions={num_nodes}" for i in range(num_nodes)
+        ]
         self.port = _free_port()
         self.env = dict(os.environ)
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
@@ -553,7 +670,7 @@ class LocalDeployment:
                         "--port",
                         str(_free_port()),
                         "--node-config",
-                        f"partition-id={i} num-partitions={self.num_nodes}",
+                        self.node_configs[i],
                     ],
                 )
             )
@@ -593,8 +710,17 @@ def _write_config(config: RunConfig, path: Path) -> Path:
     return path
 
 
-def _run_config(config_path: Path, run_dir: Path, round_timeout: int) -> str:
-    return f'hlora-config="{config_path}" run-dir="{run_dir}" round-timeout={round_timeout}'
+def _run_config(
+    config_path: Path,
+    run_dir: Path,
+    round_timeout: int,
+    node_data: str = "simulated-partition",
+    eval_data: str = "",
+) -> str:
+    return (
+        f'hlora-config="{config_path}" run-dir="{run_dir}" round-timeout={round_timeout} '
+        f'node-data="{node_data}" eval-data="{eval_data}"'
+    )
 
 
 def _wait(proc: subprocess.Popen, deployment: LocalDeployment, timeout: float) -> None:
@@ -606,14 +732,26 @@ def _wait(proc: subprocess.Popen, deployment: LocalDeployment, timeout: float) -
 
 @contextlib.contextmanager
 def _deployed_run(
-    flower_env: Path, config_path: Path, run_dir: Path
+    flower_env: Path,
+    config_path: Path,
+    run_dir: Path,
+    own_data: list[Path] | None = None,
+    eval_data: Path | None = None,
 ) -> Iterator[tuple[LocalDeployment, subprocess.Popen]]:
-    """Three SuperNodes on loopback and ``flwr run`` of ``config_path``; both stopped on exit."""
-    deployment = LocalDeployment(flower_env, num_nodes=3)
+    """Three SuperNodes on loopback and ``flwr run`` of ``config_path``; both stopped on exit.
+
+    With ``own_data`` node ``i`` trains on all of ``own_data[i]`` (``node-data = "own"``) and the
+    server evaluates on ``eval_data``; else node ``i`` on its simulated partition ``i``.
+    """
+    configs = None if own_data is None else [f'own-data="{path}"' for path in own_data]
+    deployment = LocalDeployment(flower_env, num_nodes=3, node_configs=configs)
+    mode = "simulated-partition" if own_data is None else "own"
     flwr_run = None
     try:
         deployment.start()
-        flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300))
+        flwr_run = deployment.run(
+            APP_DIR, _run_config(config_path, run_dir, 300, mode, str(eval_data or ""))
+        )
         yield deployment, flwr_run
     finally:
         if flwr_run is not None:
@@ -645,37 +783,57 @@ def test_flower_deployment_on_loopback(
         assert math.isclose(b["eval"]["loss"], a["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
 
 
+def _own_files(glue_dir: Path, folder: Path, sizes: list[int]) -> tuple[list[Path], Path]:
+    """Disjoint slices of MRPC train written as each node's own JSONL file, and a dev file."""
+    from test_own_data import write_jsonl
+
+    task = load_task("mrpc", glue_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    files, start = [], 0
+    for k, size in enumerate(sizes):
+        files.append(write_jsonl(folder / f"node{k}.jsonl", list(task.train[start : start + size])))
+        start += size
+    return files, write_jsonl(folder / "dev.jsonl", list(task.dev[:24]))
+
+
 @pytest.mark.distributed
 def test_flower_deployment_survives_a_killed_supernode(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
 ) -> None:
-    config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path, **{"federation.rounds": 3})
+    """Nodes on their own data (no shared task anywhere: the config's data folder does not
+    exist); the node on 22 examples dies after round 1 and the run finishes without it."""
+    config = _tiny_config(
+        tiny_bert_dir, tmp_path / "no-shared-task", tmp_path, **{"federation.rounds": 3}
+    )
     config_path = _write_config(config, tmp_path / "run.toml")
+    own, dev = _own_files(glue_dir, tmp_path / "own", [10, 16, 22])
     run_dir = tmp_path / "deployed"
-    with _deployed_run(flower_env, config_path, run_dir) as (deployment, flwr_run):
+    with _deployed_run(flower_env, config_path, run_dir, own, dev) as (deployment, flwr_run):
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 400
         while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
             if time.monotonic() > deadline or flwr_run.poll() is not None:
                 pytest.fail(f"round 1 did not finish\n{deployment.tail()}")
             time.sleep(0.5)
-        _stop(deployment.nodes[2], kill=True)  # node of partition 2 dies after round 1
+        _stop(deployment.nodes[2], kill=True)  # the node with 22 examples dies after round 1
         _wait(flwr_run, deployment, 600)
         assert (run_dir / "summary.json").is_file(), deployment.tail()
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2, 3]
     assert records[0]["dropped"] == []
-    node_id = next(
-        c["node_id"]
-        for c in json.loads((run_dir / "clients.json").read_text())
-        if c["client_id"] == "client02"
-    )
+    clients = json.loads((run_dir / "clients.json").read_text())
+    # Clients in node id order, each with all of its own file's examples, accepted at join time.
+    assert [c["client_id"] for c in clients] == ["client00", "client01", "client02"]
+    assert [c["node_id"] for c in clients] == sorted(c["node_id"] for c in clients)
+    assert sorted(c["num_examples"] for c in clients) == [10, 16, 22]
+    assert {c["data_mode"] for c in clients} == {"own"}
+    killed = next(c for c in clients if c["num_examples"] == 22)
     for record in records[1:]:  # round 2: killed during it or before; round 3: known offline
         dropped = record["dropped"]
-        assert [d["client_id"] for d in dropped] == ["client02"]
-        assert f"node {node_id}" in dropped[0]["reason"]
+        assert [d["client_id"] for d in dropped] == [killed["client_id"]]
+        assert f"node {killed['node_id']}" in dropped[0]["reason"]
         accepted = {c["client_id"]: c["accepted"] for c in record["clients"]}
-        assert accepted == {"client00": True, "client01": True, "client02": False}
+        assert accepted == {c["client_id"]: c is not killed for c in clients}
         assert record["bytes_received"] > 0 and "eval" in record
 
 

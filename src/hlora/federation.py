@@ -420,11 +420,11 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
     config = federation.config
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     summary = summarize(records, federation.task.task.metrics)
-    majority = majority_baseline(
-        federation.task.task.metrics,
-        [e.label for e in federation.task.train],
-        [e.label for e in federation.task.dev],
-    )
+    eval_labels = [e.label for e in federation.task.dev]
+    # A server without training data (Flower nodes with their own data) takes the majority
+    # class of the evaluation set.
+    train_labels = [e.label for e in federation.task.train] or eval_labels
+    majority = majority_baseline(federation.task.task.metrics, train_labels, eval_labels)
     summary.update(
         {
             "headline": (

@@ -329,6 +329,27 @@ def _qqp_fragment_hint(task: TaskInfo, folder: Path | None) -> str:
     )
 
 
+def task_tsv_path(folder: Path, task: str, split: str) -> Path:
+    """Where a GLUE-layout ``folder`` keeps ``task``'s ``split`` (``train`` or ``dev``) TSV.
+
+    Raises:
+        DataError: An unknown task, or ``qqp-sample`` (one file, no train / dev files).
+    """
+    info = get_task(task)
+    if info.name == "qqp-sample":
+        raise DataError("task 'qqp-sample' has no train / dev files: give its rows as one file")
+    return folder / _FORMATS[info.name].folder / f"{split}.tsv"
+
+
+def read_task_tsv(path: Path, task: str) -> tuple[Example, ...]:
+    """Every example of one TSV file in ``task``'s GLUE format (header row as GLUE's).
+
+    Raises:
+        DataError: An unknown task, or a malformed file (naming the file and the line).
+    """
+    return tuple(ex for _, ex in _read_tsv(Path(path), _FORMATS[get_task(task).name]))
+
+
 def _read_tsv(path: Path, fmt: _TsvFormat) -> list[tuple[str, Example]]:
     """Parse a task TSV into (first field, example) pairs; blank lines are skipped."""
     try:

@@ -7,7 +7,9 @@ back to the server as the message's error, and the server drops this node for th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -17,15 +19,26 @@ from hlora.engines.flower import node
 from hlora.engines.flower.settings import AppSettings
 
 
-def make_client_app(config: RunConfig | None = None) -> ClientApp:
+def make_client_app(
+    config: RunConfig | None = None, own_data: Sequence[str] | None = None
+) -> ClientApp:
     """A ClientApp answering ``QUERY`` (who am I) and ``TRAIN`` (one round of local training).
 
     Args:
         config: This node's own copy of the configuration; None: ``hlora-config`` of the run
             config when that file exists here. Either way the node trains with the
             configuration the server sends, filling in only its own paths.
+        own_data: For simulation: the node whose Flower ``partition-id`` is ``k`` trains on its
+            own data ``own_data[k]`` (as if started with ``--node-config own-data=PATH``).
     """
     app = ClientApp()
+
+    def node_config(context: Context) -> dict[str, Any]:
+        """``context.node_config``, with the simulated node's own data when given."""
+        node = dict(context.node_config)
+        if own_data is not None:
+            node["own-data"] = own_data[int(node["partition-id"])]
+        return node
 
     def local(context: Context) -> RunConfig | None:
         """This node's own copy of the configuration: the one given, else ``hlora-config``
@@ -39,14 +52,14 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """This node's partition id, number of examples and declared rank / memory budget."""
-        info = node.node_info(local(context), dict(context.node_config), msg.content)
+        """This node's data mode, number of examples and declared rank / memory budget."""
+        info = node.node_info(local(context), node_config(context), msg.content)
         return Message(info, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        """One round of local training on this node's partition (errors go back as errors)."""
-        reply = node.train(local(context), dict(context.node_config), msg.content)
+        """One round of local training on this node's data (errors go back as errors)."""
+        reply = node.train(local(context), node_config(context), msg.content)
         return Message(reply, reply_to=msg)
 
     return app

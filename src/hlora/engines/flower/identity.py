@@ -1,9 +1,15 @@
 """The server's QUERY round: which Flower node is which hlora client, at which rank.
 
-Before round 1 the server asks every connected node its ``partition-id``, number of training
+Before round 1 the server asks every connected node its data mode, number of training
 examples and declared ``rank`` / ``memory-mb`` (the node's answer is
-:func:`hlora.engines.flower.node.node_info`); node ``partition-id = k`` becomes client
-``client{k:02d}`` (as in the in-process engine).
+:func:`hlora.engines.flower.node.node_info`). Which node becomes which client:
+
+* data mode ``own`` (each node its own data): the nodes in ascending Flower node id order
+  become ``client00``, ``client01``, ... (at most ``federation.num_clients``; the rank rule's
+  client ``k`` is the ``k``-th). With SuperNode authentication a node's id is fixed by its
+  registered key, so the mapping is the same every time the run starts or resumes;
+* data mode ``simulated-partition``: node ``partition-id = k`` becomes client ``client{k:02d}``
+  (as in the in-process engine).
 
 Nothing a node declares is taken on trust: a node that fails the query or does not answer it,
 refuses the run (its model is not the run's, its data cannot be read), answers with a malformed
@@ -15,6 +21,7 @@ here is the one its later replies must repeat (see :mod:`hlora.trust`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -25,7 +32,9 @@ from flwr.serverapp import Grid
 
 from hlora.adapters import LayerShape
 from hlora.config import RunConfig, replace
+from hlora.data.glue import get_task
 from hlora.engines.flower.codec import NODE_INFO, RUN
+from hlora.engines.flower.settings import DATA_MODES, OWN, SIMULATED
 from hlora.engines.flower.transport import match_replies
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import assign_ranks
@@ -38,11 +47,14 @@ class NodeInfo:
 
     Attributes:
         node_id: Flower's node id.
-        partition_id: The node's partition ``k`` (its client id is ``client{k:02d}``).
-        num_partitions: Partitions the node split the data into.
-        num_examples: Training examples of its partition.
+        partition_id: The node's partition ``k`` (mode ``simulated-partition``; -1 in ``own``).
+        num_partitions: Partitions the node split the data into (0 in mode ``own``).
+        num_examples: Training examples of the node (its own data, or its partition).
         rank: Declared LoRA rank (0: none declared).
         memory_mb: Declared adapter memory budget in MiB (0: none declared).
+        data_mode: ``own`` or ``simulated-partition``.
+        label_counts: Declared training examples per label (they sum to ``num_examples``).
+        client_index: The client ``k`` the server made of it (:func:`admit`; -1 before).
     """
 
     node_id: int
@@ -51,11 +63,19 @@ class NodeInfo:
     num_examples: int
     rank: int = 0
     memory_mb: float = 0.0
+    data_mode: str = SIMULATED
+    label_counts: tuple[int, ...] = ()
+    client_index: int = -1
+
+    @property
+    def index(self) -> int:
+        """The client ``k`` of this node: its client index, else its partition id."""
+        return self.client_index if self.client_index >= 0 else self.partition_id
 
     @property
     def client_id(self) -> str:
-        """The hlora client id of this node."""
-        return f"client{self.partition_id:02d}"
+        """The hlora client id of this node (``client{k:02d}``)."""
+        return f"client{self.index:02d}"
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,7 @@ class Roster:
     """The outcome of the QUERY round.
 
     Attributes:
-        accepted: The nodes taken into the run, by partition id.
+        accepted: The nodes taken into the run, by client index.
         dropped: The nodes left out, with their reasons, by node id.
     """
 
@@ -93,6 +113,17 @@ def _int(record: Mapping[str, object], key: str, low: int) -> int:
     if value < low:
         raise HloraError(f"'{key}' is {value}, expected >= {low}")
     return value
+
+
+def _label_counts(value: object, num_examples: int) -> tuple[int, ...]:
+    counts = tuple(value) if isinstance(value, list) else ()
+    valid = all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+    if not counts or not valid or sum(counts) != num_examples:
+        raise HloraError(
+            f"'label-counts' is {value!r}, expected integers >= 0 summing to num-examples "
+            f"= {num_examples}"
+        )
+    return counts
 
 
 def parse_node_info(node_id: int, reply: Message | None, timeout: float | None) -> NodeInfo:
@@ -119,33 +150,68 @@ def parse_node_info(node_id: int, reply: Message | None, timeout: float | None) 
             raise HloraError(f"'memory-mb' is {memory!r}, expected a number")
         if not math.isfinite(memory) or memory < 0:
             raise HloraError(f"'memory-mb' is {memory!r}, expected a finite number >= 0")
+        mode = record.get("data-mode")
+        if mode not in DATA_MODES:
+            raise HloraError(f"'data-mode' is {mode!r}, expected one of {', '.join(DATA_MODES)}")
+        simulated = mode == SIMULATED
+        num_examples = _int(record, "num-examples", 1)
+        counts = _label_counts(record.get("label-counts"), num_examples)
         return NodeInfo(
             node_id=node_id,
-            partition_id=_int(record, "partition-id", 0),
-            num_partitions=_int(record, "num-partitions", 1),
-            num_examples=_int(record, "num-examples", 1),
+            partition_id=_int(record, "partition-id", 0) if simulated else -1,
+            num_partitions=_int(record, "num-partitions", 1) if simulated else 0,
+            num_examples=num_examples,
             rank=_int(record, "rank", 0),
             memory_mb=float(memory),
+            data_mode=str(mode),
+            label_counts=counts,
         )
     except HloraError as err:
         raise HloraError(f"malformed query reply: {err}") from err
 
 
-def admit(infos: Sequence[NodeInfo], expected: int) -> Roster:
+def admit(infos: Sequence[NodeInfo], expected: int, mode: str = SIMULATED) -> Roster:
     """Keep the nodes whose identity is consistent; drop the others with their reasons.
 
-    A partition id out of ``[0, expected)``, a ``num-partitions`` other than ``expected``, or a
-    partition id declared by several nodes (all of them are dropped: the server cannot tell
-    which one is genuine) leaves the node out.
+    A node of another data mode than the run's is left out. In the ``own`` mode the nodes in
+    ascending node id order become clients ``0, 1, ...``; nodes beyond ``expected`` are left
+    out. In the ``simulated-partition`` mode a partition id out of ``[0, expected)``, a
+    ``num-partitions`` other than ``expected``, or a partition id declared by several nodes
+    (all of them are dropped: the server cannot tell which one is genuine) leaves the node out.
 
     Args:
         infos: Parsed QUERY replies.
         expected: ``federation.num_clients``.
+        mode: The run's node data mode (run config ``node-data``).
     """
     dropped: list[NodeDrop] = []
+    same = []
+    for info in infos:
+        if info.data_mode != mode:
+            dropped.append(
+                NodeDrop(
+                    info.node_id,
+                    f"node data mode '{info.data_mode}', the run's nodes use '{mode}' (run "
+                    "config node-data)",
+                )
+            )
+        else:
+            same.append(info)
+    if mode == OWN:
+        ordered = sorted(same, key=lambda i: i.node_id)
+        accepted = [_as_client(info, k) for k, info in enumerate(ordered[:expected])]
+        for info in ordered[expected:]:
+            dropped.append(
+                NodeDrop(
+                    info.node_id,
+                    f"the run's federation.num_clients = {expected} clients are taken by nodes "
+                    "with smaller ids",
+                )
+            )
+        return Roster(accepted, sorted(dropped, key=lambda d: d.node_id))
     claimants: dict[int, list[int]] = {}
     valid = []
-    for info in infos:
+    for info in same:
         if not 0 <= info.partition_id < expected or info.num_partitions != expected:
             dropped.append(
                 NodeDrop(
@@ -169,10 +235,15 @@ def admit(infos: Sequence[NodeInfo], expected: int) -> Roster:
                 )
             )
         else:
-            accepted.append(info)
-    accepted.sort(key=lambda i: i.partition_id)
+            accepted.append(_as_client(info, info.partition_id))
+    accepted.sort(key=lambda i: i.client_index)
     dropped.sort(key=lambda d: d.node_id)
     return Roster(accepted, dropped)
+
+
+def _as_client(info: NodeInfo, client_index: int) -> NodeInfo:
+    """``info`` as client ``client_index``."""
+    return dataclasses.replace(info, client_index=client_index)
 
 
 def node_rank(
@@ -208,22 +279,29 @@ def node_rank(
             },
         )
         return assign_ranks(one, dict(shapes))[0]
-    return rule_ranks[info.partition_id]
+    return rule_ranks[info.index]
 
 
 def assign_slots(
     config: RunConfig, shapes: Mapping[str, LayerShape], roster: Roster
 ) -> tuple[list[ClientSlot], Roster]:
     """Each accepted node's client slot (id, rank, example count); a node whose declared rank or
-    memory budget the run cannot serve is dropped with the reason.
+    memory budget the run cannot serve, or whose label counts do not fit the task, is dropped
+    with the reason.
 
     Raises:
         FederationError: Fewer than ``federation.min_clients`` nodes remain.
     """
     rule_ranks = assign_ranks(config, dict(shapes))
     slots, accepted, dropped = [], [], list(roster.dropped)
+    num_labels = get_task(config.data.task).num_labels
     for info in roster.accepted:
         try:
+            if info.label_counts and len(info.label_counts) != num_labels:
+                raise ConfigError(
+                    f"node {info.node_id} declares {len(info.label_counts)} label counts: task "
+                    f"'{config.data.task}' has {num_labels} labels"
+                )
             rank = node_rank(config, shapes, info, rule_ranks)
         except ConfigError as err:
             dropped.append(NodeDrop(info.node_id, str(err)))
@@ -258,6 +336,7 @@ def query_nodes(
     timeout: float | None,
     min_clients: int = 1,
     run_record: ConfigRecord | None = None,
+    mode: str = SIMULATED,
 ) -> Roster:
     """Wait for ``expected`` nodes, ask each who it is, keep those whose answer holds.
 
@@ -271,9 +350,10 @@ def query_nodes(
         timeout: Seconds to wait for the QUERY replies (None: no limit).
         min_clients: ``federation.min_clients``.
         run_record: The run's manifest (``hlora.run``), sent with the query.
+        mode: The run's node data mode (run config ``node-data``).
 
     Returns:
-        The accepted nodes by partition id and the dropped ones with their reasons.
+        The accepted nodes by client index and the dropped ones with their reasons.
 
     Raises:
         FederationError: Fewer than ``min_clients`` nodes connected or accepted.
@@ -306,7 +386,7 @@ def query_nodes(
             infos.append(parse_node_info(node, reply, timeout))
         except HloraError as err:
             dropped.append(NodeDrop(node, str(err)))
-    roster = admit(infos, expected)
+    roster = admit(infos, expected, mode)
     roster = Roster(roster.accepted, sorted([*dropped, *roster.dropped], key=lambda d: d.node_id))
     require_nodes(roster, min_clients)
     return roster

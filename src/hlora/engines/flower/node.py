@@ -1,9 +1,19 @@
 """The node task behind the ClientApp: this node's model, data and training.
 
-A node derives its partition exactly as :func:`hlora.federation.build_federation` does, so both
-engines train on the same examples. The model and the partition are cached per process, keyed
-by the configuration: in simulation a Ray actor keeps them across rounds; a deployed SuperNode
-starts a new ClientApp process per message (Flower's stateless design), which loads them again.
+A node trains in one of two data modes (:class:`NodeData`, from its ``--node-config``):
+
+* ``own`` (``own-data=PATH``): the node trains on **all** of its own examples, a GLUE-layout
+  folder or one TSV / CSV / JSONL file (:mod:`hlora.data.files`); it reads no one else's. The
+  server learns its example count from the QUERY answer, once.
+* ``simulated-partition`` (``partition-id`` and ``num-partitions``, as Flower's simulation sets
+  them): for simulations and tests, the node loads a shared task and keeps partition
+  ``partition-id`` of it, derived exactly as :func:`hlora.federation.build_federation` does, so
+  both engines train on the same examples.
+
+The model and the features are cached per process, keyed by the configuration: in simulation
+a Ray actor keeps them across rounds; a deployed SuperNode starts a new ClientApp process per
+message (Flower's stateless design), which loads the model again and reads the tokenized
+features from the node's disk cache (:mod:`~hlora.engines.flower.features`).
 
 The configuration a node trains with is the server's (the ``hlora.run`` record of its messages,
 :mod:`~hlora.engines.flower.manifest`), with this node's own paths; a node refuses the run in
@@ -11,15 +21,18 @@ one line (the QUERY answer's ``refused`` key) when its model is not the run's or
 cannot be read.
 
 Per-node settings come from ``context.node_config`` (``flower-supernode --node-config``):
-``partition-id``, ``num-partitions`` (both set by Flower itself in simulation) and optionally
-``data-dir`` (this node's GLUE folder), ``model-dir`` (this node's copy of a model folder),
-``rank`` (wins over the config's rank rule) or ``memory-mb`` (rank by
-``federation.rank_rule = "memory"`` semantics with this budget).
+``own-data``, or ``partition-id`` and ``num-partitions`` (both set by Flower itself in
+simulation) with ``data-dir`` (the shared GLUE folder); optionally ``model-dir`` (this node's
+copy of a model folder), ``cache-dir`` (the features cache; ``none``: off), ``rank`` (wins
+over the config's rank rule) or ``memory-mb`` (rank by ``federation.rank_rule = "memory"``
+semantics with this budget).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
@@ -27,8 +40,10 @@ from flwr.app import ConfigRecord, RecordDict
 from hlora.adapters import LoraBank
 from hlora.config import RunConfig, replace
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
-from hlora.data.glue import get_task
+from hlora.data.files import read_own_data
+from hlora.data.glue import get_task, resolve_data_dir, task_tsv_path
 from hlora.engines.flower.codec import NODE_INFO, CodecError, decode_instruction, encode_reply
+from hlora.engines.flower.features import cached_features, features_key, resolve_cache_dir
 from hlora.engines.flower.manifest import (
     RunManifest,
     backbone_sha256,
@@ -36,6 +51,7 @@ from hlora.engines.flower.manifest import (
     model_sha256,
     node_run_config,
 )
+from hlora.engines.flower.settings import DATA_MODES, OWN, SIMULATED
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import client_partitions, fingerprint, load_run_task, pair_examples
 from hlora.models import Backbone, load_backbone
@@ -44,6 +60,134 @@ from hlora.runtime import Features, ModelRuntime, resolve_device
 _RUNTIMES: dict[tuple[str, ...], tuple[ModelRuntime, Backbone]] = {}
 _PARTITIONS: dict[tuple[str, ...], Features] = {}
 _MODEL_SHA: dict[str, str] = {}  # fingerprint(config) -> backbone_sha256 before LoRA was added
+
+
+def _node_int(node: Mapping[str, Any], key: str) -> int:
+    value = node.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    raise ConfigError(f"node config '{key}' must be an integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """Where a node's training examples come from (its ``--node-config``), parsed once.
+
+    ``own-data`` wins over ``partition-id``: Flower's simulation sets ``partition-id`` on every
+    node, so a simulated node given its own data trains on that data.
+
+    Attributes:
+        mode: ``own`` or ``simulated-partition`` (:data:`DATA_MODES`).
+        own_data: The node's own GLUE folder or TSV / CSV / JSONL file (mode ``own``).
+        partition_id: The node's partition of the shared task (mode ``simulated-partition``).
+        num_partitions: The number of partitions (mode ``simulated-partition``).
+        cache_dir: The features cache folder ('' : the default; ``none``: no cache).
+    """
+
+    mode: str = field(metadata={"help": "own | simulated-partition"})
+    own_data: str = field(default="", metadata={"help": "the node's own data (mode own)"})
+    partition_id: int = field(default=-1, metadata={"help": "partition of the shared task"})
+    num_partitions: int = field(default=0, metadata={"help": "number of partitions"})
+    cache_dir: str = field(default="", metadata={"help": "features cache ('none': off)"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in DATA_MODES:
+            raise ConfigError(f"node data mode {self.mode!r} is not one of {DATA_MODES}")
+        if self.mode == OWN and not self.own_data:
+            raise ConfigError("node data mode 'own' needs 'own-data'")
+        if self.mode == SIMULATED and not 0 <= self.partition_id < self.num_partitions:
+            raise ConfigError(
+                f"node config partition-id {self.partition_id} is not in "
+                f"[0, num-partitions = {self.num_partitions})"
+            )
+
+    @staticmethod
+    def from_node_config(node: Mapping[str, Any]) -> NodeData:
+        """Parse ``context.node_config``.
+
+        Raises:
+            ConfigError: Neither ``own-data`` nor ``partition-id`` / ``num-partitions``, or a
+                partition that is not an integer in range.
+        """
+        cache = str(node.get("cache-dir") or "")
+        own = str(node.get("own-data") or "").strip()
+        if own:
+            return NodeData(OWN, own_data=own, cache_dir=cache)
+        if "partition-id" not in node or "num-partitions" not in node:
+            raise ConfigError(
+                "this node declares no data: start it with flower-supernode --node-config "
+                "'own-data=PATH' (its own data), or 'partition-id=K num-partitions=N' (a "
+                "simulated partition of a shared task)"
+            )
+        return NodeData(
+            SIMULATED,
+            partition_id=_node_int(node, "partition-id"),
+            num_partitions=_node_int(node, "num-partitions"),
+            cache_dir=cache,
+        )
+
+
+def own_features(config: RunConfig, backbone: Backbone, path: str) -> Features:
+    """All of a node's own training examples, tokenized (:func:`hlora.data.files.read_own_data`).
+
+    Args:
+        config: The run configuration (its task, ``model.max_length``).
+        backbone: The backbone (its tokenizer and architecture).
+        path: The node's GLUE-layout folder or TSV / CSV / JSONL file.
+
+    Raises:
+        DataError: Missing or malformed data (naming the file and the line).
+    """
+    mine = read_own_data(path, config.data.task).train
+    return tokenize_pairs(
+        backbone.tokenizer, pair_examples(mine, backbone), config.model.max_length
+    )
+
+
+def own_data_files(path: str, task: str) -> list[Path]:
+    """The files a node's own data is read from (for the features cache key)."""
+    where = Path(path).expanduser()
+    return [task_tsv_path(where, task, "train")] if where.is_dir() else [where]
+
+
+def node_features(config: RunConfig, backbone: Backbone, data: NodeData) -> Features:
+    """This node's tokenized training examples, through the on-disk features cache.
+
+    Raises:
+        HloraError: Missing or bad data.
+    """
+    cache = resolve_cache_dir(data.cache_dir)
+    setting = [
+        f"task={config.data.task}",
+        f"max_length={config.model.max_length}",
+        f"architecture={backbone.architecture}",
+    ]
+    if data.mode == OWN:
+        files = own_data_files(data.own_data, config.data.task)
+        if not all(f.is_file() for f in files):
+            return own_features(config, backbone, data.own_data)  # raises naming the path
+        key = features_key(files, backbone.tokenizer, [OWN, *setting])
+        return cached_features(cache, key, lambda: own_features(config, backbone, data.own_data))
+    folder = resolve_data_dir(config.data.data_dir or None)
+    parts = [
+        SIMULATED,
+        f"fingerprint={fingerprint(config)}",
+        f"data_dir={folder}",
+        f"partition={data.partition_id}/{data.num_partitions}",
+        *setting,
+    ]
+    shared: list[Path] = []
+    if folder is not None and config.data.task != "qqp-sample":
+        shared = [task_tsv_path(folder, config.data.task, s) for s in ("train", "dev")]
+
+    def make() -> Features:
+        return partition_features(config, backbone, data.partition_id, data.num_partitions)
+
+    if not shared or not all(f.is_file() for f in shared):
+        return make()  # hub or qqp-sample data, or none: not keyed by file hashes, not cached
+    return cached_features(cache, features_key(shared, backbone.tokenizer, parts), make)
 
 
 def partition_features(
@@ -152,38 +296,36 @@ def run_config(
 
 def node_setup(
     config: RunConfig, node: Mapping[str, Any], *, hash_model: bool = False
-) -> tuple[ModelRuntime, Features, int]:
-    """This process's runtime, this node's features (both cached) and its partition id.
+) -> tuple[ModelRuntime, Features, NodeData]:
+    """This process's runtime, this node's features (both cached) and its data declaration.
 
     Args:
         config: The run configuration.
         node: The node's ``context.node_config``.
+        hash_model: Also record the model's hash (the QUERY round).
 
     Raises:
-        ConfigError: A node without ``partition-id`` / ``num-partitions``.
+        ConfigError: A node config declaring no data, or a bad partition.
         HloraError: Missing or bad data or model.
     """
-    partition_id = int(node.get("partition-id", -1))
-    num_partitions = int(node.get("num-partitions", 0))
-    if partition_id < 0 or num_partitions < 1:
-        raise ConfigError(
-            "this node has no 'partition-id' / 'num-partitions': start it with "
-            "flower-supernode --node-config 'partition-id=K num-partitions=N'"
-        )
-    if node.get("data-dir"):
+    data = NodeData.from_node_config(node)
+    if data.mode == SIMULATED and node.get("data-dir"):
         config = replace(config, data={"data_dir": str(node["data-dir"])})
     runtime, backbone = client_runtime(config, int(node.get("rank", 0) or 0), hash_model=hash_model)
-    key = (fingerprint(config), str(partition_id), str(num_partitions))
+    key = (fingerprint(config), data.mode, data.own_data, str(data.partition_id))
     if key not in _PARTITIONS:
-        _PARTITIONS[key] = partition_features(config, backbone, partition_id, num_partitions)
-    return runtime, _PARTITIONS[key], partition_id
+        _PARTITIONS[key] = node_features(config, backbone, data)
+    if not _PARTITIONS[key]:
+        raise HloraError(f"this node's data ({data.own_data or data.mode}) has no examples")
+    return runtime, _PARTITIONS[key], data
 
 
 def node_info(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict) -> RecordDict:
-    """The QUERY answer: partition id, number of examples and declared rank / memory budget.
+    """The QUERY answer: data mode, number of examples and of each label, declared rank /
+    memory budget and, in the ``simulated-partition`` mode, the partition.
 
     A node that cannot take part (its model is not the run's, its data cannot be read, its node
-    config lacks its partition) answers only ``refused``: the first line of the reason.
+    config declares no data) answers only ``refused``: the first line of the reason.
 
     Args:
         local: This node's own copy of the configuration, if any.
@@ -192,26 +334,33 @@ def node_info(local: RunConfig | None, node: Mapping[str, Any], content: RecordD
     """
     try:
         config, manifest = run_config(local, node, content)
-        _, features, partition_id = node_setup(config, node, hash_model=manifest is not None)
+        _, features, data = node_setup(config, node, hash_model=manifest is not None)
         if manifest is not None:
             check_model(manifest, config, node_model_sha256(config))
     except HloraError as err:
         line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return RecordDict({NODE_INFO: ConfigRecord({"refused": line})})
-    info = ConfigRecord(
-        {
-            "partition-id": partition_id,
-            "num-partitions": int(node["num-partitions"]),
-            "num-examples": len(features),
-            "rank": int(node.get("rank", 0) or 0),
-            "memory-mb": float(node.get("memory-mb", 0) or 0),
-        }
-    )
-    return RecordDict({NODE_INFO: info})
+    counts = [0] * get_task(config.data.task).num_labels
+    for feature in features:
+        counts[int(feature["labels"])] += 1
+    answer: dict[str, Any] = {
+        "data-mode": data.mode,
+        "num-examples": len(features),
+        "label-counts": counts,
+        "rank": int(node.get("rank", 0) or 0),
+        "memory-mb": float(node.get("memory-mb", 0) or 0),
+    }
+    if data.mode == SIMULATED:
+        answer.update({"partition-id": data.partition_id, "num-partitions": data.num_partitions})
+    return RecordDict({NODE_INFO: ConfigRecord(answer)})
 
 
 def train(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict) -> RecordDict:
-    """One round of local training on this node's partition.
+    """One round of local training on all of this node's examples (its own data, or its
+    simulated partition).
+
+    In the ``own`` mode the server names the client (by node id, fixed at the QUERY round); in
+    the ``simulated-partition`` mode the instruction must be for ``client{partition-id:02d}``.
 
     Args:
         local: This node's own copy of the configuration, if any.
@@ -227,9 +376,9 @@ def train(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict)
     """
     instruction = decode_instruction(content)
     config, _ = run_config(local, node, content)
-    runtime, features, partition_id = node_setup(config, node)
-    if instruction.client_id != f"client{partition_id:02d}":
+    runtime, features, data = node_setup(config, node)
+    if data.mode == SIMULATED and instruction.client_id != f"client{data.partition_id:02d}":
         raise HloraError(
-            f"node with partition-id {partition_id} got {instruction.client_id}'s instruction"
+            f"node with partition-id {data.partition_id} got {instruction.client_id}'s instruction"
         )
     return encode_reply(runtime.train_client(instruction, features))

@@ -3,6 +3,10 @@
 The server side is :class:`hlora.server.RoundLoop` (written once) over a
 :class:`~hlora.engines.flower.transport.FlowerTransport`. Before round 1 a ``QUERY`` round
 (:mod:`~hlora.engines.flower.identity`) maps every node to its client and rank.
+
+With nodes on their own data (run config ``node-data = "own"``) the server reads only the
+evaluation data (:func:`evaluation_task`); with simulated partitions it builds the whole
+federation as the in-process engine does.
 """
 
 from __future__ import annotations
@@ -10,39 +14,127 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
+from hlora.adapters import LoraBank
+from hlora.aggregation import UpdateSpec
 from hlora.checkpoint import ServerState, load_state
 from hlora.config import CONFIG_FILE, RunConfig, load_config, to_toml
-from hlora.engines.flower.identity import NodeDrop, assign_slots, query_nodes
+from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
+from hlora.data.files import read_own_data
+from hlora.data.glue import TaskData, get_task, read_task_tsv, task_tsv_path
+from hlora.engines.flower.identity import NodeDrop, NodeInfo, assign_slots, query_nodes
 from hlora.engines.flower.manifest import RunManifest, model_sha256
 from hlora.engines.flower.settings import (
     DEFAULT_NODE_WAIT_S,
     DEFAULT_ROUND_TIMEOUT_S,
+    OWN,
+    SIMULATED,
     AppSettings,
 )
 from hlora.engines.flower.transport import FlowerTransport
 from hlora.errors import ConfigError
 from hlora.federation import (
     CHECKPOINT_FILE,
+    Federation,
     RunResult,
     build_federation,
     fingerprint,
     finish,
+    load_run_task,
     make_loop,
     new_run_dir,
+    pair_examples,
 )
 from hlora.io import write_text_atomic
+from hlora.models import load_backbone
 from hlora.report import MetricsLog, RoundProgress, write_json
+from hlora.runtime import ModelRuntime, label_log_prior, resolve_device
 from hlora.server import FederationError
 
 logger = logging.getLogger(__name__)
 
 DROPPED_NODES_FILE = "dropped_nodes.json"
+
+
+def evaluation_task(config: RunConfig, eval_data: str = "") -> TaskData:
+    """The server's evaluation examples when the nodes train on their own data.
+
+    Args:
+        config: The run configuration (its task, ``data.dev_limit``).
+        eval_data: A GLUE-layout folder (its ``dev.tsv`` is read) or one TSV / CSV / JSONL file
+            (all rows, :mod:`hlora.data.files`); '' : the task's dev split as ``hlora run``
+            loads it (``data.data_dir``, ``HLORA_DATA_DIR``, the hub).
+
+    Returns:
+        The task with the evaluation examples as ``dev`` and no training examples.
+
+    Raises:
+        DataError: Missing or malformed evaluation data (naming the file and the line).
+    """
+    task = get_task(config.data.task)
+    if not eval_data:
+        loaded = load_run_task(config)
+        return TaskData(task, (), loaded.dev, f"{loaded.source} (evaluation only)")
+    where = Path(eval_data).expanduser()
+    if where.is_dir():
+        dev = read_task_tsv(task_tsv_path(where, task.name, "dev"), task.name)
+    else:
+        dev = read_own_data(where, task.name).train
+    if config.data.dev_limit:
+        dev = dev[: config.data.dev_limit]
+    return TaskData(task, (), dev, str(where))
+
+
+def evaluation_federation(config: RunConfig, task: TaskData) -> Federation:
+    """The server's side of a federation of nodes on their own data: model and evaluation set.
+
+    The same model, LoRA bank and update spec as :func:`hlora.federation.build_federation`
+    builds, and no training data (the clients are set from the QUERY round).
+    """
+    backbone = load_backbone(config.model.name, task.task.num_labels, seed=config.federation.seed)
+    bank = LoraBank(
+        backbone,
+        sorted(set(config.federation.ranks)),
+        scaling=config.model.lora_scaling,
+        target_modules=config.model.target_modules or None,
+        dropout=config.model.lora_dropout,
+    )
+    collator = DynamicPaddingCollator(backbone.tokenizer)
+    runtime = ModelRuntime(bank, collator, config.train, resolve_device(config.train.device))
+    dev = tokenize_pairs(
+        backbone.tokenizer, pair_examples(task.dev, backbone), config.model.max_length
+    )
+    extras = bank.get_extras(bank.ranks[0])
+    spec = UpdateSpec(
+        layers={n: (s.out_features, s.in_features) for n, s in bank.layer_shapes().items()},
+        extras={n: tuple(t.shape) for n, t in extras.items()},
+    )
+    return Federation(config, task, backbone, runtime, [], {}, dev, spec, extras)
+
+
+def declared_label_prior(infos: Sequence[NodeInfo], num_labels: int) -> tuple[float, ...]:
+    """The federation's label distribution from the label counts the nodes declared at join
+    time, Laplace-smoothed as :func:`hlora.runtime.label_log_prior` smooths training labels.
+
+    Raises:
+        ConfigError: A node declared no label counts, or counts of another length.
+    """
+    totals = [0] * num_labels
+    for info in infos:
+        if len(info.label_counts) != num_labels:
+            raise ConfigError(
+                f"node {info.node_id} declares label counts {list(info.label_counts)}: "
+                f"expected {num_labels}"
+            )
+        totals = [t + c for t, c in zip(totals, info.label_counts, strict=True)]
+    labels = [label for label, n in enumerate(totals) for _ in range(n)]
+    return tuple(float(p) for p in label_log_prior(labels, num_labels).exp())
 
 
 def check_runnable(config: RunConfig, run_dir: Path) -> ServerState | None:
@@ -63,6 +155,7 @@ def check_runnable(config: RunConfig, run_dir: Path) -> ServerState | None:
         raise ConfigError(
             "strategy 'centralized' has one client and no federation: use --engine inprocess"
         )
+
     if not (run_dir / CONFIG_FILE).exists():
         return None
     checkpoint = run_dir / CHECKPOINT_FILE
@@ -84,6 +177,8 @@ def serve(
     progress: bool,
     round_timeout: float | None = DEFAULT_ROUND_TIMEOUT_S,
     node_wait_s: float = DEFAULT_NODE_WAIT_S,
+    node_data: str = SIMULATED,
+    eval_data: str = "",
 ) -> RunResult:
     """The whole server side of a Flower run: query nodes, run the rounds, write the run folder.
 
@@ -98,11 +193,24 @@ def serve(
     round (see :func:`check_runnable`): ``metrics.jsonl`` is cut back to that round and the nodes
     must map to the same clients, ranks and example counts as in ``clients.json``.
 
+    Args:
+        grid: The ServerApp's grid.
+        config: The run configuration.
+        run_dir: The run folder.
+        progress: Show progress bars.
+        round_timeout: Seconds to wait for a round's replies (None: no limit).
+        node_wait_s: Seconds to wait for the nodes to connect.
+        node_data: The nodes' data mode, ``own`` or ``simulated-partition``.
+        eval_data: The server's evaluation data in the ``own`` mode (:func:`evaluation_task`).
+
     Raises:
         HloraError: Bad input, missing nodes, or a round that cannot go on.
     """
     resumed = check_runnable(config, run_dir)
-    federation = build_federation(config)  # the server's model: evaluation and the update spec
+    if node_data == OWN:  # the server's model, evaluation set and update spec; no training data
+        federation = evaluation_federation(config, evaluation_task(config, eval_data))
+    else:
+        federation = build_federation(config)
     fed = config.federation
     manifest = RunManifest.of(config, model_sha256(config))
     logger.info("run manifest: %s", manifest.summary())
@@ -114,6 +222,7 @@ def serve(
         timeout=round_timeout,
         min_clients=fed.min_clients,
         run_record=run_record,
+        mode=node_data,
     )
     slots, roster = assign_slots(config, federation.runtime.bank.layer_shapes(), roster)
     infos = roster.accepted
@@ -133,7 +242,10 @@ def serve(
     write_text_atomic(run_dir / CONFIG_FILE, to_toml(config))
     write_json(
         run_dir / "clients.json",
-        [{**s.__dict__, "node_id": i.node_id} for s, i in zip(slots, infos, strict=True)],
+        [
+            {**s.__dict__, "node_id": i.node_id, "data_mode": i.data_mode}
+            for s, i in zip(slots, infos, strict=True)
+        ],
     )
     dropped_nodes = [dataclasses.asdict(d) for d in roster.dropped]
     write_json(run_dir / DROPPED_NODES_FILE, dropped_nodes)
@@ -151,7 +263,12 @@ def serve(
     )
     with RoundProgress(config.federation.rounds, enabled=progress) as bar:
         transport.on_client_done = bar.client_done
-        state = make_loop(federation, run_dir, bar, transport).run(resumed)
+        loop = make_loop(federation, run_dir, bar, transport)
+        if node_data == OWN and config.train.logit_adjustment > 0:
+            # The server holds no training labels: the prior comes from the nodes' counts.
+            prior = declared_label_prior(infos, federation.task.task.num_labels)
+            loop.settings = dataclasses.replace(loop.settings, label_prior=prior)
+        state = loop.run(resumed)
     return finish(federation, run_dir, state)
 
 
@@ -162,12 +279,17 @@ def make_server_app(
     progress: bool = False,
     results: list[RunResult] | None = None,
     errors: list[BaseException] | None = None,
+    node_data: str | None = None,
+    eval_data: str = "",
 ) -> ServerApp:
     """A ServerApp running :func:`serve`.
 
     Args:
         config: The configuration; None: read ``context.run_config["hlora-config"]``.
         run_dir: The run folder; None: ``run-dir`` from the run config, else a new one.
+        node_data: The nodes' data mode; None: ``node-data`` from the run config.
+        eval_data: The server's evaluation data in the ``own`` mode; '': ``eval-data`` from the
+            run config.
         progress: Show progress bars.
         results: The finished run's :class:`RunResult` is appended here (simulation).
         errors: An exception of the server is appended here instead of propagating.
@@ -188,6 +310,8 @@ def make_server_app(
                 progress=progress,
                 round_timeout=settings.round_timeout,
                 node_wait_s=settings.node_wait,
+                node_data=node_data or settings.node_data,
+                eval_data=eval_data or settings.eval_data,
             )
             flwr_log(logging.INFO, "hlora run finished: %s", result.run_dir)
             if results is not None:

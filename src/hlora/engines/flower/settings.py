@@ -18,8 +18,15 @@ CONFIG_KEY = "hlora-config"
 RUN_DIR_KEY = "run-dir"
 ROUND_TIMEOUT_KEY = "round-timeout"
 NODE_WAIT_KEY = "node-wait"
+NODE_DATA_KEY = "node-data"
+EVAL_DATA_KEY = "eval-data"
 DEFAULT_NODE_WAIT_S = 120.0
 DEFAULT_ROUND_TIMEOUT_S = 1800.0
+
+OWN = "own"
+SIMULATED = "simulated-partition"
+DATA_MODES: tuple[str, ...] = (OWN, SIMULATED)
+"""A node's data modes: its own data, or a simulated partition of a shared task."""
 
 
 def _seconds(settings: Mapping[str, Any], key: str, default: float) -> float:
@@ -46,6 +53,11 @@ class AppSettings:
         round_timeout: Seconds to wait for one round's replies (None: no limit, only when the
             run config sets ``round-timeout = 0``).
         node_wait: Seconds the server waits for ``federation.num_clients`` nodes to connect.
+        node_data: The nodes' data mode: ``own`` (each node its own data) or
+            ``simulated-partition`` (each node a partition of a shared task).
+        eval_data: The server's evaluation data in the ``own`` mode: a GLUE-layout folder (its
+            ``dev.tsv``) or one TSV / CSV / JSONL file ('' : the task's dev split as
+            ``hlora run`` loads it).
     """
 
     hlora_config: str = field(default="", metadata={"help": "path of the hlora TOML file"})
@@ -58,13 +70,27 @@ class AppSettings:
         default=DEFAULT_NODE_WAIT_S,
         metadata={"help": "seconds the server waits for the nodes to connect"},
     )
+    node_data: str = field(
+        default=OWN, metadata={"help": "the nodes' data mode: own | simulated-partition"}
+    )
+    eval_data: str = field(
+        default="", metadata={"help": "the server's evaluation data in the own mode"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.node_data not in DATA_MODES:
+            raise ConfigError(
+                f"run config '{NODE_DATA_KEY}' must be one of {', '.join(DATA_MODES)}, got "
+                f"{self.node_data!r}"
+            )
 
     @staticmethod
     def from_run_config(settings: Mapping[str, Any]) -> AppSettings:
         """Parse ``context.run_config``.
 
         Raises:
-            ConfigError: A timeout or wait that is not a finite number >= 0.
+            ConfigError: A timeout or wait that is not a finite number >= 0, or an unknown
+                node data mode.
         """
         timeout = _seconds(settings, ROUND_TIMEOUT_KEY, DEFAULT_ROUND_TIMEOUT_S)
         return AppSettings(
@@ -72,6 +98,8 @@ class AppSettings:
             run_dir=str(settings.get(RUN_DIR_KEY) or ""),
             round_timeout=timeout or None,
             node_wait=_seconds(settings, NODE_WAIT_KEY, DEFAULT_NODE_WAIT_S),
+            node_data=str(settings.get(NODE_DATA_KEY) or OWN),
+            eval_data=str(settings.get(EVAL_DATA_KEY) or ""),
         )
 
     def load_config(self) -> RunConfig:

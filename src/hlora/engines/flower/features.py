@@ -1,0 +1,167 @@
+"""A node's tokenized examples, cached on its own disk between ClientApp processes.
+
+A deployed SuperNode starts a fresh ClientApp process per message, so without a cache every
+round re-reads and re-tokenizes the node's data. The cache key is a SHA-256 over everything the
+features depend on: the bytes of the data files, the tokenizer (its full serialized
+definition: vocabulary, normalizer, special tokens), the maximum length, the pairing of the
+texts (decoders get a newline) and, for a simulated partition, the configuration fingerprint
+and the partition. A changed file or tokenizer gives a new key; stale entries are never read.
+
+An entry is one ``.npz`` file (no pickled objects): each sequence key's token ids concatenated
+into one int64 array with the offsets of each example, and the labels. It is written to a
+unique temporary file and renamed into place, so concurrent processes never read a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hlora.runtime import Features
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "HLORA_CACHE_DIR"
+"""Environment variable naming the cache folder (a node's ``cache-dir`` wins over it)."""
+NO_CACHE = "none"
+"""The ``cache-dir`` value that turns the cache off."""
+_FORMAT = "hlora-features-v1"
+
+
+def default_cache_dir() -> Path:
+    """``$HLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/hlora``, else ``~/.cache/hlora``."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "hlora"
+
+
+def resolve_cache_dir(value: str) -> Path | None:
+    """The cache folder for a node's ``cache-dir`` value ('' : the default; ``none``: off)."""
+    if value.strip().lower() == NO_CACHE:
+        return None
+    return Path(value).expanduser() if value.strip() else default_cache_dir()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """SHA-256 of a tokenizer's definition.
+
+    A fast tokenizer is hashed by its full serialized form (``backend_tokenizer.to_str()``:
+    vocabulary, normalizer, pre-tokenizer, post-processor, added tokens) without the
+    truncation and padding state its last call left; any other by its class, its vocabulary
+    and its special tokens.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        for state in ("truncation", "padding"):  # set by the last call, not the definition
+            definition.pop(state, None)
+        text = json.dumps(definition, sort_keys=True)
+    else:
+        text = json.dumps(
+            [
+                type(tokenizer).__name__,
+                sorted(tokenizer.get_vocab().items()),
+                sorted(map(str, getattr(tokenizer, "all_special_tokens", []))),
+            ]
+        )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def features_key(files: Sequence[Path], tokenizer: Any, parts: Sequence[str]) -> str:
+    """The cache key of features made from ``files`` by ``tokenizer`` with settings ``parts``."""
+    digest = hashlib.sha256(_FORMAT.encode())
+    for path in files:
+        digest.update(f"|file:{file_sha256(path)}".encode())
+    digest.update(f"|tokenizer:{tokenizer_sha256(tokenizer)}".encode())
+    for part in parts:
+        digest.update(f"|{part}".encode())
+    return digest.hexdigest()
+
+
+def _save(path: Path, features: Features) -> None:
+    keys = sorted(k for k in (features[0] if features else {}) if k != "labels")
+    arrays: dict[str, np.ndarray] = {
+        "labels": np.asarray([int(f["labels"]) for f in features], dtype=np.int64)
+    }
+    for key in keys:
+        lengths = [len(f[key]) for f in features]
+        arrays[f"seq.{key}"] = np.fromiter(
+            (t for f in features for t in f[key]), dtype=np.int64, count=sum(lengths)
+        )
+        arrays[f"offsets.{key}"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    with np.load(path, allow_pickle=False) as data:
+        labels = data["labels"].tolist()
+        seqs = {
+            name.removeprefix("seq."): (
+                data[name].tolist(),
+                data["offsets." + name.removeprefix("seq.")].tolist(),
+            )
+            for name in data.files
+            if name.startswith("seq.")
+        }
+    out: list[dict[str, Any]] = []
+    for i, label in enumerate(labels):
+        item: dict[str, Any] = {k: flat[off[i] : off[i + 1]] for k, (flat, off) in seqs.items()}
+        item["labels"] = label
+        out.append(item)
+    return out
+
+
+def cached_features(cache_dir: Path | None, key: str, make: Callable[[], Features]) -> Features:
+    """The features stored under ``key`` in ``cache_dir``, else ``make()`` (then stored).
+
+    Args:
+        cache_dir: The cache folder (None: no cache, always ``make()``).
+        key: :func:`features_key` of what the features depend on.
+        make: Reads and tokenizes the data.
+
+    A cache folder that cannot be written is logged as a warning and the features are
+    returned all the same.
+    """
+    if cache_dir is None:
+        return make()
+    path = cache_dir / "features" / f"{key}.npz"
+    if path.is_file():
+        try:
+            return _load(path)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # unreadable entry: rebuild it
+    features = make()
+    try:
+        _save(path, features)
+    except OSError as err:
+        logger.warning("features not cached: cannot write '%s': %s", path, err)
+    return features
