@@ -11,7 +11,8 @@
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
 #     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
 # SEEDS (default "0 1 2") and JOBS (default 2: runs at a time, one CPU thread each) come from the
-# environment. Runs are planned seed by seed, so the first seeds finish first. Finished runs
+# environment; so may the runs of a seed: HLORA_RUNS (default "e3-hlora"), REFS (default
+# "centralized"), then REST_RUNS (default "e3-zeropad e1-fedavg e1-hlora e3-flora"). Runs are planned seed by seed, so the first seeds finish first. Finished runs
 # (summary.json) are skipped: the script can be restarted.
 # Tables: python experiments/results.py OUT/CELL --cell CELL --target 0.78
 set -euo pipefail
@@ -45,9 +46,10 @@ for cell in "${cells[@]}"; do
     *) echo "unknown cell $cell" >&2; exit 2 ;;
   esac
   for seed in ${SEEDS:-0 1 2}; do
-    GRID_REFS="centralized" GRID_RUNS="e3-hlora" grid "$out/$cell" "$seed" "${args[@]}"
-    GRID_REFS="" GRID_RUNS="e3-zeropad e1-fedavg e1-hlora e3-flora" grid "$out/$cell" "$seed" \
+    GRID_REFS="${REFS-centralized}" GRID_RUNS="${HLORA_RUNS-e3-hlora}" grid "$out/$cell" "$seed" \
       "${args[@]}"
+    GRID_REFS="" GRID_RUNS="${REST_RUNS-e3-zeropad e1-fedavg e1-hlora e3-flora}" \
+      grid "$out/$cell" "$seed" "${args[@]}"
   done
 done
 run_plan "$plan" "${JOBS:-2}"
