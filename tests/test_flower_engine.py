@@ -83,34 +83,70 @@ def test_node_partitions_match_build_federation(
 # -- the transport and node identity against a fake grid (fast, no Flower runtime) --------------
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What Flower sets in a ServerApp process before messages can be created."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 0 if name == "_node_id" else 1)
-
-
 class FakeGrid:
-    """Answers each message with ``behaviour[node](message)`` (None: no reply)."""
+    """Answers each message with ``behaviour[node](message)`` (None: no reply).
+
+    A reply can be pulled once the message was pushed; ``pulls`` counts the pulls.
+    """
 
     def __init__(self, behaviour: dict[int, Callable[[Message], Message | None]]) -> None:
         self.behaviour = behaviour
         self.sent: list[Message] = []
+        self.pending: dict[str, Message] = {}
+        self.pulls = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.behaviour)
 
-    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list:
-        out = []
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do
             self.sent.append(m)
             reply = self.behaviour[m.metadata.dst_node_id](m)
             if reply is not None:
-                out.append(reply)
-        return out
+                self.pending[m.metadata.message_id] = reply
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: set[str]) -> list[Message]:
+        self.pulls += 1
+        return [self.pending.pop(i) for i in sorted(message_ids) if i in self.pending]
+
+
+class FakeTime:
+    """A clock for the transport's polling: ``sleep`` moves it on, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    """The transport's polling on a fake clock (a timeout passes without waiting)."""
+    import hlora.engines.flower.transport as transport
+
+    clock = FakeTime()
+    monkeypatch.setattr(transport, "time", clock)
+    return clock
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch, fake_time: FakeTime) -> None:
+    """What Flower sets in a ServerApp process before messages can be created; the
+    transport's polling on a fake clock."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 0 if name == "_node_id" else 1)
 
 
 def _train_ok(message: Message) -> Message:
@@ -205,6 +241,41 @@ def _query_answer(partition: int, rank: int = 0, memory_mb: float = 0.0) -> Call
         return Message(RecordDict({"hlora.node": info}), reply_to=message)
 
     return answer
+
+
+def test_replies_are_pulled_every_poll_until_all_came_or_the_timeout(
+    task_identity: None, fake_time: FakeTime
+) -> None:
+    from hlora.engines.flower.transport import send_and_receive
+
+    late = {"pulls": 3}
+
+    class SlowGrid(FakeGrid):  # node 2's reply arrives at the third pull
+        def pull_messages(self, message_ids: set[str]) -> list[Message]:
+            out = super().pull_messages(message_ids)
+            if self.pulls < late["pulls"]:
+                held = [m for m in out if m.metadata.src_node_id == 2]
+                for m in held:
+                    self.pending[m.metadata.reply_to_message_id] = m
+                out = [m for m in out if m not in held]
+            return out
+
+    def answer(message: Message) -> Message:
+        reply = Message(RecordDict({}), reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+        return reply
+
+    grid = SlowGrid({1: answer, 2: answer, 3: lambda m: None})
+    messages = [
+        Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY) for n in (1, 2)
+    ]
+    replies = send_and_receive(grid, messages, None, poll_s=0.25)  # type: ignore[arg-type]
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]
+    assert grid.pulls == 3 and fake_time.sleeps == [0.25, 0.25]
+    fake_time.sleeps.clear()
+    silent = [Message(RecordDict({}), dst_node_id=3, message_type=MessageType.QUERY)]
+    assert send_and_receive(grid, silent, 1.0, poll_s=0.3) == []  # type: ignore[arg-type]
+    assert fake_time.sleeps == pytest.approx([0.3, 0.3, 0.3, 0.1])  # never past the timeout
 
 
 def test_query_maps_nodes_to_clients_and_ranks(task_identity: None) -> None:
@@ -434,6 +505,10 @@ def test_run_config_settings_are_parsed_once_and_checked() -> None:
     assert default.round_timeout == DEFAULT_ROUND_TIMEOUT_S > 0
     assert AppSettings.from_run_config({"round-timeout": 0}).round_timeout is None
     assert default.node_data == "own" and default.eval_data == ""
+    assert default.reply_poll == 0.25
+    assert AppSettings.from_run_config({"reply-poll": 3}).reply_poll == 3.0
+    with pytest.raises(ConfigError, match=r"'reply-poll' must be > 0, got 0\.0"):
+        AppSettings.from_run_config({"reply-poll": 0})
     sim = AppSettings.from_run_config({"node-data": "simulated-partition", "eval-data": "/e.csv"})
     assert (sim.node_data, sim.eval_data) == ("simulated-partition", "/e.csv")
     with pytest.raises(ConfigError, match="'node-data' must be one of own, simulated-partition"):
@@ -1044,6 +1119,144 @@ def test_flower_tls_and_supernode_auth(tmp_path: Path, flower_env: Path) -> None
         ).read_text(errors="replace")
     finally:
         deployment.stop()
+
+
+def _register(deployment: LocalDeployment, public_key: Path, known: list[str]) -> str:
+    """Register a SuperNode key with ``flwr supernode register``; the node id it was given."""
+    deadline = time.monotonic() + 60
+    while True:
+        reg = _flwr_cli(deployment, "supernode", "register", str(public_key), deployment.FEDERATION)
+        if reg.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)  # the port may open before the Control API answers
+    assert reg.returncode == 0, reg.stdout + reg.stderr + deployment.tail()
+    (node_id,) = set(_listed_nodes(deployment)) - set(known)
+    return node_id
+
+
+def _wait_status(deployment: LocalDeployment, node_id: str, status: str, timeout: float) -> None:
+    """Poll ``flwr supernode list`` until ``node_id`` has ``status``."""
+    deadline = time.monotonic() + timeout
+    while (listed := _listed_nodes(deployment)).get(node_id) != status:
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"node {node_id} not {status} in {timeout:.0f} s: {listed}\n{deployment.tail()}"
+            )
+        time.sleep(1.0)
+
+
+@pytest.mark.distributed
+def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
+) -> None:
+    """A whole training run over TLS with SuperNode authentication, nodes on their own data.
+
+    The node on 22 examples is killed (SIGKILL, with its ClientApp) while it trains round 2,
+    and restarted with the same key once the SuperLink marks it offline: it keeps its node id,
+    so it is the same client, and it takes part again in a later round. What is lost: that
+    client's updates of the rounds it was down (dropped with the reason); the other two clients
+    lose nothing (accepted in every round).
+    """
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command-line tool is not installed")
+    config = _tiny_config(
+        tiny_bert_dir, tmp_path / "no-shared-task", tmp_path, **{"federation.rounds": 5}
+    )
+    config_path = _write_config(config, tmp_path / "run.toml")
+    own, dev = _own_files(glue_dir, tmp_path / "own", [10, 16, 22])
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    _make_certificates(certs)
+    deployment = LocalDeployment(flower_env, num_nodes=0)
+    (Path(deployment.env["FLWR_HOME"]) / "config.toml").write_text(
+        f'[superlink]\ndefault = "{deployment.FEDERATION}"\n\n'
+        f"[superlink.{deployment.FEDERATION}]\n"
+        f'address = "127.0.0.1:{deployment.port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n'
+    )
+    bin_dir = Path(sys.executable).parent
+
+    def supernode(k: int) -> subprocess.Popen:
+        return deployment._spawn(
+            f"node{k}-{len(deployment.logs)}",
+            [
+                str(bin_dir / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{deployment.port}",
+                "--root-certificates",
+                str(certs / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(tmp_path / f"key{k}"),
+                "--port",
+                str(_free_port()),
+                "--node-config",
+                f'own-data="{own[k]}"',
+            ],
+        )
+
+    run_dir = tmp_path / "deployed"
+    flwr_run = None
+    try:
+        deployment.superlink = deployment._spawn(
+            "superlink",
+            [
+                str(bin_dir / "flower-superlink"),
+                "--port",
+                str(deployment.port),
+                "--disable-runtime-dependency-installation",
+                "--ssl-ca-certfile",
+                str(certs / "ca.crt"),
+                "--ssl-certfile",
+                str(certs / "server.pem"),
+                "--ssl-keyfile",
+                str(certs / "server.key"),
+                "--enable-supernode-auth",
+            ],
+        )
+        _wait_for_port(deployment.port)
+        ids = []
+        for k in range(3):
+            _make_node_key(tmp_path / f"key{k}")
+            ids.append(_register(deployment, tmp_path / f"key{k}.pub", ids))
+        deployment.nodes = [supernode(k) for k in range(3)]
+        for node_id in ids:
+            _wait_status(deployment, node_id, "online", 90)
+        flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300, "own", str(dev)))
+        # Kill node 2 while it trains round 2: its SuperNode logs the round-2 message.
+        log = deployment.logs[2 + 1]  # superlink first, then node0..node2
+        deadline = time.monotonic() + 400
+        while "ROUND 2]" not in log.read_text(errors="replace"):
+            if time.monotonic() > deadline or flwr_run.poll() is not None:
+                pytest.fail(f"node 2 never got round 2\n{deployment.tail()}")
+            time.sleep(0.2)
+        _stop(deployment.nodes[2], kill=True)
+        _wait_status(deployment, ids[2], "offline", 120)  # past its heartbeats
+        deployment.nodes.append(supernode(2))  # same key: same node id
+        _wait_status(deployment, ids[2], "online", 90)
+        _wait(flwr_run, deployment, 600)
+        assert (run_dir / "summary.json").is_file(), deployment.tail()
+    finally:
+        if flwr_run is not None:
+            _stop(flwr_run)
+        deployment.stop()
+    clients = json.loads((run_dir / "clients.json").read_text())
+    assert sorted(str(c["node_id"]) for c in clients) == sorted(ids)  # registered ids only
+    assert sorted(c["num_examples"] for c in clients) == [10, 16, 22]
+    restarted = next(c["client_id"] for c in clients if str(c["node_id"]) == ids[2])
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    accepted = [{c["client_id"]: c["accepted"] for c in r["clients"]} for r in records]
+    for round_accepted in accepted:  # the other two lose nothing
+        assert all(ok for cid, ok in round_accepted.items() if cid != restarted)
+    assert accepted[0][restarted] and not accepted[1][restarted]  # killed in round 2
+    (reason,) = [d["reason"] for d in records[1]["dropped"]]
+    assert f"node {ids[2]}" in reason
+    back = [r for r, a in enumerate(accepted, start=1) if r > 2 and a[restarted]]
+    assert back and back[-1] == 5, accepted  # it takes part again, to the last round
+    for record in records:
+        assert [d["client_id"] for d in record["dropped"]] in ([], [restarted])
+    # It came back under its registered id: never a late node.
+    assert json.loads((run_dir / "dropped_nodes.json").read_text()) == []
 
 
 # -- a restarted server resumes ------------------------------------------------------------------

@@ -34,8 +34,8 @@ from hlora.adapters import LayerShape
 from hlora.config import RunConfig, replace
 from hlora.data.glue import get_task
 from hlora.engines.flower.codec import NODE_INFO, RUN
-from hlora.engines.flower.settings import DATA_MODES, OWN, SIMULATED
-from hlora.engines.flower.transport import match_replies
+from hlora.engines.flower.settings import DATA_MODES, DEFAULT_REPLY_POLL_S, OWN, SIMULATED
+from hlora.engines.flower.transport import match_replies, send_and_receive
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import assign_ranks
 from hlora.server import ClientSlot, FederationError
@@ -337,6 +337,7 @@ def query_nodes(
     min_clients: int = 1,
     run_record: ConfigRecord | None = None,
     mode: str = SIMULATED,
+    poll_s: float = DEFAULT_REPLY_POLL_S,
 ) -> Roster:
     """Wait for ``expected`` nodes, ask each who it is, keep those whose answer holds.
 
@@ -351,6 +352,7 @@ def query_nodes(
         min_clients: ``federation.min_clients``.
         run_record: The run's manifest (``hlora.run``), sent with the query.
         mode: The run's node data mode (run config ``node-data``).
+        poll_s: Seconds between the pulls for replies.
 
     Returns:
         The accepted nodes by client index and the dropped ones with their reasons.
@@ -378,7 +380,7 @@ def query_nodes(
         )
         for n in node_ids
     ]
-    answers = match_replies(messages, grid.send_and_receive(messages, timeout=timeout))
+    answers = match_replies(messages, send_and_receive(grid, messages, timeout, poll_s))
     infos: list[NodeInfo] = []
     dropped: list[NodeDrop] = []
     for node, reply in zip(node_ids, answers, strict=True):

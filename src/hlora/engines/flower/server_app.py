@@ -32,6 +32,7 @@ from hlora.engines.flower.identity import NodeDrop, NodeInfo, assign_slots, quer
 from hlora.engines.flower.manifest import RunManifest, model_sha256
 from hlora.engines.flower.settings import (
     DEFAULT_NODE_WAIT_S,
+    DEFAULT_REPLY_POLL_S,
     DEFAULT_ROUND_TIMEOUT_S,
     OWN,
     SIMULATED,
@@ -179,6 +180,7 @@ def serve(
     node_wait_s: float = DEFAULT_NODE_WAIT_S,
     node_data: str = SIMULATED,
     eval_data: str = "",
+    reply_poll_s: float = DEFAULT_REPLY_POLL_S,
 ) -> RunResult:
     """The whole server side of a Flower run: query nodes, run the rounds, write the run folder.
 
@@ -202,6 +204,7 @@ def serve(
         node_wait_s: Seconds to wait for the nodes to connect.
         node_data: The nodes' data mode, ``own`` or ``simulated-partition``.
         eval_data: The server's evaluation data in the ``own`` mode (:func:`evaluation_task`).
+        reply_poll_s: Seconds between the pulls for replies.
 
     Raises:
         HloraError: Bad input, missing nodes, or a round that cannot go on.
@@ -223,6 +226,7 @@ def serve(
         min_clients=fed.min_clients,
         run_record=run_record,
         mode=node_data,
+        poll_s=reply_poll_s,
     )
     slots, roster = assign_slots(config, federation.runtime.bank.layer_shapes(), roster)
     infos = roster.accepted
@@ -260,6 +264,7 @@ def serve(
         round_timeout,
         on_node_dropped=node_dropped,
         run_record=run_record,
+        poll_s=reply_poll_s,
     )
     with RoundProgress(config.federation.rounds, enabled=progress) as bar:
         transport.on_client_done = bar.client_done
@@ -312,6 +317,7 @@ def make_server_app(
                 node_wait_s=settings.node_wait,
                 node_data=node_data or settings.node_data,
                 eval_data=eval_data or settings.eval_data,
+                reply_poll_s=settings.reply_poll,
             )
             flwr_log(logging.INFO, "hlora run finished: %s", result.run_dir)
             if results is not None:

@@ -20,6 +20,9 @@ ROUND_TIMEOUT_KEY = "round-timeout"
 NODE_WAIT_KEY = "node-wait"
 NODE_DATA_KEY = "node-data"
 EVAL_DATA_KEY = "eval-data"
+REPLY_POLL_KEY = "reply-poll"
+DEFAULT_REPLY_POLL_S = 0.25
+"""Seconds between the server's pulls for replies (Flower's own ``send_and_receive``: 3 s)."""
 DEFAULT_NODE_WAIT_S = 120.0
 DEFAULT_ROUND_TIMEOUT_S = 1800.0
 
@@ -58,6 +61,7 @@ class AppSettings:
         eval_data: The server's evaluation data in the ``own`` mode: a GLUE-layout folder (its
             ``dev.tsv``) or one TSV / CSV / JSONL file ('' : the task's dev split as
             ``hlora run`` loads it).
+        reply_poll: Seconds between the server's pulls for replies (Flower's own: 3).
     """
 
     hlora_config: str = field(default="", metadata={"help": "path of the hlora TOML file"})
@@ -77,7 +81,14 @@ class AppSettings:
         default="", metadata={"help": "the server's evaluation data in the own mode"}
     )
 
+    reply_poll: float = field(
+        default=DEFAULT_REPLY_POLL_S,
+        metadata={"help": "seconds between the server's pulls for replies"},
+    )
+
     def __post_init__(self) -> None:
+        if not math.isfinite(self.reply_poll) or self.reply_poll <= 0:
+            raise ConfigError(f"run config '{REPLY_POLL_KEY}' must be > 0, got {self.reply_poll!r}")
         if self.node_data not in DATA_MODES:
             raise ConfigError(
                 f"run config '{NODE_DATA_KEY}' must be one of {', '.join(DATA_MODES)}, got "
@@ -89,8 +100,8 @@ class AppSettings:
         """Parse ``context.run_config``.
 
         Raises:
-            ConfigError: A timeout or wait that is not a finite number >= 0, or an unknown
-                node data mode.
+            ConfigError: A timeout or wait that is not a finite number >= 0, a reply poll
+                that is not > 0, or an unknown node data mode.
         """
         timeout = _seconds(settings, ROUND_TIMEOUT_KEY, DEFAULT_ROUND_TIMEOUT_S)
         return AppSettings(
@@ -100,6 +111,7 @@ class AppSettings:
             node_wait=_seconds(settings, NODE_WAIT_KEY, DEFAULT_NODE_WAIT_S),
             node_data=str(settings.get(NODE_DATA_KEY) or OWN),
             eval_data=str(settings.get(EVAL_DATA_KEY) or ""),
+            reply_poll=_seconds(settings, REPLY_POLL_KEY, DEFAULT_REPLY_POLL_S),
         )
 
     def load_config(self) -> RunConfig:

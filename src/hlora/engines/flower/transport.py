@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from flwr.app import ConfigRecord, Message, MessageType
@@ -15,9 +16,45 @@ from flwr.serverapp import Grid
 
 from hlora.aggregation import InvalidUpdateError
 from hlora.engines.flower.codec import RUN, content_bytes, decode_reply, encode_instruction
+from hlora.engines.flower.settings import DEFAULT_REPLY_POLL_S
 from hlora.protocol import ClientFailure, RoundResult, TrainInstruction, TrainReply
 
 logger = logging.getLogger(__name__)
+
+
+def send_and_receive(
+    grid: Grid,
+    messages: Sequence[Message],
+    timeout: float | None,
+    poll_s: float = DEFAULT_REPLY_POLL_S,
+) -> list[Message]:
+    """Push ``messages``, then pull their replies every ``poll_s`` seconds until all came or
+    ``timeout`` passed.
+
+    What :meth:`flwr.serverapp.Grid.send_and_receive` does, with a shorter pause between pulls
+    (Flower's is 3 s, on average 1.5 s added to every round); one pull is one small request to
+    the SuperLink.
+
+    Args:
+        grid: The ServerApp's grid.
+        messages: The messages (their ids are set by the push).
+        timeout: Seconds to wait for the replies (None: until every reply came).
+        poll_s: Seconds between pulls (> 0).
+
+    Returns:
+        The replies that came, in arrival order.
+    """
+    waiting = set(grid.push_messages(messages))
+    end = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while True:
+        pulled = list(grid.pull_messages(waiting))
+        replies.extend(pulled)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        left = None if end is None else end - time.monotonic()
+        if not waiting or (left is not None and left <= 0):
+            return replies
+        time.sleep(poll_s if left is None else min(poll_s, left))
 
 
 def match_replies(messages: Sequence[Message], replies: Iterable[Message]) -> list[Message | None]:
@@ -46,6 +83,7 @@ class FlowerTransport:
         on_node_dropped: Called as ``(node_id, reason, round)`` for each node that connected
             after the QUERY round, once.
         run_record: The run's manifest (``hlora.run``), sent beside every instruction.
+        poll_s: Seconds between the pulls for replies (:func:`send_and_receive`).
     """
 
     def __init__(
@@ -56,8 +94,10 @@ class FlowerTransport:
         on_client_done: Callable[[str, int, float | None], None] | None = None,
         on_node_dropped: Callable[[int, str, int], None] | None = None,
         run_record: ConfigRecord | None = None,
+        poll_s: float = DEFAULT_REPLY_POLL_S,
     ) -> None:
         self.grid = grid
+        self.poll_s = poll_s
         self.node_of = dict(node_of)
         self.timeout = timeout
         self.on_client_done = on_client_done
@@ -101,7 +141,7 @@ class FlowerTransport:
                 )
             )
         answers = match_replies(
-            messages, self.grid.send_and_receive(messages, timeout=self.timeout)
+            messages, send_and_receive(self.grid, messages, self.timeout, self.poll_s)
         )
         replies: list[TrainReply] = []
         failures: list[ClientFailure] = []
