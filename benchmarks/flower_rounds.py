@@ -283,10 +283,18 @@ def deployment(
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise RuntimeError(f"the {setting} run wrote no metrics: see the logs under {work}")
+    return round_overheads([json.loads(line) for line in metrics.read_text().splitlines()])
+
+
+def round_overheads(records: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per round of ``metrics.jsonl``: its time, the slowest client's training and the rest.
+
+    ``overhead_s = round_time_s - max(client seconds)``; a client without a reply (dropped)
+    counts 0 s of training.
+    """
     rounds = []
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        train = max(c["seconds"] or 0.0 for c in record["clients"])
+    for record in records:
+        train = max((c["seconds"] or 0.0 for c in record["clients"]), default=0.0)
         rounds.append(
             {
                 "round": record["round"],
