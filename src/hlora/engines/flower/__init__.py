@@ -7,8 +7,10 @@ Modules:
   folder.
 * :mod:`~hlora.engines.flower.client_app`: the ClientApp (``client_app``), two thin decorated
   functions (``QUERY``: who am I; ``TRAIN``: one round of local training).
-* :mod:`~hlora.engines.flower.node`: the node task behind the ClientApp: this process's model and
-  this node's partition (cached per process), the QUERY answer, training one instruction.
+* :mod:`~hlora.engines.flower.node`: the node task behind the ClientApp: its data mode (own
+  data, or a simulated partition of a shared task), this process's model and this node's
+  examples (cached per process), the QUERY answer, training one instruction.
+* :mod:`~hlora.engines.flower.features`: the node's tokenized examples cached on its disk.
 * :mod:`~hlora.engines.flower.identity`: the server's QUERY round: which node is which client,
   at which rank.
 * :mod:`~hlora.engines.flower.transport`: :class:`~hlora.engines.flower.transport.FlowerTransport`,

@@ -312,7 +312,13 @@ def node_setup(
     if data.mode == SIMULATED and node.get("data-dir"):
         config = replace(config, data={"data_dir": str(node["data-dir"])})
     runtime, backbone = client_runtime(config, int(node.get("rank", 0) or 0), hash_model=hash_model)
-    key = (fingerprint(config), data.mode, data.own_data, str(data.partition_id))
+    key = (
+        fingerprint(config),
+        data.mode,
+        data.own_data,
+        f"{data.partition_id}/{data.num_partitions}",
+        data.cache_dir,
+    )
     if key not in _PARTITIONS:
         _PARTITIONS[key] = node_features(config, backbone, data)
     if not _PARTITIONS[key]:
