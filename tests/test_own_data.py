@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -143,8 +144,6 @@ def test_a_malformed_file_names_the_file_and_the_line(
 ) -> None:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
-    import re
-
     with pytest.raises(DataError, match=message.format(f=re.escape(str(path)))):
         read_own_data(path, "mrpc")
 
