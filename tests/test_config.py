@@ -8,6 +8,7 @@ import pytest
 
 from hlora.config import RunConfig, load_config, parse_override, to_toml
 from hlora.errors import ConfigError
+from hlora.federation import fingerprint
 
 
 def test_defaults_are_the_documented_main_job() -> None:
@@ -130,3 +131,16 @@ def test_every_experiment_config_is_valid() -> None:
     for path in files:
         config = load_config(path)
         assert config.output.name
+
+
+def test_settings_added_later_keep_old_run_folders_resumable() -> None:
+    """A run folder's config.toml written before ``server.factor_split`` and ``[trust]``
+    existed (by the code of 2026-12-01) keeps the fingerprint its checkpoint was stamped
+    with; a new setting changed from its "as before" value changes it."""
+    old = Path(__file__).parent / "config_before_factor_split.toml"
+    assert "factor_split" not in old.read_text() and "[trust]" not in old.read_text()
+    config = load_config(old)
+    assert fingerprint(config) == "077f94f051e50a30"
+    changed = load_config(old, ("server.factor_split=orthonormal-a",))
+    assert fingerprint(changed) != "077f94f051e50a30"
+    assert fingerprint(load_config(old, ("trust.max_client_examples=5",))) != "077f94f051e50a30"

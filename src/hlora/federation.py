@@ -52,16 +52,30 @@ SUMMARY_FILE = "summary.json"
 PLOT_FILE = "convergence.png"
 
 
+def _added_later() -> dict[str, dict[str, Any]]:
+    """Settings added after run folders existed, each at the value that means "as before"."""
+    return {
+        "server": {"factor_split": "balanced"},
+        "trust": dataclasses.asdict(TrustConfig()),
+    }
+
+
 def fingerprint(config: RunConfig) -> str:
     """Hash of everything that changes results (the output section is left out).
 
-    The ``trust`` section counts only when it differs from its defaults, so the runs and
-    checkpoints made before it existed keep their fingerprints.
+    A setting added after run folders existed counts only when it differs from its "as before"
+    value (:func:`_added_later`), so the checkpoints written before it still resume; a section
+    left empty that way is dropped.
     """
     body = config.to_dict()
     body.pop("output", None)
-    if config.trust == TrustConfig():
-        body.pop("trust", None)
+    for section, defaults in _added_later().items():
+        values = body.get(section, {})
+        for key, default in defaults.items():
+            if key in values and values[key] == default:
+                del values[key]
+        if section in body and not values:
+            del body[section]
     return hashlib.sha256(repr(sorted(body.items())).encode()).hexdigest()[:16]
 
 
