@@ -8,23 +8,25 @@ texts (decoders get a newline) and, for a simulated partition, the configuration
 and the partition. A changed file or tokenizer gives a new key; stale entries are never read.
 
 An entry is one ``.npz`` file (no pickled objects): each sequence key's token ids concatenated
-into one int64 array with the offsets of each example, and the labels. It is written to a
-unique temporary file and renamed into place, so concurrent processes never read a partial one.
+into one int64 array with the offsets of each example, and the labels. It is written
+atomically (:func:`hlora.io.write_bytes_atomic`), so concurrent processes never read a partial
+one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hlora.io import write_bytes_atomic
 from hlora.runtime import Features
 
 logger = logging.getLogger(__name__)
@@ -108,17 +110,9 @@ def _save(path: Path, features: Features) -> None:
             (t for f in features for t in f[key]), dtype=np.int64, count=sum(lengths)
         )
         arrays[f"offsets.{key}"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
