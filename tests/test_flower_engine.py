@@ -715,6 +715,53 @@ class LocalDeployment:
                 start_new_session=True,
             )
 
+    def start_tls(self, certs: Path) -> None:
+        """A SuperLink over TLS with SuperNode authentication; the CLI trusts ``certs/ca.crt``."""
+        (Path(self.env["FLWR_HOME"]) / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.FEDERATION}"\n\n'
+            f"[superlink.{self.FEDERATION}]\n"
+            f'address = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{certs / "ca.crt"}"\n'
+        )
+        self.superlink = self._spawn(
+            "superlink",
+            [
+                str(Path(sys.executable).parent / "flower-superlink"),
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+                "--ssl-ca-certfile",
+                str(certs / "ca.crt"),
+                "--ssl-certfile",
+                str(certs / "server.pem"),
+                "--ssl-keyfile",
+                str(certs / "server.key"),
+                "--enable-supernode-auth",
+            ],
+        )
+        _wait_for_port(self.port)
+
+    def tls_supernode(
+        self, name: str, certs: Path, key: Path, node_config: str
+    ) -> subprocess.Popen:
+        """A SuperNode that reaches the TLS SuperLink and signs with ``key`` (not waited for)."""
+        return self._spawn(
+            name,
+            [
+                str(Path(sys.executable).parent / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--root-certificates",
+                str(certs / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(key),
+                "--port",
+                str(_free_port()),
+                "--node-config",
+                node_config,
+            ],
+        )
+
     def start(self) -> None:
         flwr_home = Path(self.env["FLWR_HOME"])
         (flwr_home / "config.toml").write_text(
@@ -1029,53 +1076,14 @@ def test_flower_tls_and_supernode_auth(tmp_path: Path, flower_env: Path) -> None
     _make_node_key(tmp_path / "stranger")
 
     deployment = LocalDeployment(flower_env, num_nodes=0)
-    flwr_home = Path(deployment.env["FLWR_HOME"])
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{deployment.FEDERATION}"\n\n'
-        f"[superlink.{deployment.FEDERATION}]\n"
-        f'address = "127.0.0.1:{deployment.port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n'
-    )
-    bin_dir = Path(sys.executable).parent
 
     def supernode(name: str, key: Path) -> subprocess.Popen:
-        proc = deployment._spawn(
-            name,
-            [
-                str(bin_dir / "flower-supernode"),
-                "--superlink",
-                f"127.0.0.1:{deployment.port}",
-                "--root-certificates",
-                str(certs / "ca.crt"),
-                "--auth-supernode-private-key",
-                str(key),
-                "--port",
-                str(_free_port()),
-                "--node-config",
-                "partition-id=0 num-partitions=1",
-            ],
-        )
+        proc = deployment.tls_supernode(name, certs, key, "partition-id=0 num-partitions=1")
         deployment.nodes.append(proc)
         return proc
 
     try:
-        deployment.superlink = deployment._spawn(
-            "superlink",
-            [
-                str(bin_dir / "flower-superlink"),
-                "--port",
-                str(deployment.port),
-                "--disable-runtime-dependency-installation",
-                "--ssl-ca-certfile",
-                str(certs / "ca.crt"),
-                "--ssl-certfile",
-                str(certs / "server.pem"),
-                "--ssl-keyfile",
-                str(certs / "server.key"),
-                "--enable-supernode-auth",
-            ],
-        )
-        _wait_for_port(deployment.port)
+        deployment.start_tls(certs)
         # The CLI talks to the SuperLink over TLS (root-certificates in FLWR_HOME/config.toml).
         deadline = time.monotonic() + 60
         while True:
@@ -1168,52 +1176,16 @@ def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
     certs.mkdir()
     _make_certificates(certs)
     deployment = LocalDeployment(flower_env, num_nodes=0)
-    (Path(deployment.env["FLWR_HOME"]) / "config.toml").write_text(
-        f'[superlink]\ndefault = "{deployment.FEDERATION}"\n\n'
-        f"[superlink.{deployment.FEDERATION}]\n"
-        f'address = "127.0.0.1:{deployment.port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n'
-    )
-    bin_dir = Path(sys.executable).parent
 
     def supernode(k: int) -> subprocess.Popen:
-        return deployment._spawn(
-            f"node{k}-{len(deployment.logs)}",
-            [
-                str(bin_dir / "flower-supernode"),
-                "--superlink",
-                f"127.0.0.1:{deployment.port}",
-                "--root-certificates",
-                str(certs / "ca.crt"),
-                "--auth-supernode-private-key",
-                str(tmp_path / f"key{k}"),
-                "--port",
-                str(_free_port()),
-                "--node-config",
-                f'own-data="{own[k]}"',
-            ],
+        return deployment.tls_supernode(
+            f"node{k}-{len(deployment.logs)}", certs, tmp_path / f"key{k}", f'own-data="{own[k]}"'
         )
 
     run_dir = tmp_path / "deployed"
     flwr_run = None
     try:
-        deployment.superlink = deployment._spawn(
-            "superlink",
-            [
-                str(bin_dir / "flower-superlink"),
-                "--port",
-                str(deployment.port),
-                "--disable-runtime-dependency-installation",
-                "--ssl-ca-certfile",
-                str(certs / "ca.crt"),
-                "--ssl-certfile",
-                str(certs / "server.pem"),
-                "--ssl-keyfile",
-                str(certs / "server.key"),
-                "--enable-supernode-auth",
-            ],
-        )
-        _wait_for_port(deployment.port)
+        deployment.start_tls(certs)
         ids = []
         for k in range(3):
             _make_node_key(tmp_path / f"key{k}")
