@@ -1085,22 +1085,9 @@ def test_flower_tls_and_supernode_auth(tmp_path: Path, flower_env: Path) -> None
     try:
         deployment.start_tls(certs)
         # The CLI talks to the SuperLink over TLS (root-certificates in FLWR_HOME/config.toml).
-        deadline = time.monotonic() + 60
-        while True:
-            reg = _flwr_cli(
-                deployment,
-                "supernode",
-                "register",
-                str(tmp_path / "registered.pub"),
-                deployment.FEDERATION,
-            )
-            if reg.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)  # the port may open before the Control API answers
-        assert reg.returncode == 0, reg.stdout + reg.stderr + deployment.tail()
+        node_id = _register(deployment, tmp_path / "registered.pub", [])
         listed = _listed_nodes(deployment)
-        assert list(listed.values()) == ["registered"], listed
-        (node_id,) = listed
+        assert listed == {node_id: "registered"}, listed
 
         registered = supernode("registered", tmp_path / "registered")
         stranger = supernode("stranger", tmp_path / "stranger")
@@ -1115,11 +1102,9 @@ def test_flower_tls_and_supernode_auth(tmp_path: Path, flower_env: Path) -> None
         assert "Failed to activate SuperNode" in log, log
 
         # (a) the registered one is online, under the id registration gave it.
-        deadline = time.monotonic() + 90
-        while (listed := _listed_nodes(deployment)).get(node_id) != "online":
-            if time.monotonic() > deadline or registered.poll() is not None:
-                pytest.fail(f"registered SuperNode not online: {listed}\n{deployment.tail()}")
-            time.sleep(1.0)
+        assert registered.poll() is None, deployment.tail()
+        _wait_status(deployment, node_id, "online", timeout=90)
+        listed = _listed_nodes(deployment)
         assert list(listed) == [node_id], listed  # the stranger never became a node
         assert f"SuperNode ID: {node_id}" in (flower_env / "registered.log").read_text()
         assert "No SuperNode found with the given public key" in (
