@@ -18,6 +18,7 @@ from hlora.data.glue import (
     load_task,
     resolve_data_dir,
 )
+from hlora.data.hub import OFFLINE_VARIABLES
 from hlora.errors import DataError
 
 MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
@@ -41,8 +42,14 @@ def glue_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _no_env_no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never read the real HLORA_DATA_DIR implicitly and never reach the network."""
+    """Tests never read the real HLORA_DATA_DIR implicitly and never reach the network.
+
+    The offline switches are cleared so that the (patched, network-free) hub path is taken;
+    :func:`test_offline_switch_skips_the_hub` sets them again.
+    """
     monkeypatch.delenv("HLORA_DATA_DIR", raising=False)
+    for name in OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
     def offline(path: str, config: str) -> Any:
         raise ConnectionError(f"no network in tests ({path}/{config})")
@@ -231,6 +238,28 @@ def test_hub_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert load_task("rte").dev[2] == Example("a2", "b2", 0)
     with pytest.raises(DataError, match="disabled"):
         load_task("mrpc", allow_hub=False)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "true")]
+)
+def test_offline_switch_skips_the_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str
+) -> None:
+    def never(path: str, config: str) -> Any:
+        pytest.fail(f"the hub was tried although {variable}={value}")
+
+    monkeypatch.setattr(glue, "_hub_load_dataset", never)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(DataError) as info:
+        load_task("mrpc", tmp_path / "nowhere")
+    message = str(info.value)
+    assert message.startswith("cannot load task 'mrpc': the data folder")
+    assert "HLORA_DATA_DIR" in message
+    assert f"hub fallback (nyu-mll/glue) is switched off ({variable}={value} is set)" in message
+    monkeypatch.setenv(variable, "0")  # a false value: the hub is tried again
+    with pytest.raises(pytest.fail.Exception, match="the hub was tried"):
+        load_task("mrpc", tmp_path / "nowhere")
 
 
 def test_hub_bad_content_is_a_hub_failure(monkeypatch: pytest.MonkeyPatch) -> None:

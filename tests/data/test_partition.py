@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hlora.data.partition import PARTITION_SCHEMES, partition_indices, partition_summary
+from hlora.data.partition import (
+    ALL_PARTITION_SCHEMES,
+    CATEGORY_SCHEME,
+    PARTITION_SCHEMES,
+    partition_indices,
+    partition_summary,
+)
 from hlora.errors import DataError
 
 # MRPC-like labels: 2,474 positives and 1,194 negatives, interleaved deterministically.
@@ -147,3 +153,64 @@ def test_errors(kwargs: dict[str, Any], pattern: str) -> None:
     args: dict[str, Any] = {"num_clients": 2, "scheme": "dirichlet", **kwargs}
     with pytest.raises(DataError, match=pattern):
         partition_indices([0, 1, 0], **args)
+
+
+# --- the category scheme ------------------------------------------------------------------------
+
+
+def test_category_scheme_is_listed_apart() -> None:
+    assert CATEGORY_SCHEME == "category"
+    assert CATEGORY_SCHEME not in PARTITION_SCHEMES
+    assert (*PARTITION_SCHEMES, CATEGORY_SCHEME) == ALL_PARTITION_SCHEMES
+
+
+def test_category_one_client_per_category() -> None:
+    labels = [2, 0, 1, 0, 2, 2, 1]
+    parts = partition_indices(labels, 3, "category", seed=5)
+    assert parts == [[1, 3], [2, 6], [0, 4, 5]]  # clients in ascending label order
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_category_groups_clients_evenly(seed: int) -> None:
+    # labels 0..3 with 40, 10, 25, 25 examples; 10 clients -> 2 each, 2 extra to the largest
+    # two (label 0; then labels 2 and 3 tie at 25, the smaller wins)
+    labels = [0] * 40 + [1] * 10 + [2] * 25 + [3] * 25
+    parts = partition_indices(labels, 10, "category", seed=seed, min_size=4)
+    _check_valid(parts, len(labels), 10, 4)
+    owners = [{labels[i] for i in part} for part in parts]
+    assert owners == [{0}] * 3 + [{1}] * 2 + [{2}] * 3 + [{3}] * 2
+    sizes = [len(p) for p in parts]
+    assert sizes == [14, 13, 13, 5, 5, 9, 8, 8, 13, 12]
+    assert partition_indices(labels, 10, "category", seed=seed, min_size=4) == parts
+
+
+def test_category_seed_changes_the_split_not_the_grouping() -> None:
+    a = partition_indices(MRPC_LIKE, 20, "category", seed=3, min_size=8)
+    b = partition_indices(MRPC_LIKE, 20, "category", seed=4, min_size=8)
+    _check_valid(a, len(MRPC_LIKE), 20, 8)
+    assert a != b
+    summary = partition_summary(MRPC_LIKE, a)
+    assert [s["label_counts"][0] > 0 for s in summary] == [True] * 10 + [False] * 10
+    assert [len(p) for p in a] == [len(p) for p in b]
+    assert [sum(MRPC_LIKE[i] for i in p) for p in a] == [0] * 10 + [len(p) for p in a[10:]]
+
+
+def test_category_single_category_is_iid_sized() -> None:
+    parts = partition_indices([4] * 7, 3, "category")
+    assert [len(p) for p in parts] == [3, 2, 2]
+    assert partition_indices([0, 1, 1], 2, "category") == [[0], [1, 2]]
+
+
+@pytest.mark.parametrize(
+    ("labels", "num_clients", "min_size", "pattern"),
+    [
+        ([0, 1, 2, 0], 2, 1, r"'category' gives every client one category: 2 clients for 3 cat"),
+        ([0, 1, 2, 3], 1, 1, r"1 clients for 4 categories; use at least 4 clients"),
+        ([0] * 9 + [1] * 3, 4, 2, r"min_size=2 .*too few in label 1 \(3 examples for 2 clients\)"),
+        ([0] * 9 + [1, 2], 3, 2, r"too few in label 1 \(1 examples for 1 clients\), 2 \(1 ex"),
+        ([0, 1, 2], 4, 1, r"cannot give 4 clients at least min_size=1 .*only 3 examples"),
+    ],
+)
+def test_category_errors(labels: list[int], num_clients: int, min_size: int, pattern: str) -> None:
+    with pytest.raises(DataError, match=pattern):
+        partition_indices(labels, num_clients, "category", min_size=min_size)

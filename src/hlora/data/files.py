@@ -23,6 +23,7 @@ and the line.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -129,7 +130,8 @@ def _read_text(path: Path) -> str:
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, Mapping[str, object]]]:
     """(line number, row) of a CSV file whose header row names the ``required`` columns."""
-    reader = csv.DictReader(_read_text(path).splitlines())
+    # newline="": a quoted cell keeps its line breaks, and only \n, \r, \r\n end a line
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     header = list(reader.fieldnames or [])
     if len(set(header)) != len(header):
         raise DataError(f"'{path}' line 1: duplicate column names in {header!r}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from hlora.data.hub import hub_offline_reason
 from hlora.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -196,7 +197,10 @@ def load_task(
     The local folder (``data_dir``, else ``HLORA_DATA_DIR``) is tried first, in the GLUE layout
     ``<dir>/MRPC/{train,dev}.tsv``, ``<dir>/RTE/{train,dev}.tsv``, ``<dir>/QQP/{train,dev}.tsv``.
     If it is not given or lacks the files and ``allow_hub`` is True, the ``train`` and
-    ``validation`` splits of ``nyu-mll/glue`` are loaded with :func:`datasets.load_dataset`.
+    ``validation`` splits of ``nyu-mll/glue`` are loaded with :func:`datasets.load_dataset`,
+    unless an offline switch is set (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``: see
+    :func:`hlora.data.hub.hub_offline_reason`); then the hub is not tried and the error comes
+    at once instead of after the libraries' connection retries.
 
     ``qqp-sample`` exists only locally: ``<dir>/QQP/sample/new_dev.tsv``, 23,497 labelled pairs
     drawn from the (old) GLUE QQP *train* split, with no header. Its malformed first line (label
@@ -265,6 +269,8 @@ def _load_fallback(task: TaskInfo, folder: Path | None, allow_hub: bool) -> Task
         hub_reason = f"task {task.name!r} has no copy on the Hugging Face hub ({HUB_DATASET})"
     elif not allow_hub:
         hub_reason = f"the Hugging Face hub fallback ({HUB_DATASET}) is disabled"
+    elif (offline := hub_offline_reason()) is not None:
+        hub_reason = f"the Hugging Face hub fallback ({HUB_DATASET}) is switched off ({offline})"
     else:
         if folder is not None:
             logger.warning("%s; trying the Hugging Face hub (%s)", local_reason, HUB_DATASET)

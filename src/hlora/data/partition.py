@@ -1,4 +1,4 @@
-"""Split a training set over federated clients: IID, label skew or quantity skew.
+"""Split a training set over federated clients: IID, label skew, quantity skew or by category.
 
 This is a small numpy implementation rather than flwr-datasets' partitioners, because those do
 not give a seeded, disjoint split with a guaranteed minimum size for every scheme here:
@@ -14,6 +14,11 @@ not give a seeded, disjoint split with a guaranteed minimum size for every schem
 
 All schemes return, per client, a sorted list of indices into ``labels``; the lists are disjoint,
 cover every index once, have at least ``min_size`` entries and depend only on the arguments.
+
+The ``category`` scheme (one category, or class, per client) is accepted by
+:func:`partition_indices` but kept out of :data:`PARTITION_SCHEMES`: unlike those, it cannot
+split every set that has ``num_clients * min_size`` examples (it needs at least as many clients
+as categories, and enough examples in each category for its clients).
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ import numpy.typing as npt
 from hlora.errors import DataError
 
 PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "quantity")
+"""The schemes that split any labelled set given ``num_clients * min_size`` examples."""
+CATEGORY_SCHEME = "category"
+"""One category per client (see :func:`partition_indices`)."""
+ALL_PARTITION_SCHEMES: tuple[str, ...] = (*PARTITION_SCHEMES, CATEGORY_SCHEME)
+"""Every scheme :func:`partition_indices` accepts."""
 
 _IntArray = npt.NDArray[np.int64]
 
@@ -54,11 +64,20 @@ def partition_indices(
       dominated by few classes; large ``alpha`` approaches IID.
     * ``quantity``: quantity skew with IID labels. Client sizes are ``min_size`` plus a
       ``Dirichlet(alpha)`` share of the rest; a seeded permutation is cut into those sizes.
+    * ``category``: every client holds examples of exactly one label (an instruction
+      category, see :func:`hlora.data.instructions.category_labels`, or a class), and every
+      label goes to at least one client. With ``k`` distinct labels, the clients are grouped
+      over the labels as evenly as possible: each label gets ``num_clients // k`` clients,
+      and the ``num_clients % k`` labels with the most examples (ties: the smaller label) get
+      one more. Clients are numbered label by label, in ascending label order; a label's
+      examples are shuffled (seeded) and cut into parts whose sizes differ by at most one.
+      ``alpha`` is not used. Fewer clients than labels is an error rather than a merge of
+      labels, since a client with two categories would break the scheme's promise.
 
     Args:
         labels: Class label of every example.
         num_clients: Number of clients, at least 1.
-        scheme: One of :data:`PARTITION_SCHEMES`.
+        scheme: One of :data:`ALL_PARTITION_SCHEMES`.
         alpha: Dirichlet concentration for ``dirichlet`` and ``quantity``; must be > 0.
         seed: Seed of the random generator; equal arguments give equal partitions.
         min_size: Minimum number of examples per client, at least 1.
@@ -68,7 +87,9 @@ def partition_indices(
 
     Raises:
         DataError: If an argument is invalid or there are fewer than
-            ``num_clients * min_size`` examples.
+            ``num_clients * min_size`` examples; for ``category``, also if there are fewer
+            clients than labels, or a label has fewer than ``min_size`` examples for each of
+            its clients.
     """
     _validate(scheme, num_clients, alpha, min_size)
     y = np.asarray(list(labels), dtype=np.int64)
@@ -84,6 +105,8 @@ def partition_indices(
     elif scheme == "quantity":
         extra = _round_shares(n - num_clients * min_size, rng.dirichlet([alpha] * num_clients))
         parts = _cut(rng.permutation(n), extra + min_size)
+    elif scheme == CATEGORY_SCHEME:
+        parts = _by_category(y, num_clients, min_size, rng)
     else:
         parts = _label_skew(y, num_clients, alpha, min_size, rng)
     return [sorted(int(i) for i in part) for part in parts]
@@ -114,8 +137,8 @@ def partition_summary(
 
 
 def _validate(scheme: str, num_clients: int, alpha: float, min_size: int) -> None:
-    if scheme not in PARTITION_SCHEMES:
-        allowed = ", ".join(repr(s) for s in PARTITION_SCHEMES)
+    if scheme not in ALL_PARTITION_SCHEMES:
+        allowed = ", ".join(repr(s) for s in ALL_PARTITION_SCHEMES)
         raise DataError(f"unknown partition scheme {scheme!r}; allowed schemes: {allowed}")
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise DataError(f"num_clients must be an integer >= 1, got {num_clients!r}")
@@ -158,3 +181,33 @@ def _label_skew(
         for client, chunk in enumerate(_cut(members, sizes)):
             parts[client].append(chunk)
     return [np.concatenate(chunks) for chunks in parts]
+
+
+def _by_category(
+    y: _IntArray, num_clients: int, min_size: int, rng: np.random.Generator
+) -> list[_IntArray]:
+    classes, counts = np.unique(y, return_counts=True)  # ascending labels, (k,) each
+    k = int(classes.shape[0])
+    if num_clients < k:
+        raise DataError(
+            f"partition scheme 'category' gives every client one category: {num_clients} "
+            f"clients for {k} categories; use at least {k} clients, or merge categories"
+        )
+    clients = np.full(k, num_clients // k, dtype=np.int64)
+    order = np.argsort(-counts, kind="stable")  # most examples first, ties to the smaller label
+    clients[order[: num_clients % k]] += 1
+    short = [
+        f"{int(c)} ({int(n)} examples for {int(m)} clients)"
+        for c, n, m in zip(classes, counts, clients, strict=True)
+        if n < m * min_size
+    ]
+    if short:
+        raise DataError(
+            f"partition scheme 'category' cannot give every client at least min_size={min_size} "
+            f"examples: too few in label {', '.join(short)}; lower num_clients or min_size"
+        )
+    parts: list[_IntArray] = []
+    for cls, m in zip(classes, clients, strict=True):
+        members = np.flatnonzero(y == cls)
+        parts.extend(np.array_split(rng.permutation(members), int(m)))
+    return parts
