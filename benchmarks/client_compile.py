@@ -26,10 +26,9 @@ import warnings
 import torch
 import transformers
 
-from client_training import DROPOUT, RANK, SCALING, load_features, make_backbone
+from client_training import DROPOUT, RANK, SCALING, _objective, load_features, make_backbone
 from hlora.adapters import LoraBank
 from hlora.config import TrainConfig
-from hlora.data.collate import DynamicPaddingCollator
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime
 
@@ -49,9 +48,7 @@ def one_pass(
         device="cpu",
         precision="auto",
     )
-    runtime = ModelRuntime(
-        bank, DynamicPaddingCollator(backbone.tokenizer), train, torch.device("cpu")
-    )
+    runtime = ModelRuntime(bank, _objective(backbone), train, torch.device("cpu"))
     instruction = TrainInstruction(
         "bench", 1, RANK, SCALING, None, bank.get_extras(RANK), init_seed=0, train_seed=0
     )

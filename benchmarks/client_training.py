@@ -47,8 +47,9 @@ from floors import lora_training_flops_per_token, matmul_rate, sync
 from hlora.adapters import LoraBank
 from hlora.config import TrainConfig
 from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
-from hlora.data.glue import load_task
+from hlora.data.glue import get_task, load_task
 from hlora.models import Backbone, load_backbone
+from hlora.objectives import Objective, SequenceClassification
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime
 
@@ -86,6 +87,13 @@ def make_backbone(name: str, tokenizer_source: str, seed: int) -> Backbone:
     return load_backbone(name, 2, seed=seed)
 
 
+def _objective(backbone: Backbone) -> Objective:
+    """The classification objective (its batches and loss) for pre-tokenized MRPC features."""
+    return SequenceClassification(
+        backbone.tokenizer, get_task("mrpc"), architecture=backbone.architecture, max_length=128
+    )
+
+
 def load_features(
     model_name: str, tokenizer_source: str, data_dir: str | None, examples: int, max_length: int
 ) -> Any:
@@ -116,7 +124,7 @@ def run_hlora(
         device=args.device,
         precision=precision,
     )
-    runtime = ModelRuntime(bank, DynamicPaddingCollator(backbone.tokenizer), train, device)
+    runtime = ModelRuntime(bank, _objective(backbone), train, device)
     instruction = TrainInstruction(
         "bench", 1, RANK, SCALING, None, bank.get_extras(RANK), init_seed=0, train_seed=0
     )

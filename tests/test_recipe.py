@@ -15,9 +15,10 @@ from torch.testing import assert_close
 from hlora.adapters import LoraBank
 from hlora.checkpoint import ServerState, load_state, save_state
 from hlora.config import RunConfig, TrainConfig, load_config
-from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
-from hlora.data.glue import Example
+from hlora.data.collate import tokenize_pairs
+from hlora.data.glue import Example, get_task
 from hlora.federation import load_run_task, resume, run
+from hlora.objectives import make_objective
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime, label_log_prior, proximal_term
 from hlora.schedule import RoundSchedule
@@ -31,9 +32,8 @@ WORDS = ["good movie", "bad film", "the plot was great", "awful acting", "i love
 def _runtime(train: TrainConfig) -> tuple[ModelRuntime, list[dict]]:
     backbone = build_tiny_backbone(num_labels=2, seed=0)
     bank = LoraBank(backbone, [4], scaling=2.0, target_modules=["query", "value"])
-    runtime = ModelRuntime(
-        bank, DynamicPaddingCollator(backbone.tokenizer), train, torch.device("cpu")
-    )
+    objective = make_objective(backbone, get_task("mrpc"), 32)
+    runtime = ModelRuntime(bank, objective, train, torch.device("cpu"))
     examples = [Example(w, w[::-1], k % 2) for k, w in enumerate(WORDS * 4)]
     return runtime, tokenize_pairs(backbone.tokenizer, examples, 32)
 

@@ -11,8 +11,9 @@ heterogeneous-rank papers kept ``lora_alpha`` fixed while ``r`` varied, which si
 updates of low-rank clients up and of high-rank clients down; hlora does not.)
 
 **Memory.** A :class:`LoraBank` holds ONE frozen base model for all simulated clients. It carries
-one peft adapter per distinct rank (named ``"r{rank}"``) plus, per rank, a copy of the
-classification head (peft's ``modules_to_save``, trained and aggregated like the factors). Clients
+one peft adapter per distinct rank (named ``"r{rank}"``) plus, per rank, a copy of a sequence
+classifier's head (peft's ``modules_to_save``, trained and aggregated like the factors; a causal
+LM keeps its language-modelling head frozen and has none). Clients
 of the same rank share that slot: the caller writes a client's factors in with
 :meth:`LoraBank.set_factors` before it trains and reads them back with :meth:`LoraBank.get_factors`
 after. Memory therefore grows with the number of distinct ranks (by the small adapter and head
@@ -48,6 +49,7 @@ from safetensors.torch import save_file
 
 from hlora.errors import ModelError
 from hlora.models import Backbone
+from hlora.tasktypes import CAUSAL_LM
 
 __all__ = ["LayerShape", "LoraBank"]
 
@@ -155,9 +157,11 @@ class LoraBank:
                 )
         self._check_targets(base, backbone.name, targets)
 
+        peft_task = TaskType.CAUSAL_LM if backbone.task_type == CAUSAL_LM else TaskType.SEQ_CLS
+
         def config(rank: int) -> LoraConfig:
             return LoraConfig(
-                task_type=TaskType.SEQ_CLS,
+                task_type=peft_task,
                 r=rank,
                 # peft's scaling is lora_alpha / r; it accepts a float alpha.
                 lora_alpha=self.scaling * rank,  # type: ignore[arg-type]

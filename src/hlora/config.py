@@ -21,6 +21,7 @@ from hlora.aggregation.registry import STRATEGY_NAMES
 from hlora.data.glue import TASK_NAMES
 from hlora.data.partition import PARTITION_SCHEMES
 from hlora.errors import ConfigError
+from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,7 +99,15 @@ class ModelConfig:
         ),
     )
     lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
-    max_length: int = field(default=128, metadata=_help("truncate pairs to this many tokens"))
+    max_length: int = field(default=128, metadata=_help("truncate examples to this many tokens"))
+    task_type: str = field(
+        default=SEQ_CLS,
+        metadata=_help(
+            "'seq-cls': a classification head on the backbone; 'causal-lm': instruction tuning "
+            "of a decoder (examples rendered as chat turns, loss on the answer tokens, "
+            "evaluation by the answers' log-likelihood)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -106,6 +115,7 @@ class ModelConfig:
         _number("model.lora_scaling", self.lora_scaling, low=0.0, low_open=True)
         _number("model.lora_dropout", self.lora_dropout, low=0.0, high=0.9)
         _positive_int("model.max_length", self.max_length)
+        _choice("model.task_type", self.task_type, TASK_TYPES)
         if not all(isinstance(t, str) and t for t in self.target_modules):
             raise _fail(
                 "model.target_modules", list(self.target_modules), "expected a list of module names"
@@ -445,6 +455,15 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.task_type == CAUSAL_LM and self.train.logit_adjustment > 0:
+            raise _fail(
+                "train.logit_adjustment",
+                self.train.logit_adjustment,
+                "logit adjustment needs a classification head: use 0 with model.task_type "
+                "'causal-lm'",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for TOML/JSON."""

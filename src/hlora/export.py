@@ -6,7 +6,6 @@ from pathlib import Path
 
 from hlora.checkpoint import load_state
 from hlora.config import CONFIG_FILE
-from hlora.data.glue import get_task
 from hlora.errors import CheckpointError, ConfigError
 from hlora.federation import (
     CHECKPOINT_FILE,
@@ -31,9 +30,8 @@ def export_run(
         CheckpointError: Not a run folder, or no finished round.
         ConfigError: A rank < 1.
     """
-    from hlora.adapters import LoraBank
     from hlora.config import load_config
-    from hlora.models import load_backbone
+    from hlora.stack import build_stack
 
     if rank < 1:
         raise ConfigError(f"invalid --rank {rank}: expected an integer >= 1")
@@ -51,14 +49,8 @@ def export_run(
             f"'{config.federation.strategy}' keeps one adapter per client)"
         )
     # The label count is the task's (a head's first tensor need not be its label vector).
-    num_labels = get_task(config.data.task).num_labels
-    backbone = load_backbone(config.model.name, num_labels, seed=config.federation.seed)
-    bank = LoraBank(
-        backbone,
-        [rank],
-        scaling=config.model.lora_scaling,
-        target_modules=config.model.target_modules or None,
-    )
+    stack = build_stack(config, [rank], dropout=False)
+    backbone, bank = stack.backbone, stack.bank
     if merged:
         target = Path(merged)
         dense = {n: d.dense() for n, d in delta.items()}

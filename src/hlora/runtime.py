@@ -21,8 +21,9 @@ from transformers import get_linear_schedule_with_warmup
 from hlora.adapters import LoraBank
 from hlora.aggregation import ClientUpdate, LoraFactors, LowRankDelta
 from hlora.config import TrainConfig
-from hlora.data.collate import DynamicPaddingCollator, length_grouped_batches
+from hlora.data.collate import length_grouped_batches
 from hlora.metrics import compute_metrics
+from hlora.objectives import Objective
 from hlora.protocol import TrainInstruction, TrainReply
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class ModelRuntime:
 
     Args:
         bank: The LoRA bank (one adapter slot per rank) on the backbone.
-        collator: Pads a list of tokenized features into a batch.
+        objective: The task type's batches, loss and scoring.
         train: Local training settings.
         device: Where the model runs.
     """
@@ -84,12 +85,12 @@ class ModelRuntime:
     def __init__(
         self,
         bank: LoraBank,
-        collator: DynamicPaddingCollator,
+        objective: Objective,
         train: TrainConfig,
         device: torch.device,
     ) -> None:
         self.bank = bank
-        self.collator = collator
+        self.objective = objective
         self.train_config = train
         self.device = device
         bank.model.to(device)
@@ -148,7 +149,8 @@ class ModelRuntime:
             weight_decay=cfg.weight_decay,
             fused=self.device.type == "cuda",
         )
-        lengths = [len(f["input_ids"]) for f in features]
+        objective = self.objective
+        lengths = [objective.length(f) for f in features]
         batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
         total_steps = max(1, math.ceil(cfg.local_epochs * batches_per_epoch))
         scheduler = None
@@ -160,7 +162,7 @@ class ModelRuntime:
         log_prior = None
         if cfg.logit_adjustment > 0 and instruction.label_prior is not None:
             own = label_log_prior(
-                [int(f["labels"]) for f in features], len(instruction.label_prior)
+                [objective.label(f) for f in features], len(instruction.label_prior)
             )
             federation = torch.tensor(instruction.label_prior, dtype=torch.float64).log().float()
             log_prior = (cfg.logit_adjustment * (own - federation)).to(self.device)
@@ -184,11 +186,11 @@ class ModelRuntime:
                             group["lr"] = lr
                     batch = self._batch([features[i] for i in batch_idx])
                     with self._autocast():
-                        loss = self._loss(model, batch, log_prior)
-                    objective = loss
+                        loss = objective.loss(model, batch, log_prior)
+                    total = loss
                     if anchors:
-                        objective = loss + 0.5 * cfg.proximal_mu * proximal_term(params, anchors)
-                    objective.backward()
+                        total = loss + 0.5 * cfg.proximal_mu * proximal_term(params, anchors)
+                    total.backward()
                     if cfg.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
@@ -241,42 +243,31 @@ class ModelRuntime:
             base_delta: Cumulative merged update of the base (flora), or None.
 
         Returns:
-            The metrics and the mean cross-entropy ``loss``.
+            The metrics and the mean ``loss`` (:meth:`Objective.score`).
         """
         self.sync_base(base_version, base_delta)
         moved = {n: d.to(self.device) for n, d in deltas.items()}
         preds: list[int] = []
         labels: list[int] = []
         total_loss = 0.0
-        lengths = [len(f["input_ids"]) for f in features]
+        count = 0
+        lengths = [self.objective.length(f) for f in features]
         order = length_grouped_batches(lengths, batch_size, shuffle=False, seed=0)
         with self.bank.evaluating_dense(moved, extras) as model, torch.no_grad():
             for batch_idx in order:
                 batch = self._batch([features[i] for i in batch_idx])
                 with self._autocast():
-                    out = model(**batch)
-                logits = out.logits.float()
-                total_loss += float(
-                    torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-                )
-                preds.extend(logits.argmax(-1).tolist())
-                labels.extend(batch["labels"].tolist())
+                    scored = self.objective.score(model, batch)
+                total_loss += scored.loss_sum
+                count += scored.loss_count
+                preds.extend(scored.preds)
+                labels.extend(scored.labels)
         metrics = compute_metrics(metric_names, preds, labels)
-        metrics["loss"] = total_loss / max(1, len(labels))
+        metrics["loss"] = total_loss / max(1, count)
         return metrics
 
-    @staticmethod
-    def _loss(model: torch.nn.Module, batch: dict[str, Tensor], log_prior: Tensor | None) -> Tensor:
-        """Cross-entropy of a batch; with ``log_prior`` (``(num_labels,)``, added to the logits)
-        logit-adjusted."""
-        if log_prior is None:
-            return model(**batch).loss
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits.float()  # (batch, num_labels)
-        return torch.nn.functional.cross_entropy(logits + log_prior, batch["labels"])
-
     def _batch(self, features: Features) -> dict[str, Tensor]:
-        batch = self.collator(features)
+        batch = self.objective.collate(features)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _autocast(self) -> Any:

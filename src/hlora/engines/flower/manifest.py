@@ -28,11 +28,11 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from hlora.config import OutputConfig, RunConfig, config_from_dict, replace, to_toml
-from hlora.data.glue import get_task
 from hlora.engines.flower.codec import RUN, CodecError
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import fingerprint
-from hlora.models import Backbone, load_backbone
+from hlora.models import Backbone
+from hlora.stack import load_run_backbone
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,10 +64,7 @@ def backbone_sha256(backbone: Backbone) -> str:
 
 def model_sha256(config: RunConfig) -> str:
     """:func:`backbone_sha256` of the run's model, loaded as every node loads it."""
-    backbone = load_backbone(
-        config.model.name, get_task(config.data.task).num_labels, seed=config.federation.seed
-    )
-    return backbone_sha256(backbone)
+    return backbone_sha256(load_run_backbone(config))
 
 
 def _is_folder(name: str) -> bool:

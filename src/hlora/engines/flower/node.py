@@ -37,9 +37,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
 
-from hlora.adapters import LoraBank
 from hlora.config import RunConfig, replace
-from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
 from hlora.data.files import read_own_data
 from hlora.data.glue import get_task, resolve_data_dir, task_tsv_path
 from hlora.engines.flower.codec import NODE_INFO, CodecError, decode_instruction, encode_reply
@@ -53,9 +51,11 @@ from hlora.engines.flower.manifest import (
 )
 from hlora.engines.flower.settings import DATA_MODES, OWN, SIMULATED
 from hlora.errors import ConfigError, HloraError
-from hlora.federation import client_partitions, fingerprint, load_run_task, pair_examples
-from hlora.models import Backbone, load_backbone
-from hlora.runtime import Features, ModelRuntime, resolve_device
+from hlora.federation import client_partitions, fingerprint, load_run_task
+from hlora.models import Backbone
+from hlora.objectives import Objective, make_objective
+from hlora.runtime import Features, ModelRuntime
+from hlora.stack import build_stack, load_run_backbone
 
 _RUNTIMES: dict[tuple[str, ...], tuple[ModelRuntime, Backbone]] = {}
 _PARTITIONS: dict[tuple[str, ...], Features] = {}
@@ -141,9 +141,7 @@ def own_features(config: RunConfig, backbone: Backbone, path: str) -> Features:
         DataError: Missing or malformed data (naming the file and the line).
     """
     mine = read_own_data(path, config.data.task).train
-    return tokenize_pairs(
-        backbone.tokenizer, pair_examples(mine, backbone), config.model.max_length
-    )
+    return _objective(config, backbone).train_features(mine)
 
 
 def own_data_files(path: str, task: str) -> list[Path]:
@@ -163,6 +161,7 @@ def node_features(config: RunConfig, backbone: Backbone, data: NodeData) -> Feat
         f"task={config.data.task}",
         f"max_length={config.model.max_length}",
         f"architecture={backbone.architecture}",
+        f"task_type={config.model.task_type}",
     ]
     if data.mode == OWN:
         files = own_data_files(data.own_data, config.data.task)
@@ -214,9 +213,11 @@ def partition_features(
     task = load_run_task(config)
     parts = client_partitions(config, task, num_partitions)
     mine = [task.train[i] for i in parts[partition_id]]
-    return tokenize_pairs(
-        backbone.tokenizer, pair_examples(mine, backbone), config.model.max_length
-    )
+    return _objective(config, backbone).train_features(mine)
+
+
+def _objective(config: RunConfig, backbone: Backbone) -> Objective:
+    return make_objective(backbone, get_task(config.data.task), config.model.max_length)
 
 
 def client_runtime(
@@ -235,25 +236,11 @@ def client_runtime(
     ranks = sorted(set(config.federation.ranks) | ({extra_rank} if extra_rank else set()))
     key = (fingerprint(config), ",".join(map(str, ranks)))
     if key not in _RUNTIMES:
-        backbone = load_backbone(
-            config.model.name, get_task(config.data.task).num_labels, seed=config.federation.seed
-        )
+        backbone = load_run_backbone(config)
         if hash_model:
             _MODEL_SHA[fingerprint(config)] = backbone_sha256(backbone)
-        bank = LoraBank(
-            backbone,
-            ranks,
-            scaling=config.model.lora_scaling,
-            target_modules=config.model.target_modules or None,
-            dropout=config.model.lora_dropout,
-        )
-        runtime = ModelRuntime(
-            bank,
-            DynamicPaddingCollator(backbone.tokenizer),
-            config.train,
-            resolve_device(config.train.device),
-        )
-        _RUNTIMES[key] = (runtime, backbone)
+        stack = build_stack(config, ranks, backbone=backbone)
+        _RUNTIMES[key] = (stack.runtime, backbone)
     return _RUNTIMES[key]
 
 

@@ -21,11 +21,9 @@ from flwr.app import Context
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
-from hlora.adapters import LoraBank
 from hlora.aggregation import UpdateSpec
 from hlora.checkpoint import ServerState, load_state
 from hlora.config import CONFIG_FILE, RunConfig, load_config, to_toml
-from hlora.data.collate import DynamicPaddingCollator, tokenize_pairs
 from hlora.data.files import read_own_data
 from hlora.data.glue import TaskData, get_task, read_task_tsv, task_tsv_path
 from hlora.engines.flower.identity import NodeDrop, NodeInfo, assign_slots, query_nodes
@@ -50,13 +48,12 @@ from hlora.federation import (
     load_run_task,
     make_loop,
     new_run_dir,
-    pair_examples,
 )
 from hlora.io import write_text_atomic
-from hlora.models import load_backbone
 from hlora.report import MetricsLog, RoundProgress, write_json
-from hlora.runtime import ModelRuntime, label_log_prior, resolve_device
+from hlora.runtime import label_log_prior
 from hlora.server import FederationError
+from hlora.stack import build_stack
 
 logger = logging.getLogger(__name__)
 
@@ -98,25 +95,15 @@ def evaluation_federation(config: RunConfig, task: TaskData) -> Federation:
     The same model, LoRA bank and update spec as :func:`hlora.federation.build_federation`
     builds, and no training data (the clients are set from the QUERY round).
     """
-    backbone = load_backbone(config.model.name, task.task.num_labels, seed=config.federation.seed)
-    bank = LoraBank(
-        backbone,
-        sorted(set(config.federation.ranks)),
-        scaling=config.model.lora_scaling,
-        target_modules=config.model.target_modules or None,
-        dropout=config.model.lora_dropout,
-    )
-    collator = DynamicPaddingCollator(backbone.tokenizer)
-    runtime = ModelRuntime(bank, collator, config.train, resolve_device(config.train.device))
-    dev = tokenize_pairs(
-        backbone.tokenizer, pair_examples(task.dev, backbone), config.model.max_length
-    )
+    stack = build_stack(config, config.federation.ranks)
+    bank = stack.bank
+    dev = stack.objective.eval_features(task.dev)
     extras = bank.get_extras(bank.ranks[0])
     spec = UpdateSpec(
         layers={n: (s.out_features, s.in_features) for n, s in bank.layer_shapes().items()},
         extras={n: tuple(t.shape) for n, t in extras.items()},
     )
-    return Federation(config, task, backbone, runtime, [], {}, dev, spec, extras)
+    return Federation(config, task, stack.backbone, stack.runtime, [], {}, dev, spec, extras)
 
 
 def declared_label_prior(infos: Sequence[NodeInfo], num_labels: int) -> tuple[float, ...]:

@@ -1,0 +1,228 @@
+"""Causal-LM instruction tuning (SFT) on labelled pairs rendered as instructions.
+
+Each example is one chat turn (:mod:`hlora.objectives.prompts`): the loss is the next-token
+cross-entropy on the answer tokens only (the answer word and the template's end-of-turn
+markup), never on the prompt. Evaluation scores each label's answer word by its
+log-likelihood after the prompt and predicts the likeliest, so accuracy and F1 are those of the
+classifier path on the same examples.
+
+Batches are padded on the left, so every sequence ends at the last column: the language-model
+head runs only on the last ``K + 1`` positions (``logits_to_keep``), where ``K`` is the longest
+answer of the batch, instead of on the whole sequence times a vocabulary of tens of thousands.
+Position ids count real tokens only.
+
+Too long an example keeps its answer and drops the oldest tokens of its prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hlora.data.glue import Example, TaskInfo
+from hlora.errors import DataError
+from hlora.objectives.base import BatchScore, Feature, Objective
+from hlora.objectives.prompts import pair_instruction, render_turns
+from hlora.tasktypes import CAUSAL_LM
+
+IGNORE_INDEX = -100
+"""Label of a position that carries no loss (prompt and padding)."""
+
+_PAD_MULTIPLE = 8
+
+
+class CausalLanguageModeling(Objective):
+    """Next-token loss on the answers; evaluation by the answers' log-likelihood."""
+
+    task_type = CAUSAL_LM
+
+    def __init__(self, tokenizer: Any, task: TaskInfo, *, architecture: str, max_length: int):
+        super().__init__(tokenizer, task, architecture=architecture, max_length=max_length)
+        self.instruction = pair_instruction(task.name)
+        if len(self.instruction.answers) != task.num_labels:
+            raise DataError(f"task '{task.name}': one answer per label is needed")
+        self.pad_id = int(tokenizer.pad_token_id)
+        #: Token ids of each label's answer word, ``candidates[label]``.
+        self.candidates = [self._encode(answer) for answer in self.instruction.answers]
+        if any(not c for c in self.candidates) or len(set(map(tuple, self.candidates))) != len(
+            self.candidates
+        ):
+            raise DataError(
+                f"task '{task.name}': the answers {self.instruction.answers} do not tokenize to "
+                "distinct, non-empty token sequences"
+            )
+        #: One forward pass per example when every answer is one distinct token.
+        self.single_token = all(len(c) == 1 for c in self.candidates)
+        longest = max(len(c) for c in self.candidates)
+        if max_length <= longest + 1:
+            raise DataError(f"max_length {max_length} leaves no room for a prompt")
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [
+            list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        ]
+
+    def _render(self, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt ids and completion ids of every example."""
+        prompts: list[str] = []
+        completions: list[str] = []
+        for example in examples:
+            if not 0 <= example.label < len(self.instruction.answers):
+                raise DataError(f"label {example.label} has no answer in task '{self.task.name}'")
+            prompt, completion = render_turns(
+                self.tokenizer,
+                self.instruction.render(example),
+                self.instruction.answers[example.label],
+            )
+            prompts.append(prompt)
+            completions.append(completion)
+        distinct = sorted(set(completions))
+        encoded = dict(zip(distinct, self._encode_many(distinct), strict=True))
+        return self._encode_many(prompts), [encoded[c] for c in completions]
+
+    def train_features(self, examples: Sequence[Example]) -> list[Feature]:
+        """``input_ids`` = prompt + completion, ``labels`` = -100 on the prompt, the completion
+        after it; ``class_label`` the example's label."""
+        prompts, completions = self._render(examples)
+        features: list[Feature] = []
+        for example, prompt, completion in zip(examples, prompts, completions, strict=True):
+            room = self.max_length - len(completion)
+            if room < 1:
+                raise DataError(
+                    f"max_length {self.max_length} is shorter than an answer ({len(completion)} "
+                    "tokens)"
+                )
+            prompt = prompt[-room:]
+            features.append(
+                {
+                    "input_ids": prompt + completion,
+                    "labels": [IGNORE_INDEX] * len(prompt) + completion,
+                    "class_label": int(example.label),
+                }
+            )
+        return features
+
+    def eval_features(self, examples: Sequence[Example]) -> list[Feature]:
+        """``input_ids`` = the prompt only (answers are appended when batched);
+        ``class_label`` the example's label."""
+        prompts, _ = self._render(examples)
+        room = self.max_length - max(len(c) for c in self.candidates)
+        return [
+            {"input_ids": prompt[-room:], "class_label": int(example.label)}
+            for example, prompt in zip(examples, prompts, strict=True)
+        ]
+
+    # -- batches -----------------------------------------------------------------------
+
+    def _pad_left(
+        self, rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None
+    ) -> dict[str, Tensor]:
+        longest = max(len(r) for r in rows)
+        longest = -(-longest // _PAD_MULTIPLE) * _PAD_MULTIPLE
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                ids[i, longest - len(row) :] = torch.as_tensor(row, dtype=torch.long)
+                mask[i, longest - len(row) :] = 1
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        }
+        if labels is not None:
+            target = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+            for i, row in enumerate(labels):
+                target[i, longest - len(row) :] = torch.as_tensor(row, dtype=torch.long)
+            batch["labels"] = target
+        return batch
+
+    def collate(self, features: Sequence[Feature]) -> dict[str, Tensor]:
+        """Left-padded ``input_ids``, ``attention_mask``, ``position_ids`` ``(rows, length)``.
+
+        Training features add ``labels`` ``(batch, length)``. Evaluation features add
+        ``class_label`` ``(batch,)`` and, unless every answer is a single token, one row per
+        (example, answer) with that answer appended and its ``labels`` (``rows = batch *
+        num_labels``, example-major).
+        """
+        if not features:
+            raise DataError("cannot collate an empty batch")
+        if "labels" in features[0]:
+            batch = self._pad_left(
+                [f["input_ids"] for f in features], [f["labels"] for f in features]
+            )
+        elif self.single_token:
+            batch = self._pad_left([f["input_ids"] for f in features], None)
+        else:
+            rows = [f["input_ids"] + c for f in features for c in self.candidates]
+            labels = [
+                [IGNORE_INDEX] * len(f["input_ids"]) + c for f in features for c in self.candidates
+            ]
+            batch = self._pad_left(rows, labels)
+        batch["class_label"] = torch.tensor([int(f["class_label"]) for f in features])
+        return batch
+
+    @staticmethod
+    def _answer_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Logits ``(rows, K, vocab)`` predicting the last ``K`` tokens, and their labels
+        ``(rows, K)``; ``K`` spans every labelled position of the batch."""
+        labels = batch["labels"]
+        labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+        first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+        k = labels.shape[1] - max(first, 1)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=k + 1,
+        )
+        return out.logits[:, :-1], labels[:, -k:]
+
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, Tensor], log_prior: Tensor | None
+    ) -> Tensor:
+        """Mean cross-entropy over the batch's answer tokens."""
+        if log_prior is not None:
+            raise ValueError("logit adjustment applies to a classification head only")
+        logits, targets = self._answer_logits(model, batch)
+        return torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+
+    def score(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> BatchScore:
+        """The likeliest answer of each example; the loss is the negative log-likelihood of
+        the true answer (summed over its tokens), one term per example."""
+        truth = batch["class_label"]
+        if self.single_token:
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                logits_to_keep=1,
+            )
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, vocab)
+            ids = torch.tensor([c[0] for c in self.candidates], device=logp.device)
+            scores = logp[:, ids]  # (batch, num_labels)
+        else:
+            logits, targets = self._answer_logits(model, batch)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (rows, K, vocab)
+            mask = targets != IGNORE_INDEX
+            picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            scores = (picked * mask).sum(-1).view(len(truth), len(self.candidates))
+        true_scores = scores.gather(1, truth.to(scores.device).unsqueeze(1)).squeeze(1)
+        return BatchScore(
+            scores.argmax(-1).tolist(), truth.tolist(), float(-true_scores.sum()), len(truth)
+        )
+
+    def label(self, feature: Feature) -> int:
+        return int(feature["class_label"])

@@ -1,0 +1,122 @@
+"""Rendering examples as chat turns: GLUE pairs as instructions, and the model's chat template.
+
+A labelled sentence pair becomes one user turn that asks the task's question and one assistant
+turn that answers with the label's word (:data:`PAIR_INSTRUCTIONS`), e.g. for MRPC::
+
+    user:      Do these two sentences mean the same thing?
+               Sentence 1: ...
+               Sentence 2: ...
+               Answer yes or no.
+    assistant: yes
+
+Turns are rendered with the tokenizer's chat template when it has one, else with a plain
+``### Instruction`` / ``### Response`` layout ending in the end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from hlora.data.glue import Example
+from hlora.errors import DataError
+
+
+@dataclass(frozen=True)
+class PairInstruction:
+    """How a sentence-pair task is asked.
+
+    Attributes:
+        question: The question, first line of the user turn.
+        first: Name of the first text (``"Sentence 1"``).
+        second: Name of the second text.
+        answers: The answer word of each label id (``answers[label]``).
+    """
+
+    question: str
+    first: str
+    second: str
+    answers: tuple[str, ...]
+
+    def render(self, example: Example) -> str:
+        """The user turn of ``example``."""
+        choices = " or ".join(self.answers)
+        return (
+            f"{self.question}\n{self.first}: {example.text_a}\n{self.second}: "
+            f"{example.text_b}\nAnswer {choices}."
+        )
+
+
+_SAME_SENTENCES = PairInstruction(
+    "Do these two sentences mean the same thing?", "Sentence 1", "Sentence 2", ("no", "yes")
+)
+_SAME_QUESTIONS = PairInstruction(
+    "Do these two questions ask the same thing?", "Question 1", "Question 2", ("no", "yes")
+)
+#: The instruction of each GLUE task (labels as in :mod:`hlora.data.glue`: RTE 0 = entailment).
+PAIR_INSTRUCTIONS: Mapping[str, PairInstruction] = MappingProxyType(
+    {
+        "mrpc": _SAME_SENTENCES,
+        "rte": PairInstruction(
+            "Does the premise entail the hypothesis?", "Premise", "Hypothesis", ("yes", "no")
+        ),
+        "qqp": _SAME_QUESTIONS,
+        "qqp-sample": _SAME_QUESTIONS,
+    }
+)
+
+PLAIN_PROMPT = "### Instruction:\n{user}\n\n### Response:\n"
+"""The layout used when the tokenizer has no chat template."""
+
+
+def pair_instruction(task: str) -> PairInstruction:
+    """The instruction of a GLUE task.
+
+    Raises:
+        DataError: A task without one.
+    """
+    try:
+        return PAIR_INSTRUCTIONS[task]
+    except KeyError:
+        raise DataError(
+            f"task '{task}' has no instruction form; tasks: {', '.join(PAIR_INSTRUCTIONS)}"
+        ) from None
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_turns(tokenizer: Any, user: str, answer: str) -> tuple[str, str]:
+    """Text of a one-turn conversation, cut where the answer starts.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        user: The user turn.
+        answer: The assistant turn.
+
+    Returns:
+        ``(prompt, completion)``: the prompt ends with the assistant header (the generation
+        prompt); the completion is the answer with the template's end-of-turn markup after it.
+        ``prompt + completion`` is the whole conversation.
+    """
+    if not has_chat_template(tokenizer):
+        eos = getattr(tokenizer, "eos_token", None) or ""
+        return PLAIN_PROMPT.format(user=user), answer + eos
+    messages = [{"role": "user", "content": user}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    if not whole.startswith(prompt):  # a template that renders the last turn differently
+        eos = getattr(tokenizer, "eos_token", None) or ""
+        return prompt, answer + eos
+    return prompt, whole[len(prompt) :]
+
+
+def generation_prompt(tokenizer: Any, user: str) -> str:
+    """The prompt text a model answers ``user`` from (see :func:`render_turns`)."""
+    return render_turns(tokenizer, user, "")[0]

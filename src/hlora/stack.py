@@ -1,0 +1,74 @@
+"""A run's model stack, built from its configuration in one place.
+
+The backbone (loaded for ``model.task_type``), its LoRA bank, the task type's objective and the
+runtime that trains and evaluates with them. The in-process federation, the Flower server, a
+Flower node and ``hlora export`` all build theirs here, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from hlora.adapters import LoraBank
+from hlora.config import RunConfig
+from hlora.data.glue import get_task
+from hlora.models import Backbone, load_backbone
+from hlora.objectives import Objective, make_objective
+from hlora.runtime import ModelRuntime, resolve_device
+
+
+@dataclass
+class ModelStack:
+    """The backbone, its LoRA bank, the objective and the runtime of one process."""
+
+    backbone: Backbone
+    bank: LoraBank
+    objective: Objective
+    runtime: ModelRuntime
+
+
+def load_run_backbone(config: RunConfig) -> Backbone:
+    """The run's backbone as every process loads it (the head seeded by ``federation.seed``).
+
+    Raises:
+        HloraError: The model cannot be loaded or the task is unknown.
+    """
+    return load_backbone(
+        config.model.name,
+        get_task(config.data.task).num_labels,
+        seed=config.federation.seed,
+        task_type=config.model.task_type,
+    )
+
+
+def build_stack(
+    config: RunConfig,
+    ranks: Iterable[int],
+    *,
+    backbone: Backbone | None = None,
+    dropout: bool = True,
+) -> ModelStack:
+    """Load (or take) the backbone and wrap it with adapters of ``ranks``.
+
+    Args:
+        config: The run configuration.
+        ranks: The ranks the bank must hold.
+        backbone: An already loaded :func:`load_run_backbone`, or None to load one.
+        dropout: Use ``model.lora_dropout`` (False: no dropout, e.g. for export).
+
+    Raises:
+        HloraError: A bad model, target module, rank or task.
+    """
+    if backbone is None:
+        backbone = load_run_backbone(config)
+    bank = LoraBank(
+        backbone,
+        sorted(set(ranks)),
+        scaling=config.model.lora_scaling,
+        target_modules=config.model.target_modules or None,
+        dropout=config.model.lora_dropout if dropout else 0.0,
+    )
+    objective = make_objective(backbone, get_task(config.data.task), config.model.max_length)
+    runtime = ModelRuntime(bank, objective, config.train, resolve_device(config.train.device))
+    return ModelStack(backbone, bank, objective, runtime)

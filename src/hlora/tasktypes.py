@@ -1,0 +1,11 @@
+"""The task types a backbone is fine-tuned for (``model.task_type``)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+SEQ_CLS: Final = "seq-cls"
+"""A sequence classifier: a new head on the backbone, cross-entropy on its logits."""
+CAUSAL_LM: Final = "causal-lm"
+"""Instruction tuning of a decoder: chat turns, next-token loss on the answer tokens."""
+TASK_TYPES: Final[tuple[str, ...]] = (SEQ_CLS, CAUSAL_LM)
