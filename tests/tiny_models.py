@@ -21,11 +21,13 @@ from transformers import (
     BertForSequenceClassification,
     BertTokenizerFast,
     LlamaConfig,
+    LlamaForCausalLM,
     LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
 )
 
 from hlora.models import Backbone, build_backbone
+from hlora.tasktypes import CAUSAL_LM
 
 TINY_MAX_LENGTH = 64
 
@@ -138,6 +140,54 @@ def build_tiny_llama_backbone(num_labels: int = 2, seed: int = 0) -> Backbone:
         model = LlamaForSequenceClassification(config)
     model.eval()
     return build_backbone(model, tokenizer, "tiny-llama")
+
+
+#: A small chat template in the usual layout: a role header, the content, an end-of-turn token.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """The tiny Llama tokenizer with role tokens and (optionally) :data:`TINY_CHAT_TEMPLATE`."""
+    tokenizer = _llama_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>"]}
+    )
+    if chat_template:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_causal_backbone(seed: int = 0, chat_template: bool = True) -> Backbone:
+    """A tiny randomly initialised Llama causal LM (decoder, pad = eos) with a chat template.
+
+    Returns:
+        Backbone named ``"tiny-causal-llama"``, task type ``"causal-lm"``, targets all seven
+        projections (q/k/v/o 32x32 or 16x32, gate/up 64x32, down 32x64).
+    """
+    tokenizer = tiny_chat_tokenizer(chat_template)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4 * TINY_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        # Wide enough embeddings that a frozen, tied output layer can still express confident
+        # predictions (at the usual 0.02 every logit stays within about +-1).
+        initializer_range=0.3,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.eval()
+    return build_backbone(model, tokenizer, "tiny-causal-llama", CAUSAL_LM)
 
 
 def tiny_overrides(model_dir: Path, glue: Path, out: Path, **extra: object) -> list[str]:

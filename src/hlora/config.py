@@ -21,7 +21,7 @@ from hlora.aggregation.registry import STRATEGY_NAMES
 from hlora.data.glue import TASK_NAMES
 from hlora.data.partition import PARTITION_SCHEMES
 from hlora.errors import ConfigError
-from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
+from hlora.tasktypes import SEQ_CLS, TASK_TYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -455,15 +455,6 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-
-    def __post_init__(self) -> None:
-        if self.model.task_type == CAUSAL_LM and self.train.logit_adjustment > 0:
-            raise _fail(
-                "train.logit_adjustment",
-                self.train.logit_adjustment,
-                "logit adjustment needs a classification head: use 0 with model.task_type "
-                "'causal-lm'",
-            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for TOML/JSON."""

@@ -38,6 +38,7 @@ class CausalLanguageModeling(Objective):
     """Next-token loss on the answers; evaluation by the answers' log-likelihood."""
 
     task_type = CAUSAL_LM
+    supports_logit_adjustment = True
 
     def __init__(self, tokenizer: Any, task: TaskInfo, *, architecture: str, max_length: int):
         super().__init__(tokenizer, task, architecture=architecture, max_length=max_length)
@@ -56,6 +57,7 @@ class CausalLanguageModeling(Objective):
             )
         #: One forward pass per example when every answer is one distinct token.
         self.single_token = all(len(c) == 1 for c in self.candidates)
+        self._first_tokens = torch.tensor([c[0] for c in self.candidates])
         longest = max(len(c) for c in self.candidates)
         if max_length <= longest + 1:
             raise DataError(f"max_length {max_length} leaves no room for a prompt")
@@ -189,12 +191,28 @@ class CausalLanguageModeling(Objective):
     def loss(
         self, model: torch.nn.Module, batch: dict[str, Tensor], log_prior: Tensor | None
     ) -> Tensor:
-        """Mean cross-entropy over the batch's answer tokens."""
-        if log_prior is not None:
-            raise ValueError("logit adjustment applies to a classification head only")
+        """Mean cross-entropy over the batch's answer tokens.
+
+        With ``log_prior`` (``(num_labels,)``), the logits of each label's first answer token
+        at the answer's first position get that label's log-prior added (logit adjustment, as
+        the classification head gets it); that needs answers whose first tokens differ.
+        """
         logits, targets = self._answer_logits(model, batch)
+        logits = logits.float()  # (rows, K, vocab)
+        if log_prior is not None:
+            if len(set(self._first_tokens.tolist())) != len(self.candidates):
+                raise DataError(
+                    f"logit adjustment needs answers with distinct first tokens; "
+                    f"{self.instruction.answers} share one"
+                )
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            first = (targets != IGNORE_INDEX).int().argmax(1)  # (rows,) the answer's start
+            bias = torch.zeros_like(logits)
+            tokens = self._first_tokens.to(logits.device)
+            bias[rows[:, None], first[:, None], tokens[None, :]] = log_prior.to(logits.dtype)
+            logits = logits + bias
         return torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
+            logits.reshape(-1, logits.shape[-1]),
             targets.reshape(-1),
             ignore_index=IGNORE_INDEX,
         )
@@ -211,8 +229,7 @@ class CausalLanguageModeling(Objective):
                 logits_to_keep=1,
             )
             logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, vocab)
-            ids = torch.tensor([c[0] for c in self.candidates], device=logp.device)
-            scores = logp[:, ids]  # (batch, num_labels)
+            scores = logp[:, self._first_tokens.to(logp.device)]  # (batch, num_labels)
         else:
             logits, targets = self._answer_logits(model, batch)
             logp = torch.log_softmax(logits.float(), dim=-1)  # (rows, K, vocab)

@@ -1,0 +1,237 @@
+"""Causal-LM instruction tuning: rendering, answer-only loss, answer scoring, a whole run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hlora.adapters import LoraBank
+from hlora.config import TrainConfig, load_config
+from hlora.data.glue import Example, get_task
+from hlora.errors import ConfigError, DataError, ModelError
+from hlora.federation import run
+from hlora.models import load_backbone
+from hlora.objectives import CausalLanguageModeling, make_objective
+from hlora.objectives.causal_lm import IGNORE_INDEX
+from hlora.objectives.prompts import PLAIN_PROMPT, pair_instruction, render_turns
+from hlora.protocol import TrainInstruction
+from hlora.runtime import ModelRuntime
+from tiny_models import build_tiny_causal_backbone, tiny_overrides
+
+PAIRS = [
+    Example("the movie was good", "the film was great", 1),
+    Example("i loved it", "i hated it", 0),
+    Example("what a boring plot", "the story was dull and the acting was bad too", 1),
+    Example("yes", "no", 0),
+]
+
+
+def _objective(chat_template: bool = True, max_length: int = 64) -> CausalLanguageModeling:
+    backbone = build_tiny_causal_backbone(chat_template=chat_template)
+    objective = make_objective(backbone, get_task("mrpc"), max_length)
+    assert isinstance(objective, CausalLanguageModeling)
+    return objective
+
+
+def test_chat_rendering_puts_the_loss_on_the_answer_and_end_of_turn_only() -> None:
+    objective = _objective()
+    tok = objective.tokenizer
+    features = objective.train_features(PAIRS)
+    for example, feature in zip(PAIRS, features, strict=True):
+        ids, labels = feature["input_ids"], feature["labels"]
+        assert len(ids) == len(labels)
+        answer_start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        assert all(label == IGNORE_INDEX for label in labels[:answer_start])
+        assert labels[answer_start:] == ids[answer_start:]
+        prompt = tok.decode(ids[:answer_start])
+        completion = tok.decode(ids[answer_start:])
+        answer = ("no", "yes")[example.label]
+        assert prompt.startswith("<|user|>") and prompt.rstrip().endswith("<|assistant|>")
+        assert "sentence 1" in prompt.lower() and example.text_a in prompt.lower()
+        assert completion.replace(" ", "") == f"{answer}</s>"
+        assert feature["class_label"] == example.label
+
+
+def test_a_tokenizer_without_chat_template_gets_the_plain_layout() -> None:
+    objective = _objective(chat_template=False)
+    prompt, completion = render_turns(objective.tokenizer, "say yes", "yes")
+    assert prompt == PLAIN_PROMPT.format(user="say yes")
+    assert completion == "yes</s>"
+    feature = objective.train_features(PAIRS[:1])[0]
+    answered = [
+        t
+        for t, label in zip(feature["input_ids"], feature["labels"], strict=True)
+        if label != IGNORE_INDEX
+    ]
+    assert objective.tokenizer.decode(answered).replace(" ", "") == "yes</s>"
+
+
+def test_too_long_prompts_keep_their_answer() -> None:
+    objective = _objective(max_length=12)
+    for feature in objective.train_features(PAIRS):
+        assert len(feature["input_ids"]) == 12
+        assert feature["labels"][-1] != IGNORE_INDEX
+    with pytest.raises(DataError, match="no room for a prompt"):
+        _objective(max_length=2)
+
+
+def test_answer_only_loss_matches_the_model_s_own_loss_on_each_example() -> None:
+    """Left padding, position ids and the last-K logits give the per-token mean of HF's loss."""
+    objective = _objective()
+    model = objective_model(objective)
+    features = objective.train_features(PAIRS)
+    batch = objective.collate(features)
+    assert batch["input_ids"].shape[1] % 8 == 0
+    ours = objective.loss(model, batch, None)
+    total, count = 0.0, 0
+    for feature in features:
+        ids = torch.tensor([feature["input_ids"]])
+        labels = torch.tensor([feature["labels"]])
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total += float(model(input_ids=ids, labels=labels).loss) * n
+        count += n
+    assert_close(float(ours), total / count, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_adjustment_shifts_the_first_answer_token_by_the_label_log_prior() -> None:
+    objective = _objective()
+    model = objective_model(objective)
+    features = objective.train_features(PAIRS)
+    batch = objective.collate(features)
+    log_prior = torch.tensor([0.7, -1.3])
+    ours = objective.loss(model, batch, log_prior)
+    with torch.no_grad():
+        logits = model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        ).logits
+    total, count = 0.0, 0
+    for row in range(len(features)):
+        labels = batch["labels"][row]
+        positions = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+        for j, pos in enumerate(positions):
+            step = logits[row, pos - 1].float().clone()
+            if j == 0:
+                for label, answer in enumerate(objective.candidates):
+                    step[answer[0]] += log_prior[label]
+            total -= float(torch.log_softmax(step, -1)[labels[pos]])
+            count += 1
+    assert_close(float(ours), total / count, rtol=1e-5, atol=1e-6)
+    assert float(ours) != pytest.approx(float(objective.loss(model, batch, None)))
+
+
+def objective_model(objective: CausalLanguageModeling) -> torch.nn.Module:
+    backbone = build_tiny_causal_backbone()
+    assert backbone.tokenizer.get_vocab() == objective.tokenizer.get_vocab()
+    return backbone.model
+
+
+def _reference_scores(
+    model: torch.nn.Module, objective: CausalLanguageModeling, example: Example
+) -> list[float]:
+    """Log-likelihood of each answer word after the prompt, one unpadded sequence each."""
+    prompt = objective.eval_features([example])[0]["input_ids"]
+    scores = []
+    for answer in objective.candidates:
+        ids = torch.tensor([prompt + answer])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        scores.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(answer)))
+    return scores
+
+
+@pytest.mark.parametrize("single_token", [True, False])
+def test_scoring_picks_the_likeliest_answer(single_token: bool) -> None:
+    objective = _objective()
+    assert objective.single_token  # "no" and "yes" are one token each
+    objective.single_token = single_token  # False: the general path, one row per answer
+    model = objective_model(objective)
+    with torch.no_grad():
+        scored = objective.score(model, objective.collate(objective.eval_features(PAIRS)))
+        reference = [_reference_scores(model, objective, e) for e in PAIRS]
+    assert scored.labels == [e.label for e in PAIRS]
+    assert scored.preds == [max(range(2), key=lambda j: s[j]) for s in reference]
+    expected_loss = -sum(s[e.label] for s, e in zip(reference, PAIRS, strict=True))
+    assert_close(scored.loss_sum, expected_loss, rtol=1e-5, atol=1e-5)
+    assert scored.loss_count == len(PAIRS)
+
+
+def test_training_fits_the_answers() -> None:
+    """A few local steps on four examples make the true answer the likeliest for each."""
+    backbone = build_tiny_causal_backbone()
+    objective = make_objective(backbone, get_task("mrpc"), 64)
+    bank = LoraBank(backbone, [4], scaling=2.0)
+    assert len(bank.layer_names()) == 2 * 7 and bank.extra_names() == ()
+    train = TrainConfig(local_epochs=30, batch_size=4, learning_rate=0.02, precision="fp32")
+    runtime = ModelRuntime(bank, objective, train, torch.device("cpu"))
+    features = objective.train_features(PAIRS)
+    before = runtime.evaluate({}, {}, objective.eval_features(PAIRS), ("accuracy",), 4)
+    reply = runtime.train_client(
+        TrainInstruction("c0", 1, 4, 2.0, None, {}, init_seed=1, train_seed=2), features
+    )
+    deltas = {n: 2.0 * f.B @ f.A for n, f in reply.update.factors.items()}
+    after = runtime.evaluate(deltas, {}, objective.eval_features(PAIRS), ("accuracy",), 4)
+    assert after["accuracy"] == 1.0
+    assert after["loss"] < before["loss"] / 10
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(ConfigError, match=r"model\.task_type"):
+        load_config(overrides=('model.task_type="chat"',))
+    with pytest.raises(ModelError, match="needs a decoder"):
+        load_backbone("minilm", task_type="causal-lm")
+    with pytest.raises(DataError, match="no instruction form"):
+        pair_instruction("sst2")
+
+
+def test_a_causal_lm_federation_runs_exports_and_generates(tmp_path: Path, glue_dir: Path) -> None:
+    """A tiny causal-LM federation evaluates accuracy and F1 every round; its export at a rank
+    that holds the whole update loads with peft and gives the merged model's logits; both
+    generate."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hlora.export import export_run
+
+    model_dir = tmp_path / "tiny-causal"
+    backbone = build_tiny_causal_backbone()
+    backbone.model.save_pretrained(model_dir)
+    backbone.tokenizer.save_pretrained(model_dir)
+    overrides = tiny_overrides(
+        model_dir,
+        glue_dir,
+        tmp_path / "runs",
+        **{"model.task_type": '"causal-lm"', "model.max_length": 96, "data.train_limit": 24},
+    )
+    result = run(load_config(overrides=tuple(overrides)))
+    records = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    scored = [r for r in records if "f1" in json.dumps(r)]
+    assert len(scored) >= 2  # every round
+    assert 0.0 <= result.summary["final"]["accuracy"] <= 1.0
+
+    folder = export_run(result.run_dir, rank=16)  # 16 = min(out, in) of v_proj: exact
+    merged_dir = export_run(result.run_dir, rank=1, merged=str(tmp_path / "merged"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the movie was good"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    tuned = PeftModel.from_pretrained(base, folder).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        tuned_logits = tuned(input_ids=ids).logits
+        assert_close(merged(input_ids=ids).logits, tuned_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-3)  # training changed it
+    for model in (tuned, merged):
+        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] > ids.shape[1]
