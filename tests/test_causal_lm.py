@@ -10,10 +10,12 @@ import torch
 from torch.testing import assert_close
 
 from hlora.adapters import LoraBank
+from hlora.cli import main
 from hlora.config import TrainConfig, load_config
 from hlora.data.glue import Example, get_task
-from hlora.errors import ConfigError, DataError, ModelError
+from hlora.errors import CheckpointError, ConfigError, DataError, ModelError
 from hlora.federation import run
+from hlora.generation import GENERATIONS_FILE, generate_answers, generate_from_run
 from hlora.models import load_backbone
 from hlora.objectives import CausalLanguageModeling, make_objective
 from hlora.objectives.causal_lm import IGNORE_INDEX
@@ -186,7 +188,9 @@ def test_configuration_errors() -> None:
         pair_instruction("sst2")
 
 
-def test_a_causal_lm_federation_runs_exports_and_generates(tmp_path: Path, glue_dir: Path) -> None:
+def test_a_causal_lm_federation_runs_exports_and_generates(
+    tmp_path: Path, glue_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A tiny causal-LM federation evaluates accuracy and F1 every round; its export at a rank
     that holds the whole update loads with peft and gives the merged model's logits; both
     generate."""
@@ -235,3 +239,29 @@ def test_a_causal_lm_federation_runs_exports_and_generates(tmp_path: Path, glue_
     for model in (tuned, merged):
         out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
         assert out.shape[1] > ids.shape[1]
+
+    samples = [json.loads(line) for line in (result.run_dir / GENERATIONS_FILE).open()]
+    assert len(samples) == 4 and all(s["expected"] in ("yes", "no") for s in samples)
+    assert "Sentence 1" in samples[0]["prompt"]
+    # ``hlora generate``: the whole update answers as the merged export does, rank 16 as the
+    # rank-16 adapter does (both exact here).
+    prompts = ["the movie was good", "is it the same?"]
+    whole = generate_from_run(result.run_dir, prompts, rank=0, max_new_tokens=4)
+    assert whole == generate_answers(merged, tokenizer, prompts, max_new_tokens=4)
+    assert generate_from_run(result.run_dir, prompts, rank=16, max_new_tokens=4) == whole
+    assert main(["generate", str(result.run_dir), "--prompt", prompts[0], "--rank", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f">>> {prompts[0]}\n")
+    with pytest.raises(ConfigError, match="invalid --rank"):
+        generate_from_run(result.run_dir, prompts, rank=-1)
+
+
+def test_generation_refuses_a_classifier_run(
+    tmp_path: Path, glue_dir: Path, tiny_bert_dir: Path
+) -> None:
+    overrides = tiny_overrides(tiny_bert_dir, glue_dir, tmp_path, **{"federation.rounds": 1})
+    result = run(load_config(overrides=tuple(overrides)))
+    assert not (result.run_dir / GENERATIONS_FILE).exists()
+    with pytest.raises(ConfigError, match=r"generation needs model\.task_type = 'causal-lm'"):
+        generate_from_run(result.run_dir, ["hello"])
+    with pytest.raises(CheckpointError, match="not a run folder"):
+        generate_from_run(tmp_path / "nowhere", ["hello"])

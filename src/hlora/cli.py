@@ -128,6 +128,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``hlora generate``: answers of a causal-LM run's model to prompts."""
+    from hlora.generation import generate_from_run
+
+    answers = generate_from_run(
+        Path(args.run_dir), args.prompt, rank=args.rank, max_new_tokens=args.max_new_tokens
+    )
+    for prompt, answer in zip(args.prompt, answers, strict=True):
+        print(f">>> {prompt}\n{answer}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hlora`` command."""
     parser = argparse.ArgumentParser(prog="hlora", description=__doc__)
@@ -172,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_exp.add_argument("--out", help="adapter folder (default: RUN_DIR/export/rR)")
     p_exp.add_argument("--merged", metavar="OUT", help="save the merged full model here instead")
     p_exp.set_defaults(func=cmd_export)
+
+    p_gen = sub.add_parser("generate", help="answer prompts with a causal-LM run's model")
+    p_gen.add_argument("run_dir")
+    p_gen.add_argument("--prompt", action="append", required=True, help="a user turn (repeatable)")
+    p_gen.add_argument(
+        "--rank",
+        type=int,
+        default=0,
+        help="a client rank's adapter (best rank-R of the update); 0: the whole update",
+    )
+    p_gen.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per answer")
+    p_gen.set_defaults(func=cmd_generate)
     return parser
 
 

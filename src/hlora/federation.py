@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import random
 import time
@@ -34,15 +35,18 @@ from hlora.data.glue import TaskData, load_task
 from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
+from hlora.generation import GENERATIONS_FILE, generate_answers
 from hlora.io import run_folder_lock, write_text_atomic
 from hlora.metrics import majority_baseline
 from hlora.models import Backbone
+from hlora.objectives import CausalLanguageModeling
 from hlora.protocol import Transport
 from hlora.report import MetricsLog, RoundProgress, plot_convergence, summarize, write_json
 from hlora.runtime import Features, ModelRuntime, label_log_prior
 from hlora.server import ClientSlot, LoopSettings, RoundLoop
 from hlora.server_opt import ServerOptimizer
 from hlora.stack import build_stack
+from hlora.tasktypes import CAUSAL_LM
 from hlora.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
@@ -446,7 +450,30 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
     )
     if config.federation.strategy != "local":
         export_adapters(federation, state, run_dir / "adapters")
+        if config.model.task_type == CAUSAL_LM:
+            write_generations(federation, state, run_dir / GENERATIONS_FILE)
     return RunResult(run_dir, summary)
+
+
+SAMPLE_PROMPTS = 4
+"""Held-out prompts a causal-LM run answers at its end (:data:`GENERATIONS_FILE`)."""
+
+
+def write_generations(federation: Federation, state: ServerState, path: Path) -> None:
+    """Greedy answers of the final global model to the first held-out prompts, one JSON line
+    each (``prompt``, ``answer``, ``expected``)."""
+    objective = federation.runtime.objective
+    assert isinstance(objective, CausalLanguageModeling)
+    examples = federation.task.dev[:SAMPLE_PROMPTS]
+    prompts = [objective.instruction.render(e) for e in examples]
+    dense = {n: d.dense() for n, d in global_delta(state).items()}
+    with federation.runtime.bank.evaluating_dense(dense, state.extras) as model:
+        answers = generate_answers(model, federation.backbone.tokenizer, prompts, max_new_tokens=8)
+    lines = [
+        json.dumps({"prompt": p, "answer": a, "expected": objective.instruction.answers[e.label]})
+        for p, a, e in zip(prompts, answers, examples, strict=True)
+    ]
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def export_adapters(federation: Federation, state: ServerState, folder: Path) -> list[Path]:

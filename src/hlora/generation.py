@@ -1,0 +1,95 @@
+"""Generation with a causal-LM run's model: samples at the end of a run and ``hlora generate``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hlora.errors import CheckpointError, ConfigError
+from hlora.objectives.prompts import generation_prompt
+from hlora.tasktypes import CAUSAL_LM
+
+GENERATIONS_FILE = "generations.jsonl"
+"""Greedy answers of the final global model to a few held-out prompts, in a causal-LM run."""
+
+
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32
+) -> list[str]:
+    """Greedy answers of a causal LM to user turns, each rendered as the model's chat prompt.
+
+    Args:
+        model: A transformers (or peft) causal LM.
+        tokenizer: Its tokenizer.
+        prompts: The user turns.
+        max_new_tokens: Most tokens generated per answer.
+
+    Returns:
+        The decoded answers, special tokens removed.
+    """
+    answers = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for prompt in prompts:
+            text = generation_prompt(tokenizer, prompt)
+            encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
+            out = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[0, encoded["input_ids"].shape[1] :]
+            answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return answers
+
+
+def generate_from_run(
+    run_dir: Path, prompts: Sequence[str], *, rank: int = 0, max_new_tokens: int = 64
+) -> list[str]:
+    """Answers of a finished (or interrupted) causal-LM run's global model.
+
+    Args:
+        run_dir: The run folder.
+        prompts: User turns.
+        rank: 0: the whole global update merged; else its best rank-``rank`` adapter (what a
+            client of that rank holds, and what ``hlora export --rank`` writes).
+        max_new_tokens: Most tokens generated per answer.
+
+    Raises:
+        CheckpointError: Not a run folder, no finished round, or no global update.
+        ConfigError: Not a causal-LM run, or a negative rank.
+    """
+    from hlora.checkpoint import load_state
+    from hlora.config import CONFIG_FILE, load_config
+    from hlora.federation import CHECKPOINT_FILE, best_rank_factors, fingerprint, global_delta
+    from hlora.stack import build_stack
+
+    if rank < 0:
+        raise ConfigError(f"invalid --rank {rank}: expected 0 (the whole update) or a rank >= 1")
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
+    config = load_config(config_path)
+    if config.model.task_type != CAUSAL_LM:
+        raise ConfigError(
+            f"run '{run_dir}' trained a '{config.model.task_type}' model; generation needs "
+            "model.task_type = 'causal-lm'"
+        )
+    state = load_state(run_dir / CHECKPOINT_FILE, fingerprint(config))
+    delta = global_delta(state)
+    if state.round_num == 0 or not delta:
+        raise CheckpointError(f"run '{run_dir}' has no global update to generate with")
+    stack = build_stack(config, [rank or 1], dropout=False)
+    bank, tokenizer = stack.bank, stack.backbone.tokenizer
+    if rank:
+        bank.set_factors(rank, best_rank_factors(delta, rank, bank.scaling))
+        bank.activate(rank)
+        bank.model.eval()
+        return generate_answers(bank.model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    dense = {n: d.dense() for n, d in delta.items()}
+    with bank.evaluating_dense(dense, state.extras) as model:
+        return generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
