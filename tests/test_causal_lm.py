@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,120 @@ def test_generation_refuses_a_classifier_run(
         generate_from_run(result.run_dir, ["hello"])
     with pytest.raises(CheckpointError, match="not a run folder"):
         generate_from_run(tmp_path / "nowhere", ["hello"])
+
+
+def _write_instructions(path: Path, categories: tuple[str, ...] = ("movies", "facts")) -> Path:
+    rows = []
+    for k in range(24):
+        category = categories[k % len(categories)]
+        system = [{"role": "system", "content": "answer briefly"}] if k % 3 == 0 else []
+        question, answer = (
+            (f"was the movie good {k}", "yes it was great")
+            if k % 2 == 0
+            else ("say what you liked", "i loved the music and the story")
+        )
+        turns = [*system, {"role": "user", "content": question}]
+        turns.append({"role": "assistant", "content": answer})
+        rows.append({"messages": turns, "category": category})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_instruction_examples_render_their_own_turns_and_score_by_token_loss(
+    tmp_path: Path,
+) -> None:
+    from hlora.data.instructions import load_instruction_task
+
+    task = load_instruction_task(_write_instructions(tmp_path / "data.jsonl"))
+    assert task.task.num_labels == 2 and {e.label for e in task.train} == {0, 1}
+    backbone = build_tiny_causal_backbone()
+    objective = make_objective(backbone, task.task, 64)
+    assert isinstance(objective, CausalLanguageModeling)
+    assert not objective.supports_logit_adjustment and objective.metrics == ("perplexity",)
+    features = objective.train_features(task.train[:3])
+    chat = objective.tokenizer.decode(features[0]["input_ids"])
+    assert chat.startswith("<|system|>") and "<|user|>" in chat
+    answer = [
+        t for t, y in zip(features[0]["input_ids"], features[0]["labels"], strict=True) if y >= 0
+    ]
+    assert objective.tokenizer.decode(answer).replace(" ", "") == "yesitwasgreat</s>"
+    assert objective.eval_features(task.train[:3]) == features
+    model = backbone.model
+    with torch.no_grad():
+        scored = objective.score(model, objective.collate(features))
+        total, count = 0.0, 0
+        for feature in features:
+            labels = torch.tensor([feature["labels"]])
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += (
+                float(model(input_ids=torch.tensor([feature["input_ids"]]), labels=labels).loss) * n
+            )
+            count += n
+    assert scored.preds == [] and scored.loss_count == count
+    assert_close(scored.loss_sum, total, rtol=1e-5, atol=1e-4)
+    with pytest.raises(DataError, match="logit adjustment needs label answers"):
+        objective.loss(model, objective.collate(features), torch.zeros(2))
+
+
+def test_an_instruction_federation_partitions_by_category_and_reports_perplexity(
+    tmp_path: Path, glue_dir: Path
+) -> None:
+    model_dir = tmp_path / "tiny-causal"
+    backbone = build_tiny_causal_backbone()
+    backbone.model.save_pretrained(model_dir)
+    backbone.tokenizer.save_pretrained(model_dir)
+    data = _write_instructions(tmp_path / "train.jsonl")
+    overrides = tiny_overrides(
+        model_dir,
+        glue_dir,
+        tmp_path / "runs",
+        **{
+            "model.task_type": '"causal-lm"',
+            "data.task": '"instructions"',
+            "data.data_dir": '""',
+            "data.train_file": f'"{data}"',
+            "data.eval_file": f'"{data}"',
+            "data.partition": '"category"',
+            "data.min_client_examples": 2,
+            "federation.num_clients": 2,
+        },
+    )
+    result = run(load_config(overrides=tuple(overrides)))
+    clients = json.loads((result.run_dir / "clients.json").read_text())
+    assert len(clients) == 2
+    perplexity = result.summary["final"]["perplexity"]
+    assert perplexity is not None and perplexity > 1.0
+    assert result.summary["majority_class"] == {}
+    samples = [json.loads(line) for line in (result.run_dir / GENERATIONS_FILE).open()]
+    assert (
+        samples[0]["expected"] == "yes it was great" and samples[0]["prompt"][0]["role"] == "system"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            (
+                'data.task="instructions"',
+                'data.train_file="x.jsonl"',
+                "data.validation_fraction=0.1",
+            ),
+            "model.task_type",
+        ),
+        (('model.task_type="causal-lm"', 'data.task="instructions"'), "needs a file"),
+        (
+            (
+                'model.task_type="causal-lm"',
+                'data.task="instructions"',
+                'data.train_file="x.jsonl"',
+            ),
+            "needs held-out data",
+        ),
+        (('data.train_file="x.jsonl"',), "only task 'instructions' reads files"),
+        (('data.partition="by-topic"',), "data.partition"),
+    ],
+)
+def test_instruction_configuration_errors(overrides: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=overrides)

@@ -18,10 +18,10 @@ from typing import Any
 
 from hlora.aggregation.factored import FACTOR_SPLITS, SVD_METHODS
 from hlora.aggregation.registry import STRATEGY_NAMES
-from hlora.data.glue import TASK_NAMES
-from hlora.data.partition import PARTITION_SCHEMES
+from hlora.data.glue import INSTRUCTIONS, TASK_NAMES
+from hlora.data.partition import ALL_PARTITION_SCHEMES
 from hlora.errors import ConfigError
-from hlora.tasktypes import SEQ_CLS, TASK_TYPES
+from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -126,7 +126,34 @@ class ModelConfig:
 class DataConfig:
     """The task and how it is split among clients."""
 
-    task: str = field(default="mrpc", metadata=_help(f"one of {', '.join(TASK_NAMES)}"))
+    task: str = field(
+        default="mrpc",
+        metadata=_help(
+            f"one of {', '.join(TASK_NAMES)}; 'instructions': your own instruction data "
+            "(train_file), with model.task_type = 'causal-lm'"
+        ),
+    )
+    train_file: str = field(
+        default="",
+        metadata=_help(
+            "task 'instructions': a .jsonl or .csv file of instruction examples (chat "
+            "'messages', Alpaca-style instruction/input/output, or prompt/response)"
+        ),
+    )
+    eval_file: str = field(
+        default="",
+        metadata=_help(
+            "task 'instructions': held-out examples in the same form (empty: hold out "
+            "validation_fraction of train_file)"
+        ),
+    )
+    category_field: str = field(
+        default="category",
+        metadata=_help(
+            "task 'instructions': the field naming each example's category (partitions "
+            "'dirichlet' and 'category' split by it)"
+        ),
+    )
     data_dir: str = field(
         default="",
         metadata=_help(
@@ -135,7 +162,10 @@ class DataConfig:
     )
     partition: str = field(
         default="dirichlet",
-        metadata=_help(f"how examples are split among clients: {', '.join(PARTITION_SCHEMES)}"),
+        metadata=_help(
+            f"how examples are split among clients: {', '.join(ALL_PARTITION_SCHEMES)} "
+            "('category': one category per client, for instruction data)"
+        ),
     )
     alpha: float = field(
         default=0.5,
@@ -160,7 +190,21 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.task", self.task, TASK_NAMES)
         _number("data.validation_fraction", self.validation_fraction, low=0.0, high=0.5)
-        _choice("data.partition", self.partition, PARTITION_SCHEMES)
+        _choice("data.partition", self.partition, ALL_PARTITION_SCHEMES)
+        if self.task == INSTRUCTIONS and not self.train_file:
+            raise _fail("data.train_file", self.train_file, "task 'instructions' needs a file")
+        if self.task != INSTRUCTIONS and (self.train_file or self.eval_file):
+            raise _fail(
+                "data.train_file" if self.train_file else "data.eval_file",
+                self.train_file or self.eval_file,
+                "only task 'instructions' reads files; GLUE tasks read data_dir",
+            )
+        if self.task == INSTRUCTIONS and not self.eval_file and self.validation_fraction <= 0:
+            raise _fail(
+                "data.eval_file",
+                self.eval_file,
+                "task 'instructions' needs held-out data: an eval_file or a validation_fraction",
+            )
         _number("data.alpha", self.alpha, low=0.0, low_open=True)
         _positive_int("data.min_client_examples", self.min_client_examples)
         _non_negative_int("data.train_limit", self.train_limit)
@@ -455,6 +499,14 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.task == INSTRUCTIONS and self.model.task_type != CAUSAL_LM:
+            raise _fail(
+                "model.task_type",
+                self.model.task_type,
+                "task 'instructions' trains a causal LM: use 'causal-lm'",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for TOML/JSON."""

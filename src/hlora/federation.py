@@ -31,7 +31,8 @@ from hlora.config import (
     load_config,
     to_toml,
 )
-from hlora.data.glue import TaskData, load_task
+from hlora.data.glue import INSTRUCTIONS, TaskData, load_task
+from hlora.data.instructions import load_instruction_task
 from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
@@ -60,6 +61,7 @@ def _added_later() -> dict[str, dict[str, Any]]:
     """Settings added after run folders existed, each at the value that means "as before"."""
     return {
         "model": {"task_type": "seq-cls"},
+        "data": {"train_file": "", "eval_file": "", "category_field": "category"},
         "server": {"factor_split": "balanced"},
         "trust": dataclasses.asdict(TrustConfig()),
     }
@@ -121,12 +123,22 @@ def load_run_task(config: RunConfig) -> TaskData:
     the evaluation set (in place of dev) and the rest the training set, so settings can be
     chosen without looking at dev; the draw is the same for every strategy and seed.
     """
-    task = load_task(
-        config.data.task,
-        config.data.data_dir or None,
-        train_limit=config.data.train_limit or None,
-        dev_limit=config.data.dev_limit or None,
-    )
+    data = config.data
+    if data.task == INSTRUCTIONS:
+        task = load_instruction_task(
+            data.train_file,
+            data.eval_file or None,
+            category_field=data.category_field,
+            train_limit=data.train_limit or None,
+            dev_limit=data.dev_limit or None,
+        )
+    else:
+        task = load_task(
+            data.task,
+            data.data_dir or None,
+            train_limit=data.train_limit or None,
+            dev_limit=data.dev_limit or None,
+        )
     fraction = config.data.validation_fraction
     if fraction <= 0:
         return task
@@ -293,7 +305,7 @@ def make_loop(
     if transport is None:
         transport = InProcessTransport(runtime, federation.train_features, progress.client_done)
     settings = loop_settings(config)
-    if config.train.logit_adjustment > 0:
+    if config.train.logit_adjustment > 0 and runtime.objective.supports_logit_adjustment:
         labels = [e.label for e in federation.task.train]
         prior = label_log_prior(labels, federation.task.task.num_labels).exp()
         settings = dataclasses.replace(settings, label_prior=tuple(float(p) for p in prior))
@@ -441,12 +453,13 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
         }
     )
     write_json(run_dir / SUMMARY_FILE, summary)
+    headline = federation.task.task.metrics[0]
     plot_convergence(
         {config.federation.strategy: records},
         federation.task.task.metrics[0],
         run_dir / PLOT_FILE,
         title=f"{config.data.task} · {config.model.name}",
-        reference_lines={"majority class": majority[federation.task.task.metrics[0]]},
+        reference_lines=({"majority class": majority[headline]} if headline in majority else {}),
     )
     if config.federation.strategy != "local":
         export_adapters(federation, state, run_dir / "adapters")
@@ -457,21 +470,26 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
 
 SAMPLE_PROMPTS = 4
 """Held-out prompts a causal-LM run answers at its end (:data:`GENERATIONS_FILE`)."""
+GENERATED_TOKENS = 32
+"""Most tokens of each of those answers."""
 
 
 def write_generations(federation: Federation, state: ServerState, path: Path) -> None:
     """Greedy answers of the final global model to the first held-out prompts, one JSON line
-    each (``prompt``, ``answer``, ``expected``)."""
+    each (``prompt``: the turns before the answer, ``answer``, ``expected``)."""
     objective = federation.runtime.objective
     assert isinstance(objective, CausalLanguageModeling)
     examples = federation.task.dev[:SAMPLE_PROMPTS]
-    prompts = [objective.instruction.render(e) for e in examples]
+    conversations = [objective.conversation(e) for e in examples]
+    prompts = [turns for turns, _ in conversations]
     dense = {n: d.dense() for n, d in global_delta(state).items()}
     with federation.runtime.bank.evaluating_dense(dense, state.extras) as model:
-        answers = generate_answers(model, federation.backbone.tokenizer, prompts, max_new_tokens=8)
+        answers = generate_answers(
+            model, federation.backbone.tokenizer, prompts, max_new_tokens=GENERATED_TOKENS
+        )
     lines = [
-        json.dumps({"prompt": p, "answer": a, "expected": objective.instruction.answers[e.label]})
-        for p, a, e in zip(prompts, answers, examples, strict=True)
+        json.dumps({"prompt": turns, "answer": answer, "expected": expected})
+        for (turns, expected), answer in zip(conversations, answers, strict=True)
     ]
     write_text_atomic(path, "\n".join(lines) + "\n")
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from hlora.errors import CheckpointError, ConfigError
-from hlora.objectives.prompts import generation_prompt
+from hlora.objectives.prompts import Turn, generation_prompt
 from hlora.tasktypes import CAUSAL_LM
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -17,14 +17,14 @@ GENERATIONS_FILE = "generations.jsonl"
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32
+    model: Any, tokenizer: Any, prompts: Sequence[str | list[Turn]], *, max_new_tokens: int = 32
 ) -> list[str]:
-    """Greedy answers of a causal LM to user turns, each rendered as the model's chat prompt.
+    """Greedy answers of a causal LM, each prompt rendered as the model's chat prompt.
 
     Args:
         model: A transformers (or peft) causal LM.
         tokenizer: Its tokenizer.
-        prompts: The user turns.
+        prompts: Each a user turn's text, or the turns before the answer.
         max_new_tokens: Most tokens generated per answer.
 
     Returns:

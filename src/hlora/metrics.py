@@ -6,6 +6,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import SupportsInt
 
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "f1")
+"""Metrics of predicted labels (:func:`compute_metrics`)."""
+PERPLEXITY = "perplexity"
+"""``exp`` of the mean token loss of held-out answers (free-form instruction data); lower is
+better. Computed by the runtime from the loss, not from labels."""
 
 
 def accuracy(preds: Iterable[SupportsInt], labels: Iterable[SupportsInt]) -> float:
@@ -96,7 +100,8 @@ def majority_baseline(
 ) -> dict[str, float]:
     """The metrics of always predicting the training data's most frequent class.
 
-    Ties go to the smaller class id. This is the floor a classifier must clear to have learned
+    Ties go to the smaller class id. Names that are not label metrics (``perplexity``) are
+    skipped. This is the floor a classifier must clear to have learned
     anything (on MRPC dev: accuracy 0.684, F1 0.812).
 
     Raises:
@@ -108,4 +113,5 @@ def majority_baseline(
     for label in train_labels:
         counts[int(label)] = counts.get(int(label), 0) + 1
     majority = min(counts, key=lambda c: (-counts[c], c))
-    return compute_metrics(metric_names, [majority] * len(eval_labels), eval_labels)
+    names = [m for m in metric_names if m in METRIC_NAMES]
+    return compute_metrics(names, [majority] * len(eval_labels), eval_labels) if names else {}

@@ -330,8 +330,10 @@ def _number(value: Any) -> float | None:
 
 
 def lower_is_better(metric: str) -> bool:
-    """Whether smaller values of ``metric`` are better: losses (names ending in ``loss``)."""
-    return metric.lower().endswith("loss")
+    """Whether smaller values of ``metric`` are better: losses (names ending in ``loss``) and
+    perplexity."""
+    name = metric.lower()
+    return name.endswith("loss") or name == "perplexity"
 
 
 def _eval_value(record: Mapping[str, Any], metric: str) -> float | None:

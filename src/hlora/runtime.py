@@ -22,13 +22,14 @@ from hlora.adapters import LoraBank
 from hlora.aggregation import ClientUpdate, LoraFactors, LowRankDelta
 from hlora.config import TrainConfig
 from hlora.data.collate import length_grouped_batches
-from hlora.metrics import compute_metrics
+from hlora.metrics import METRIC_NAMES, PERPLEXITY, compute_metrics
 from hlora.objectives import Objective
 from hlora.protocol import TrainInstruction, TrainReply
 
 logger = logging.getLogger(__name__)
 
 Features = Sequence[dict[str, Any]]
+_MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5e34: a finite perplexity for any loss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -243,7 +244,8 @@ class ModelRuntime:
             base_delta: Cumulative merged update of the base (flora), or None.
 
         Returns:
-            The metrics and the mean ``loss`` (:meth:`Objective.score`).
+            The label metrics among ``metric_names`` (accuracy, F1), the mean ``loss``
+            (:meth:`Objective.score`) and, when asked, ``perplexity`` = ``exp(loss)``.
         """
         self.sync_base(base_version, base_delta)
         moved = {n: d.to(self.device) for n, d in deltas.items()}
@@ -262,8 +264,11 @@ class ModelRuntime:
                 count += scored.loss_count
                 preds.extend(scored.preds)
                 labels.extend(scored.labels)
-        metrics = compute_metrics(metric_names, preds, labels)
+        label_metrics = [m for m in metric_names if m in METRIC_NAMES]
+        metrics = compute_metrics(label_metrics, preds, labels) if label_metrics else {}
         metrics["loss"] = total_loss / max(1, count)
+        if PERPLEXITY in metric_names:
+            metrics[PERPLEXITY] = math.exp(min(metrics["loss"], _MAX_LOG_PERPLEXITY))
         return metrics
 
     def _batch(self, features: Features) -> dict[str, Tensor]:

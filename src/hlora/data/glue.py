@@ -72,18 +72,22 @@ class TaskData:
 
     Attributes:
         task: The task's description.
-        train: Training examples, in file (or hub) order.
+        train: Training examples, in file (or hub) order: GLUE :class:`Example` pairs, or
+            :class:`~hlora.data.instructions.InstructionExample` for ``"instructions"``; both
+            carry an int ``label`` (the class, or the category's index).
         dev: Development examples, in file (or hub) order.
         source: Human-readable origin: a folder, or ``hub:nyu-mll/glue/<config>``.
     """
 
     task: TaskInfo
-    train: tuple[Example, ...]
-    dev: tuple[Example, ...]
+    train: tuple[Any, ...]
+    dev: tuple[Any, ...]
     source: str
 
 
-TASK_NAMES: tuple[str, ...] = ("mrpc", "rte", "qqp", "qqp-sample")
+INSTRUCTIONS = "instructions"
+"""A user's own instruction data (causal-LM only; :mod:`hlora.data.instructions`)."""
+TASK_NAMES: tuple[str, ...] = ("mrpc", "rte", "qqp", "qqp-sample", INSTRUCTIONS)
 
 _TASKS: Mapping[str, TaskInfo] = MappingProxyType(
     {
@@ -91,6 +95,8 @@ _TASKS: Mapping[str, TaskInfo] = MappingProxyType(
         "rte": TaskInfo("rte", "rte", ("accuracy",)),
         "qqp": TaskInfo("qqp", "qqp", ("accuracy", "f1")),
         "qqp-sample": TaskInfo("qqp-sample", None, ("accuracy", "f1"), comparable_to_glue=False),
+        # Free-form answers: scored by the perplexity of the held-out answers.
+        INSTRUCTIONS: TaskInfo(INSTRUCTIONS, None, ("perplexity",), comparable_to_glue=False),
     }
 )
 
@@ -229,6 +235,11 @@ def load_task(
     """
     del seed  # documented as unused: the data never depends on it
     task = get_task(name)
+    if name == INSTRUCTIONS:
+        raise DataError(
+            "task 'instructions' reads data.train_file "
+            "(hlora.data.instructions.load_instruction_task), not a GLUE folder"
+        )
     _check_limit("train_limit", train_limit)
     _check_limit("dev_limit", dev_limit)
 

@@ -28,12 +28,12 @@ a header row naming the fields; an empty cell is an empty text). Every malformed
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from hlora.data.files import _csv_rows, _jsonl_rows
-from hlora.data.glue import _short_reason
+from hlora.data.glue import INSTRUCTIONS, TaskData, _short_reason, get_task
 from hlora.data.hub import hub_offline_reason
 from hlora.errors import DataError
 
@@ -84,11 +84,14 @@ class InstructionExample:
             assistant turns of a conversation. At least one user turn.
         response: The final assistant turn, not empty: the tokens the loss is on.
         category: The example's category (its category field), or None when it has none.
+        label: The category's index among the run's categories (:func:`load_instruction_task`),
+            which partitions clients by category; 0 until then.
     """
 
     prompt: tuple[Message, ...]
     response: str
     category: str | None = None
+    label: int = 0
 
 
 def read_instructions(
@@ -351,3 +354,42 @@ def _category(row: Mapping[str, object], field: str, where: str) -> str | None:
     raise DataError(
         f"{where}: category {field!r} is a {type(value).__name__}, expected a text or an integer"
     )
+
+
+def load_instruction_task(
+    train_file: str | Path,
+    eval_file: str | Path | None = None,
+    *,
+    category_field: str = DEFAULT_CATEGORY_FIELD,
+    train_limit: int | None = None,
+    dev_limit: int | None = None,
+) -> TaskData:
+    """A run's instruction data: the training file and, when given, the evaluation file.
+
+    Every example's ``label`` is its category's index among the sorted categories of both
+    files; an example without a category gets the category ``""`` (first), so a file without
+    categories is one class.
+
+    Args:
+        train_file: The training examples (:func:`read_instructions`).
+        eval_file: Held-out examples, or None (the caller then holds out a share of training).
+        category_field: The category field's name.
+        train_limit: Keep only the first ``train_limit`` training examples.
+        dev_limit: Keep only the first ``dev_limit`` evaluation examples.
+
+    Raises:
+        DataError: A missing or malformed file.
+    """
+    train = read_instructions(train_file, category_field=category_field)[:train_limit]
+    dev: tuple[InstructionExample, ...] = ()
+    if eval_file:
+        dev = read_instructions(eval_file, category_field=category_field)[:dev_limit]
+    names = sorted({e.category or "" for e in (*train, *dev)})
+    index = {name: i for i, name in enumerate(names)}
+
+    def labelled(examples: tuple[InstructionExample, ...]) -> tuple[InstructionExample, ...]:
+        return tuple(replace(e, label=index[e.category or ""]) for e in examples)
+
+    task = replace(get_task(INSTRUCTIONS), num_labels=len(names))
+    source = str(train_file) + (f" (evaluation: {eval_file})" if eval_file else "")
+    return TaskData(task, labelled(train), labelled(dev), source)

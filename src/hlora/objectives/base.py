@@ -51,14 +51,17 @@ class Objective(ABC):
     """
 
     task_type: ClassVar[str]
-    #: Whether :meth:`loss` accepts a client's label log-prior (logit adjustment).
-    supports_logit_adjustment: ClassVar[bool] = False
 
     def __init__(self, tokenizer: Any, task: TaskInfo, *, architecture: str, max_length: int):
         self.tokenizer = tokenizer
         self.task = task
         self.architecture = architecture
         self.max_length = max_length
+
+    @property
+    def supports_logit_adjustment(self) -> bool:
+        """Whether :meth:`loss` accepts a client's label log-prior (logit adjustment)."""
+        return False
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -88,6 +91,9 @@ class Objective(ABC):
             batch: From :meth:`collate`, on the model's device.
             log_prior: ``(num_labels,)`` added to the class logits (logit adjustment), or None;
                 only when :attr:`supports_logit_adjustment`.
+
+        Raises:
+            DataError: ``log_prior`` given although not supported.
         """
 
     @abstractmethod

@@ -1,17 +1,24 @@
-"""Causal-LM instruction tuning (SFT) on labelled pairs rendered as instructions.
+"""Causal-LM instruction tuning (SFT): GLUE pairs as instructions, or a user's own examples.
 
-Each example is one chat turn (:mod:`hlora.objectives.prompts`): the loss is the next-token
-cross-entropy on the answer tokens only (the answer word and the template's end-of-turn
-markup), never on the prompt. Evaluation scores each label's answer word by its
-log-likelihood after the prompt and predicts the likeliest, so accuracy and F1 are those of the
-classifier path on the same examples.
+Each example is a conversation rendered with the model's chat template
+(:mod:`hlora.objectives.prompts`): the loss is the next-token cross-entropy on the answer
+tokens only (the answer and the template's end-of-turn markup), never on the prompt.
+
+* **GLUE pairs** (``mrpc``, ``rte``, ``qqp``, ``qqp-sample``): one user turn asks the task's
+  question; the answer is the label's word. Evaluation scores each label's answer word by its
+  log-likelihood after the prompt and predicts the likeliest, so accuracy and F1 are those of
+  the classifier path on the same examples.
+* **Instructions** (``instructions``: :mod:`hlora.data.instructions`): the example's own turns
+  and response. Evaluation is the held-out answers' mean token loss and its perplexity.
 
 Batches are padded on the left, so every sequence ends at the last column: the language-model
 head runs only on the last ``K + 1`` positions (``logits_to_keep``), where ``K`` is the longest
 answer of the batch, instead of on the whole sequence times a vocabulary of tens of thousands.
 Position ids count real tokens only.
 
-Too long an example keeps its answer and drops the oldest tokens of its prompt.
+Too long an example keeps its answer and drops the oldest tokens of its prompt; an answer
+longer than half of ``max_length`` keeps its start, after the prompt's last half
+``max_length`` tokens.
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hlora.data.glue import Example, TaskInfo
+from hlora.data.glue import INSTRUCTIONS, TaskInfo
 from hlora.errors import DataError
 from hlora.objectives.base import BatchScore, Feature, Objective
-from hlora.objectives.prompts import pair_instruction, render_turns
+from hlora.objectives.prompts import Turn, pair_instruction, render_turns
 from hlora.tasktypes import CAUSAL_LM
 
 IGNORE_INDEX = -100
@@ -35,18 +42,29 @@ _PAD_MULTIPLE = 8
 
 
 class CausalLanguageModeling(Objective):
-    """Next-token loss on the answers; evaluation by the answers' log-likelihood."""
+    """Next-token loss on the answers; evaluation by the answers' log-likelihood (GLUE pairs)
+    or by the held-out answers' loss and perplexity (instructions)."""
 
     task_type = CAUSAL_LM
-    supports_logit_adjustment = True
 
     def __init__(self, tokenizer: Any, task: TaskInfo, *, architecture: str, max_length: int):
         super().__init__(tokenizer, task, architecture=architecture, max_length=max_length)
-        self.instruction = pair_instruction(task.name)
+        self.pad_id = int(tokenizer.pad_token_id)
+        if max_length < 4:
+            raise DataError(f"max_length {max_length} leaves no room for a prompt")
+        #: The GLUE task's instruction; None for free-form instructions.
+        self.instruction = None if task.name == INSTRUCTIONS else pair_instruction(task.name)
+        #: Token ids of each label's answer word, ``candidates[label]`` (GLUE pairs only).
+        self.candidates: list[list[int]] = []
+        self.single_token = False
+        self._first_tokens = torch.zeros(0, dtype=torch.long)
+        if self.instruction is not None:
+            self._init_answers(task)
+
+    def _init_answers(self, task: TaskInfo) -> None:
+        assert self.instruction is not None
         if len(self.instruction.answers) != task.num_labels:
             raise DataError(f"task '{task.name}': one answer per label is needed")
-        self.pad_id = int(tokenizer.pad_token_id)
-        #: Token ids of each label's answer word, ``candidates[label]``.
         self.candidates = [self._encode(answer) for answer in self.instruction.answers]
         if any(not c for c in self.candidates) or len(set(map(tuple, self.candidates))) != len(
             self.candidates
@@ -59,8 +77,13 @@ class CausalLanguageModeling(Objective):
         self.single_token = all(len(c) == 1 for c in self.candidates)
         self._first_tokens = torch.tensor([c[0] for c in self.candidates])
         longest = max(len(c) for c in self.candidates)
-        if max_length <= longest + 1:
-            raise DataError(f"max_length {max_length} leaves no room for a prompt")
+        if self.max_length <= longest + 1:
+            raise DataError(f"max_length {self.max_length} leaves no room for a prompt")
+
+    @property
+    def supports_logit_adjustment(self) -> bool:
+        """GLUE pairs whose answers start with distinct tokens."""
+        return len(set(self._first_tokens.tolist())) == len(self.candidates) > 0
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -72,37 +95,37 @@ class CausalLanguageModeling(Objective):
             list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         ]
 
-    def _render(self, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[int]]]:
+    def conversation(self, example: Any) -> tuple[str | list[Turn], str]:
+        """The turns before the answer, and the answer."""
+        if self.instruction is None:  # an InstructionExample
+            turns: list[Turn] = [{"role": m.role, "content": m.content} for m in example.prompt]
+            return turns, str(example.response)
+        if not 0 <= example.label < len(self.instruction.answers):
+            raise DataError(f"label {example.label} has no answer in task '{self.task.name}'")
+        return self.instruction.render(example), self.instruction.answers[example.label]
+
+    def _render(self, examples: Sequence[Any]) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt ids and completion ids of every example."""
         prompts: list[str] = []
         completions: list[str] = []
         for example in examples:
-            if not 0 <= example.label < len(self.instruction.answers):
-                raise DataError(f"label {example.label} has no answer in task '{self.task.name}'")
-            prompt, completion = render_turns(
-                self.tokenizer,
-                self.instruction.render(example),
-                self.instruction.answers[example.label],
-            )
+            prompt, completion = render_turns(self.tokenizer, *self.conversation(example))
             prompts.append(prompt)
             completions.append(completion)
         distinct = sorted(set(completions))
         encoded = dict(zip(distinct, self._encode_many(distinct), strict=True))
         return self._encode_many(prompts), [encoded[c] for c in completions]
 
-    def train_features(self, examples: Sequence[Example]) -> list[Feature]:
+    def train_features(self, examples: Sequence[Any]) -> list[Feature]:
         """``input_ids`` = prompt + completion, ``labels`` = -100 on the prompt, the completion
-        after it; ``class_label`` the example's label."""
+        after it; ``class_label`` the example's label (a category's index for instructions)."""
         prompts, completions = self._render(examples)
         features: list[Feature] = []
         for example, prompt, completion in zip(examples, prompts, completions, strict=True):
-            room = self.max_length - len(completion)
-            if room < 1:
-                raise DataError(
-                    f"max_length {self.max_length} is shorter than an answer ({len(completion)} "
-                    "tokens)"
-                )
-            prompt = prompt[-room:]
+            room = max(self.max_length - len(completion), self.max_length // 2)
+            keep = min(len(prompt), room)
+            prompt = prompt[len(prompt) - keep :]
+            completion = completion[: self.max_length - len(prompt)]
             features.append(
                 {
                     "input_ids": prompt + completion,
@@ -112,9 +135,11 @@ class CausalLanguageModeling(Objective):
             )
         return features
 
-    def eval_features(self, examples: Sequence[Example]) -> list[Feature]:
-        """``input_ids`` = the prompt only (answers are appended when batched);
-        ``class_label`` the example's label."""
+    def eval_features(self, examples: Sequence[Any]) -> list[Feature]:
+        """GLUE pairs: ``input_ids`` = the prompt only (answers are appended when batched),
+        ``class_label`` the example's label. Instructions: as :meth:`train_features`."""
+        if self.instruction is None:
+            return self.train_features(examples)
         prompts, _ = self._render(examples)
         room = self.max_length - max(len(c) for c in self.candidates)
         return [
@@ -157,7 +182,7 @@ class CausalLanguageModeling(Objective):
         """
         if not features:
             raise DataError("cannot collate an empty batch")
-        if "labels" in features[0]:
+        if "labels" in features[0]:  # training, or evaluating instructions
             batch = self._pad_left(
                 [f["input_ids"] for f in features], [f["labels"] for f in features]
             )
@@ -200,10 +225,10 @@ class CausalLanguageModeling(Objective):
         logits, targets = self._answer_logits(model, batch)
         logits = logits.float()  # (rows, K, vocab)
         if log_prior is not None:
-            if len(set(self._first_tokens.tolist())) != len(self.candidates):
+            if not self.supports_logit_adjustment:
                 raise DataError(
-                    f"logit adjustment needs answers with distinct first tokens; "
-                    f"{self.instruction.answers} share one"
+                    "logit adjustment needs label answers with distinct first tokens (GLUE "
+                    f"pairs); task '{self.task.name}' has none"
                 )
             rows = torch.arange(logits.shape[0], device=logits.device)
             first = (targets != IGNORE_INDEX).int().argmax(1)  # (rows,) the answer's start
@@ -218,8 +243,19 @@ class CausalLanguageModeling(Objective):
         )
 
     def score(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> BatchScore:
-        """The likeliest answer of each example; the loss is the negative log-likelihood of
-        the true answer (summed over its tokens), one term per example."""
+        """GLUE pairs: the likeliest answer of each example; the loss is the negative
+        log-likelihood of the true answer (summed over its tokens), one term per example.
+        Instructions: no predictions; the loss sums the answer tokens' negative
+        log-likelihoods, one term per token."""
+        if self.instruction is None:
+            logits, targets = self._answer_logits(model, batch)
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            return BatchScore([], [], float(nll), int((targets != IGNORE_INDEX).sum()))
         truth = batch["class_label"]
         if self.single_token:
             out = model(

@@ -21,11 +21,14 @@ class SequenceClassification(Objective):
     """
 
     task_type = SEQ_CLS
-    supports_logit_adjustment = True
 
     def __init__(self, tokenizer: object, task: TaskInfo, *, architecture: str, max_length: int):
         super().__init__(tokenizer, task, architecture=architecture, max_length=max_length)
         self._collator = DynamicPaddingCollator(tokenizer)
+
+    @property
+    def supports_logit_adjustment(self) -> bool:
+        return True
 
     def _pairs(self, examples: Sequence[Example]) -> list[Example]:
         if self.architecture != "decoder":

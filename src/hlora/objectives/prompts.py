@@ -1,5 +1,7 @@
 """Rendering examples as chat turns: GLUE pairs as instructions, and the model's chat template.
 
+A user's own instruction examples (:mod:`hlora.data.instructions`) are already turns.
+
 A labelled sentence pair becomes one user turn that asks the task's question and one assistant
 turn that answers with the label's word (:data:`PAIR_INSTRUCTIONS`), e.g. for MRPC::
 
@@ -68,7 +70,11 @@ PAIR_INSTRUCTIONS: Mapping[str, PairInstruction] = MappingProxyType(
 )
 
 PLAIN_PROMPT = "### Instruction:\n{user}\n\n### Response:\n"
-"""The layout used when the tokenizer has no chat template."""
+"""The layout used when the tokenizer has no chat template (one user turn)."""
+_PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n"}
+
+Turn = Mapping[str, str]
+"""A chat turn as chat templates take it: ``{"role": ..., "content": ...}``."""
 
 
 def pair_instruction(task: str) -> PairInstruction:
@@ -90,33 +96,42 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_turns(tokenizer: Any, user: str, answer: str) -> tuple[str, str]:
-    """Text of a one-turn conversation, cut where the answer starts.
+def render_turns(tokenizer: Any, turns: str | list[Turn], answer: str) -> tuple[str, str]:
+    """Text of a conversation, cut where the answer starts.
 
     Args:
         tokenizer: The model's tokenizer.
-        user: The user turn.
-        answer: The assistant turn.
+        turns: The turns before the answer (system, user, earlier assistant turns), or one
+            user turn's text.
+        answer: The assistant's answer.
 
     Returns:
         ``(prompt, completion)``: the prompt ends with the assistant header (the generation
         prompt); the completion is the answer with the template's end-of-turn markup after it.
         ``prompt + completion`` is the whole conversation.
     """
+    messages = [{"role": "user", "content": turns}] if isinstance(turns, str) else list(turns)
+    eos = getattr(tokenizer, "eos_token", None) or ""
     if not has_chat_template(tokenizer):
-        eos = getattr(tokenizer, "eos_token", None) or ""
-        return PLAIN_PROMPT.format(user=user), answer + eos
-    messages = [{"role": "user", "content": user}]
+        if len(messages) == 1 and messages[0]["role"] == "user":
+            return PLAIN_PROMPT.format(user=messages[0]["content"]), answer + eos
+        prompt = "".join(
+            _PLAIN_HEADERS.get(m["role"], "### Response:\n")
+            + m["content"]
+            + (eos if m["role"] == "assistant" else "")
+            + "\n\n"
+            for m in messages
+        )
+        return prompt + "### Response:\n", answer + eos
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     whole = tokenizer.apply_chat_template(
         [*messages, {"role": "assistant", "content": answer}], tokenize=False
     )
     if not whole.startswith(prompt):  # a template that renders the last turn differently
-        eos = getattr(tokenizer, "eos_token", None) or ""
         return prompt, answer + eos
     return prompt, whole[len(prompt) :]
 
 
-def generation_prompt(tokenizer: Any, user: str) -> str:
-    """The prompt text a model answers ``user`` from (see :func:`render_turns`)."""
-    return render_turns(tokenizer, user, "")[0]
+def generation_prompt(tokenizer: Any, turns: str | list[Turn]) -> str:
+    """The prompt text a model answers ``turns`` from (see :func:`render_turns`)."""
+    return render_turns(tokenizer, turns, "")[0]

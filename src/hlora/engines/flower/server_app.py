@@ -256,7 +256,11 @@ def serve(
     with RoundProgress(config.federation.rounds, enabled=progress) as bar:
         transport.on_client_done = bar.client_done
         loop = make_loop(federation, run_dir, bar, transport)
-        if node_data == OWN and config.train.logit_adjustment > 0:
+        if (
+            node_data == OWN
+            and config.train.logit_adjustment > 0
+            and federation.runtime.objective.supports_logit_adjustment
+        ):
             # The server holds no training labels: the prior comes from the nodes' counts.
             prior = declared_label_prior(infos, federation.task.task.num_labels)
             loop.settings = dataclasses.replace(loop.settings, label_prior=prior)
