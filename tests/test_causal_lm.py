@@ -383,3 +383,35 @@ def test_an_instruction_federation_partitions_by_category_and_reports_perplexity
 def test_instruction_configuration_errors(overrides: tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(overrides=overrides)
+
+
+def test_a_node_s_own_instruction_file_is_tokenized_and_cached_whole(tmp_path: Path) -> None:
+    from hlora.data.instructions import read_instructions
+    from hlora.engines.flower.features import cached_features
+    from hlora.engines.flower.node import own_data_files, own_features
+
+    data = _write_instructions(tmp_path / "mine.jsonl")
+    config = load_config(
+        overrides=(
+            'model.task_type="causal-lm"',
+            'data.task="instructions"',
+            f'data.train_file="{data}"',
+            "data.validation_fraction=0.2",
+            "model.max_length=64",
+        )
+    )
+    backbone = build_tiny_causal_backbone()
+    features = own_features(config, backbone, str(data))
+    objective = make_objective(backbone, get_task("instructions"), 64)
+    assert features == objective.train_features(read_instructions(data))
+    assert len(features) == 24 and own_data_files(str(data), "instructions") == [data]
+    calls: list[int] = []
+
+    def make() -> list[dict]:
+        calls.append(1)
+        return features
+
+    first = cached_features(tmp_path / "cache", "k", make)
+    again = cached_features(tmp_path / "cache", "k", make)
+    assert first == again == features and len(calls) == 1
+    assert isinstance(again[0]["labels"], list) and isinstance(again[0]["class_label"], int)

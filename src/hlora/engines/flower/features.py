@@ -7,8 +7,9 @@ definition: vocabulary, normalizer, special tokens), the maximum length, the pai
 texts (decoders get a newline) and, for a simulated partition, the configuration fingerprint
 and the partition. A changed file or tokenizer gives a new key; stale entries are never read.
 
-An entry is one ``.npz`` file (no pickled objects): each sequence key's token ids concatenated
-into one int64 array with the offsets of each example, and the labels. It is written
+An entry is one ``.npz`` file (no pickled objects): each sequence key's token ids (or per-token
+labels) concatenated into one int64 array with the offsets of each example, and each integer
+key (a class label) as one int64 array. It is written
 atomically (:func:`hlora.io.write_bytes_atomic`), so concurrent processes never read a partial
 one.
 """
@@ -35,7 +36,7 @@ CACHE_ENV = "HLORA_CACHE_DIR"
 """Environment variable naming the cache folder (a node's ``cache-dir`` wins over it)."""
 NO_CACHE = "none"
 """The ``cache-dir`` value that turns the cache off."""
-_FORMAT = "hlora-features-v1"
+_FORMAT = "hlora-features-v2"
 
 
 def default_cache_dir() -> Path:
@@ -100,11 +101,12 @@ def features_key(files: Sequence[Path], tokenizer: Any, parts: Sequence[str]) ->
 
 
 def _save(path: Path, features: Features) -> None:
-    keys = sorted(k for k in (features[0] if features else {}) if k != "labels")
-    arrays: dict[str, np.ndarray] = {
-        "labels": np.asarray([int(f["labels"]) for f in features], dtype=np.int64)
-    }
-    for key in keys:
+    first = features[0] if features else {}
+    arrays: dict[str, np.ndarray] = {}
+    for key in sorted(first):
+        if isinstance(first[key], int):
+            arrays[f"int.{key}"] = np.asarray([int(f[key]) for f in features], dtype=np.int64)
+            continue
         lengths = [len(f[key]) for f in features]
         arrays[f"seq.{key}"] = np.fromiter(
             (t for f in features for t in f[key]), dtype=np.int64, count=sum(lengths)
@@ -117,7 +119,11 @@ def _save(path: Path, features: Features) -> None:
 
 def _load(path: Path) -> list[dict[str, Any]]:
     with np.load(path, allow_pickle=False) as data:
-        labels = data["labels"].tolist()
+        ints = {
+            name.removeprefix("int."): data[name].tolist()
+            for name in data.files
+            if name.startswith("int.")
+        }
         seqs = {
             name.removeprefix("seq."): (
                 data[name].tolist(),
@@ -126,10 +132,12 @@ def _load(path: Path) -> list[dict[str, Any]]:
             for name in data.files
             if name.startswith("seq.")
         }
+    counts = [len(v) for v in ints.values()] + [len(off) - 1 for _, off in seqs.values()]
+    count = counts[0] if counts else 0
     out: list[dict[str, Any]] = []
-    for i, label in enumerate(labels):
+    for i in range(count):
         item: dict[str, Any] = {k: flat[off[i] : off[i + 1]] for k, (flat, off) in seqs.items()}
-        item["labels"] = label
+        item.update({k: values[i] for k, values in ints.items()})
         out.append(item)
     return out
 

@@ -39,7 +39,8 @@ from flwr.app import ConfigRecord, RecordDict
 
 from hlora.config import RunConfig, replace
 from hlora.data.files import read_own_data
-from hlora.data.glue import get_task, resolve_data_dir, task_tsv_path
+from hlora.data.glue import INSTRUCTIONS, get_task, resolve_data_dir, task_tsv_path
+from hlora.data.instructions import read_instructions
 from hlora.engines.flower.codec import NODE_INFO, CodecError, decode_instruction, encode_reply
 from hlora.engines.flower.features import cached_features, features_key, resolve_cache_dir
 from hlora.engines.flower.manifest import (
@@ -140,14 +141,19 @@ def own_features(config: RunConfig, backbone: Backbone, path: str) -> Features:
     Raises:
         DataError: Missing or malformed data (naming the file and the line).
     """
-    mine = read_own_data(path, config.data.task).train
+    if config.data.task == INSTRUCTIONS:  # every example one class: categories are the server's
+        mine: tuple[Any, ...] = read_instructions(path, category_field=config.data.category_field)
+    else:
+        mine = read_own_data(path, config.data.task).train
     return _objective(config, backbone).train_features(mine)
 
 
 def own_data_files(path: str, task: str) -> list[Path]:
     """The files a node's own data is read from (for the features cache key)."""
     where = Path(path).expanduser()
-    return [task_tsv_path(where, task, "train")] if where.is_dir() else [where]
+    if task == INSTRUCTIONS or not where.is_dir():
+        return [where]
+    return [task_tsv_path(where, task, "train")]
 
 
 def node_features(config: RunConfig, backbone: Backbone, data: NodeData) -> Features:
@@ -327,7 +333,7 @@ def node_info(local: RunConfig | None, node: Mapping[str, Any], content: RecordD
     """
     try:
         config, manifest = run_config(local, node, content)
-        _, features, data = node_setup(config, node, hash_model=manifest is not None)
+        runtime, features, data = node_setup(config, node, hash_model=manifest is not None)
         if manifest is not None:
             check_model(manifest, config, node_model_sha256(config))
     except HloraError as err:
@@ -335,7 +341,7 @@ def node_info(local: RunConfig | None, node: Mapping[str, Any], content: RecordD
         return RecordDict({NODE_INFO: ConfigRecord({"refused": line})})
     counts = [0] * get_task(config.data.task).num_labels
     for feature in features:
-        counts[int(feature["labels"])] += 1
+        counts[runtime.objective.label(feature)] += 1
     answer: dict[str, Any] = {
         "data-mode": data.mode,
         "num-examples": len(features),
