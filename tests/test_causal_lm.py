@@ -415,3 +415,21 @@ def test_a_node_s_own_instruction_file_is_tokenized_and_cached_whole(tmp_path: P
     again = cached_features(tmp_path / "cache", "k", make)
     assert first == again == features and len(calls) == 1
     assert isinstance(again[0]["labels"], list) and isinstance(again[0]["class_label"], int)
+
+
+def test_a_hub_dataset_fails_at_once_when_the_hub_is_off(tmp_path: Path) -> None:
+    """``hub:NAME`` goes to the hub loader, which refuses before any network call offline."""
+    from hlora.federation import load_run_task
+
+    config = load_config(
+        overrides=(
+            'model.task_type="causal-lm"',
+            'data.task="instructions"',
+            'data.train_file="hub:databricks/databricks-dolly-15k"',
+            "data.validation_fraction=0.1",
+        )
+    )
+    with pytest.raises(
+        DataError, match=r"hub dataset 'databricks/databricks-dolly-15k'.*switched off"
+    ):
+        load_run_task(config)

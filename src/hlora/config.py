@@ -137,7 +137,8 @@ class DataConfig:
         default="",
         metadata=_help(
             "task 'instructions': a .jsonl or .csv file of instruction examples (chat "
-            "'messages', Alpaca-style instruction/input/output, or prompt/response)"
+            "'messages', Alpaca-style instruction/input/output, or prompt/response), or "
+            "'hub:NAME[:SPLIT]' for a Hugging Face dataset where the hub is reachable"
         ),
     )
     eval_file: str = field(

@@ -356,6 +356,28 @@ def _category(row: Mapping[str, object], field: str, where: str) -> str | None:
     )
 
 
+HUB_PREFIX = "hub:"
+"""Marks a Hugging Face hub dataset where a file is expected: ``hub:NAME[:SPLIT]``."""
+
+
+def read_source(
+    source: str | Path, *, category_field: str = DEFAULT_CATEGORY_FIELD
+) -> tuple[InstructionExample, ...]:
+    """Examples from a file (:func:`read_instructions`) or, for ``hub:NAME[:SPLIT]`` (split
+    ``train`` when omitted), from the hub (:func:`load_hub_instructions`).
+
+    Raises:
+        DataError: A missing or malformed file; the hub switched off or unreachable.
+    """
+    text = str(source)
+    if not text.startswith(HUB_PREFIX):
+        return read_instructions(source, category_field=category_field)
+    name, _, split = text.removeprefix(HUB_PREFIX).partition(":")
+    if not name:
+        raise DataError(f"'{text}': expected hub:NAME or hub:NAME:SPLIT")
+    return load_hub_instructions(name, split or "train", category_field=category_field)
+
+
 def load_instruction_task(
     train_file: str | Path,
     eval_file: str | Path | None = None,
@@ -371,7 +393,7 @@ def load_instruction_task(
     categories is one class.
 
     Args:
-        train_file: The training examples (:func:`read_instructions`).
+        train_file: The training examples: a file, or ``hub:NAME[:SPLIT]`` (:func:`read_source`).
         eval_file: Held-out examples, or None (the caller then holds out a share of training).
         category_field: The category field's name.
         train_limit: Keep only the first ``train_limit`` training examples.
@@ -380,10 +402,10 @@ def load_instruction_task(
     Raises:
         DataError: A missing or malformed file.
     """
-    train = read_instructions(train_file, category_field=category_field)[:train_limit]
+    train = read_source(train_file, category_field=category_field)[:train_limit]
     dev: tuple[InstructionExample, ...] = ()
     if eval_file:
-        dev = read_instructions(eval_file, category_field=category_field)[:dev_limit]
+        dev = read_source(eval_file, category_field=category_field)[:dev_limit]
     names = sorted({e.category or "" for e in (*train, *dev)})
     index = {name: i for i, name in enumerate(names)}
 
