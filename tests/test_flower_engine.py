@@ -654,15 +654,20 @@ def _wait_for_port(port: int, timeout: float = 60.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
-def _stop(proc: subprocess.Popen, *, kill: bool = False) -> None:
-    """Stop a process we started and every process below it, each by its PID."""
+def _stop(*procs: subprocess.Popen, kill: bool = False) -> None:
+    """Stop processes we started and every process below them, each by its PID.
+
+    All of ``procs`` are signalled before any is waited for: their shutdowns overlap.
+    """
     psutil = pytest.importorskip("psutil")
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    if proc.poll() is None:
+    family = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            family.extend(psutil.Process(proc.pid).children(recursive=True))
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
         (proc.kill if kill else proc.terminate)()
+    for proc in running:
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -676,6 +681,23 @@ def _stop(proc: subprocess.Popen, *, kill: bool = False) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     psutil.wait_procs(alive, timeout=15)
+
+
+_SHORT_HEARTBEAT_SUPERNODE = """
+import sys
+
+import flwr.common.constant as constant
+import flwr.supercore.heartbeat as heartbeat
+import flwr.supernode.fleet_http_connection as connection
+from flwr.supernode.cli import flower_supernode
+
+for module in (constant, heartbeat, connection):
+    assert hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"), module.__name__
+    module.HEARTBEAT_DEFAULT_INTERVAL = constant.HEARTBEAT_MIN_INTERVAL
+sys.exit(flower_supernode())
+"""
+"""``flower-supernode`` with Flower's shortest heartbeat interval (the SuperNode has no option
+for it): the interval it declares to the SuperLink and the one its heartbeat thread keeps."""
 
 
 class LocalDeployment:
@@ -742,13 +764,28 @@ class LocalDeployment:
         _wait_for_port(self.port)
 
     def tls_supernode(
-        self, name: str, certs: Path, key: Path, node_config: str
+        self,
+        name: str,
+        certs: Path,
+        key: Path,
+        node_config: str,
+        *,
+        short_heartbeat: bool = False,
     ) -> subprocess.Popen:
-        """A SuperNode that reaches the TLS SuperLink and signs with ``key`` (not waited for)."""
+        """A SuperNode that reaches the TLS SuperLink and signs with ``key`` (not waited for).
+
+        With ``short_heartbeat`` it declares Flower's shortest heartbeat interval (10 s, not
+        30 s): killed, the SuperLink marks it offline after 20 s instead of 60 s.
+        """
+        command = (
+            [sys.executable, "-c", _SHORT_HEARTBEAT_SUPERNODE]
+            if short_heartbeat
+            else [str(Path(sys.executable).parent / "flower-supernode")]
+        )
         return self._spawn(
             name,
             [
-                str(Path(sys.executable).parent / "flower-supernode"),
+                *command,
                 "--superlink",
                 f"127.0.0.1:{self.port}",
                 "--root-certificates",
@@ -814,10 +851,11 @@ class LocalDeployment:
         )
 
     def stop(self) -> None:
-        for proc in self.nodes:
-            _stop(proc)
+        """The SuperNodes (together; each deactivates itself), then the SuperLink (killed: no
+        test looks at its shutdown, which waits seconds for connections to close)."""
+        _stop(*self.nodes)
         if self.superlink is not None:
-            _stop(self.superlink)
+            _stop(self.superlink, kill=True)
 
     def tail(self, lines: int = 30) -> str:
         out = []
@@ -854,26 +892,15 @@ def _wait(proc: subprocess.Popen, deployment: LocalDeployment, timeout: float) -
 
 @contextlib.contextmanager
 def _deployed_run(
-    flower_env: Path,
-    config_path: Path,
-    run_dir: Path,
-    own_data: list[Path] | None = None,
-    eval_data: Path | None = None,
+    flower_env: Path, config_path: Path, run_dir: Path
 ) -> Iterator[tuple[LocalDeployment, subprocess.Popen]]:
-    """Three SuperNodes on loopback and ``flwr run`` of ``config_path``; both stopped on exit.
-
-    With ``own_data`` node ``i`` trains on all of ``own_data[i]`` (``node-data = "own"``) and the
-    server evaluates on ``eval_data``; else node ``i`` on its simulated partition ``i``.
-    """
-    configs = None if own_data is None else [f'own-data="{path}"' for path in own_data]
-    deployment = LocalDeployment(flower_env, num_nodes=3, node_configs=configs)
-    mode = "simulated-partition" if own_data is None else "own"
+    """Three SuperNodes on loopback, node ``i`` on its simulated partition ``i``, and
+    ``flwr run`` of ``config_path``; both stopped on exit."""
+    deployment = LocalDeployment(flower_env, num_nodes=3)
     flwr_run = None
     try:
         deployment.start()
-        flwr_run = deployment.run(
-            APP_DIR, _run_config(config_path, run_dir, 300, mode, str(eval_data or ""))
-        )
+        flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300))
         yield deployment, flwr_run
     finally:
         if flwr_run is not None:
@@ -886,10 +913,11 @@ def test_flower_deployment_on_loopback(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
 ) -> None:
     config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path)
-    reference = run(replace(config, output={"name": "inprocess"}), progress=False)
     config_path = _write_config(config, tmp_path / "run.toml")
     run_dir = tmp_path / "deployed"
     with _deployed_run(flower_env, config_path, run_dir) as (deployment, flwr_run):
+        # The in-process reference runs while the deployment starts up.
+        reference = run(replace(config, output={"name": "inprocess"}), progress=False)
         _wait(flwr_run, deployment, 600)
         assert (run_dir / "summary.json").is_file(), deployment.tail()
     ref, got = _records(reference.run_dir), _records(run_dir)
@@ -916,47 +944,6 @@ def _own_files(glue_dir: Path, folder: Path, sizes: list[int]) -> tuple[list[Pat
         files.append(write_jsonl(folder / f"node{k}.jsonl", list(task.train[start : start + size])))
         start += size
     return files, write_jsonl(folder / "dev.jsonl", list(task.dev[:24]))
-
-
-@pytest.mark.distributed
-def test_flower_deployment_survives_a_killed_supernode(
-    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
-) -> None:
-    """Nodes on their own data (no shared task anywhere: the config's data folder does not
-    exist); the node on 22 examples dies after round 1 and the run finishes without it."""
-    config = _tiny_config(
-        tiny_bert_dir, tmp_path / "no-shared-task", tmp_path, **{"federation.rounds": 3}
-    )
-    config_path = _write_config(config, tmp_path / "run.toml")
-    own, dev = _own_files(glue_dir, tmp_path / "own", [10, 16, 22])
-    run_dir = tmp_path / "deployed"
-    with _deployed_run(flower_env, config_path, run_dir, own, dev) as (deployment, flwr_run):
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 400
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-            if time.monotonic() > deadline or flwr_run.poll() is not None:
-                pytest.fail(f"round 1 did not finish\n{deployment.tail()}")
-            time.sleep(0.5)
-        _stop(deployment.nodes[2], kill=True)  # the node with 22 examples dies after round 1
-        _wait(flwr_run, deployment, 600)
-        assert (run_dir / "summary.json").is_file(), deployment.tail()
-    records = _records(run_dir)
-    assert [r["round"] for r in records] == [1, 2, 3]
-    assert records[0]["dropped"] == []
-    clients = json.loads((run_dir / "clients.json").read_text())
-    # Clients in node id order, each with all of its own file's examples, accepted at join time.
-    assert [c["client_id"] for c in clients] == ["client00", "client01", "client02"]
-    assert [c["node_id"] for c in clients] == sorted(c["node_id"] for c in clients)
-    assert sorted(c["num_examples"] for c in clients) == [10, 16, 22]
-    assert {c["data_mode"] for c in clients} == {"own"}
-    killed = next(c for c in clients if c["num_examples"] == 22)
-    for record in records[1:]:  # round 2: killed during it or before; round 3: known offline
-        dropped = record["dropped"]
-        assert [d["client_id"] for d in dropped] == [killed["client_id"]]
-        assert f"node {killed['node_id']}" in dropped[0]["reason"]
-        accepted = {c["client_id"]: c["accepted"] for c in record["clients"]}
-        assert accepted == {c["client_id"]: c is not killed for c in clients}
-        assert record["bytes_received"] > 0 and "eval" in record
 
 
 # -- TLS and SuperNode authentication on 127.0.0.1 -----------------------------------------------
@@ -1065,90 +1052,51 @@ def _listed_nodes(deployment: LocalDeployment) -> dict[str, str]:
     return {str(n["node-id"]): str(n["status"]) for n in listing["nodes"]}
 
 
-@pytest.mark.distributed
-def test_flower_tls_and_supernode_auth(tmp_path: Path, flower_env: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command-line tool is not installed")
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    _make_certificates(certs)
-    _make_node_key(tmp_path / "registered")
-    _make_node_key(tmp_path / "stranger")
-
-    deployment = LocalDeployment(flower_env, num_nodes=0)
-
-    def supernode(name: str, key: Path) -> subprocess.Popen:
-        proc = deployment.tls_supernode(name, certs, key, "partition-id=0 num-partitions=1")
-        deployment.nodes.append(proc)
-        return proc
-
-    try:
-        deployment.start_tls(certs)
-        # The CLI talks to the SuperLink over TLS (root-certificates in FLWR_HOME/config.toml).
-        node_id = _register(deployment, tmp_path / "registered.pub", [])
-        listed = _listed_nodes(deployment)
-        assert listed == {node_id: "registered"}, listed
-
-        registered = supernode("registered", tmp_path / "registered")
-        stranger = supernode("stranger", tmp_path / "stranger")
-
-        # (b) the unregistered key is refused: the SuperNode gives up and exits non-zero.
-        try:
-            code = stranger.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the unregistered SuperNode still runs after 90 s\n{deployment.tail()}")
-        log = (flower_env / "stranger.log").read_text(errors="replace")
-        assert code != 0, log
-        assert "Failed to activate SuperNode" in log, log
-
-        # (a) the registered one is online, under the id registration gave it.
-        assert registered.poll() is None, deployment.tail()
-        _wait_status(deployment, node_id, "online", timeout=90)
-        listed = _listed_nodes(deployment)
-        assert list(listed) == [node_id], listed  # the stranger never became a node
-        assert f"SuperNode ID: {node_id}" in (flower_env / "registered.log").read_text()
-        assert "No SuperNode found with the given public key" in (
-            flower_env / "superlink.log"
-        ).read_text(errors="replace")
-    finally:
-        deployment.stop()
-
-
-def _register(deployment: LocalDeployment, public_key: Path, known: list[str]) -> str:
+def _register(deployment: LocalDeployment, public_key: Path) -> str:
     """Register a SuperNode key with ``flwr supernode register``; the node id it was given."""
+    args = ["supernode", "register", str(public_key), deployment.FEDERATION, "--format", "json"]
     deadline = time.monotonic() + 60
     while True:
-        reg = _flwr_cli(deployment, "supernode", "register", str(public_key), deployment.FEDERATION)
+        reg = _flwr_cli(deployment, *args)
         if reg.returncode == 0 or time.monotonic() > deadline:
             break
         time.sleep(1.0)  # the port may open before the Control API answers
     assert reg.returncode == 0, reg.stdout + reg.stderr + deployment.tail()
-    (node_id,) = set(_listed_nodes(deployment)) - set(known)
-    return node_id
+    answer = json.loads(reg.stdout[reg.stdout.index("{") :])
+    assert answer["success"], answer
+    return str(answer["node-id"])
 
 
-def _wait_status(deployment: LocalDeployment, node_id: str, status: str, timeout: float) -> None:
-    """Poll ``flwr supernode list`` until ``node_id`` has ``status``."""
+def _wait_for_line(
+    log: Path, text: str, deployment: LocalDeployment, timeout: float, *, watch: subprocess.Popen
+) -> None:
+    """Poll ``log`` until it holds ``text``; fail when ``watch`` exits first or on timeout."""
     deadline = time.monotonic() + timeout
-    while (listed := _listed_nodes(deployment)).get(node_id) != status:
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"node {node_id} not {status} in {timeout:.0f} s: {listed}\n{deployment.tail()}"
-            )
-        time.sleep(1.0)
+    while not (log.exists() and text in log.read_text(errors="replace")):
+        if time.monotonic() > deadline or watch.poll() is not None:
+            pytest.fail(f"{log.name} has no {text!r} after {timeout:.0f} s\n{deployment.tail()}")
+        time.sleep(0.2)
 
 
 @pytest.mark.distributed
 def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
 ) -> None:
-    """A whole training run over TLS with SuperNode authentication, nodes on their own data.
+    """A whole training run over TLS with SuperNode authentication, nodes on their own data
+    (no shared task anywhere: the config's data folder does not exist). One deployment for:
 
-    The node on 22 examples is killed (SIGKILL, with its ClientApp) while it trains round 2,
-    and restarted with the same key once the SuperLink marks it offline: it keeps its node id,
-    so it is the same client, and it takes part again in a later round. What is lost: that
-    client's updates of the rounds it was down (dropped with the reason); the other two clients
-    lose nothing (accepted in every round).
+    - authentication: three keys registered with ``flwr supernode register`` over TLS are
+      listed as registered; a SuperNode with an unregistered key is refused and exits non-zero,
+      never a node; the registered ones come online under the ids registration gave them.
+    - a node dying mid-round: the node on 22 examples is killed (SIGKILL, with its ClientApp)
+      while it trains round 2. The run goes on without it: that client is dropped with the
+      reason in round 2 and in round 3, whose message was sent while the SuperLink knew it
+      offline; the other two clients lose nothing (accepted in every round).
+    - its restart: started again with the same key once round 3 was sent, it keeps its node id,
+      so it is the same client (never a late node), and takes part again up to the last round.
+
+    The killed node declares a 10 s heartbeat (the others Flower's 30 s): the SuperLink marks it
+    offline, and round 2 ends, 20 s after the kill instead of 60 s.
     """
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command-line tool is not installed")
@@ -1160,36 +1108,65 @@ def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
     certs = tmp_path / "certs"
     certs.mkdir()
     _make_certificates(certs)
+    for name in ("key0", "key1", "key2", "stranger"):
+        _make_node_key(tmp_path / name)
     deployment = LocalDeployment(flower_env, num_nodes=0)
 
-    def supernode(k: int) -> subprocess.Popen:
-        return deployment.tls_supernode(
-            f"node{k}-{len(deployment.logs)}", certs, tmp_path / f"key{k}", f'own-data="{own[k]}"'
+    def supernode(name: str, key: str, k: int, short_heartbeat: bool = False) -> subprocess.Popen:
+        proc = deployment.tls_supernode(
+            name, certs, tmp_path / key, f'own-data="{own[k]}"', short_heartbeat=short_heartbeat
         )
+        deployment.nodes.append(proc)
+        return proc
 
     run_dir = tmp_path / "deployed"
     flwr_run = None
     try:
         deployment.start_tls(certs)
-        ids = []
-        for k in range(3):
-            _make_node_key(tmp_path / f"key{k}")
-            ids.append(_register(deployment, tmp_path / f"key{k}.pub", ids))
-        deployment.nodes = [supernode(k) for k in range(3)]
-        for node_id in ids:
-            _wait_status(deployment, node_id, "online", 90)
+        # The CLI talks to the SuperLink over TLS (root-certificates in FLWR_HOME/config.toml).
+        ids = [_register(deployment, tmp_path / f"key{k}.pub") for k in range(3)]
+        listed = _listed_nodes(deployment)
+        assert listed == dict.fromkeys(ids, "registered") and len(set(ids)) == 3, listed
+
+        nodes = [supernode(f"node{k}", f"key{k}", k, short_heartbeat=k == 2) for k in range(3)]
+        stranger = supernode("stranger", "stranger", 0)
+        # The unregistered key is refused: the SuperNode gives up and exits non-zero.
+        try:
+            code = stranger.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the unregistered SuperNode still runs after 90 s\n{deployment.tail()}")
+        log = (flower_env / "stranger.log").read_text(errors="replace")
+        assert code != 0, log
+        assert "Failed to activate SuperNode" in log, log
+        # The registered ones are online, under the ids registration gave them.
+        for k, node in enumerate(nodes):
+            _wait_for_line(
+                flower_env / f"node{k}.log", f"SuperNode ID: {ids[k]}", deployment, 90, watch=node
+            )
+        listed = _listed_nodes(deployment)
+        assert listed == dict.fromkeys(ids, "online"), listed  # the stranger never became a node
+        assert "No SuperNode found with the given public key" in (
+            flower_env / "superlink.log"
+        ).read_text(errors="replace")
+
         flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300, "own", str(dev)))
         # Kill node 2 while it trains round 2: its SuperNode logs the round-2 message.
-        log = deployment.logs[2 + 1]  # superlink first, then node0..node2
-        deadline = time.monotonic() + 400
-        while "ROUND 2]" not in log.read_text(errors="replace"):
-            if time.monotonic() > deadline or flwr_run.poll() is not None:
-                pytest.fail(f"node 2 never got round 2\n{deployment.tail()}")
-            time.sleep(0.2)
-        _stop(deployment.nodes[2], kill=True)
-        _wait_status(deployment, ids[2], "offline", 120)  # past its heartbeats
-        deployment.nodes.append(supernode(2))  # same key: same node id
-        _wait_status(deployment, ids[2], "online", 90)
+        _wait_for_line(flower_env / "node2.log", "ROUND 2]", deployment, 400, watch=flwr_run)
+        _stop(nodes[2], kill=True)
+        # Round 2 ends once the SuperLink marks node 2 offline; round 3 is sent while it is.
+        _wait_for_line(flower_env / "node0.log", "ROUND 3]", deployment, 400, watch=flwr_run)
+        listed = _listed_nodes(deployment)
+        assert listed[ids[2]] == "offline", listed
+        restarted_node = supernode("node2-restarted", "key2", 2)  # same key: same node id
+        _wait_for_line(
+            flower_env / "node2-restarted.log",
+            f"SuperNode ID: {ids[2]}",
+            deployment,
+            90,
+            watch=restarted_node,
+        )
+        listed = _listed_nodes(deployment)
+        assert listed == dict.fromkeys(ids, "online"), listed
         _wait(flwr_run, deployment, 600)
         assert (run_dir / "summary.json").is_file(), deployment.tail()
     finally:
@@ -1197,22 +1174,34 @@ def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
             _stop(flwr_run)
         deployment.stop()
     clients = json.loads((run_dir / "clients.json").read_text())
-    assert sorted(str(c["node_id"]) for c in clients) == sorted(ids)  # registered ids only
+    # Clients in node id order, each with all of its own file's examples, accepted at join
+    # time, under the registered node ids only.
+    assert [c["client_id"] for c in clients] == ["client00", "client01", "client02"]
+    assert [c["node_id"] for c in clients] == sorted(c["node_id"] for c in clients)
+    assert sorted(str(c["node_id"]) for c in clients) == sorted(ids)
     assert sorted(c["num_examples"] for c in clients) == [10, 16, 22]
-    restarted = next(c["client_id"] for c in clients if str(c["node_id"]) == ids[2])
+    assert {c["data_mode"] for c in clients} == {"own"}
+    killed = next(c for c in clients if str(c["node_id"]) == ids[2])
+    assert killed["num_examples"] == 22
+    restarted = killed["client_id"]
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[0]["dropped"] == []
     accepted = [{c["client_id"]: c["accepted"] for c in r["clients"]} for r in records]
     for round_accepted in accepted:  # the other two lose nothing
         assert all(ok for cid, ok in round_accepted.items() if cid != restarted)
-    assert accepted[0][restarted] and not accepted[1][restarted]  # killed in round 2
-    (reason,) = [d["reason"] for d in records[1]["dropped"]]
-    assert f"node {ids[2]}" in reason
-    back = [r for r, a in enumerate(accepted, start=1) if r > 2 and a[restarted]]
+    assert accepted[0][restarted]
+    for record in records[1:3]:  # round 2: killed during it; round 3: known offline
+        dropped = record["dropped"]
+        assert [d["client_id"] for d in dropped] == [restarted]
+        assert f"node {ids[2]}" in dropped[0]["reason"]
+        assert accepted[record["round"] - 1] == {c["client_id"]: c is not killed for c in clients}
+    back = [r for r, a in enumerate(accepted, start=1) if r > 3 and a[restarted]]
     assert back and back[-1] == 5, accepted  # it takes part again, to the last round
     for record in records:
         assert [d["client_id"] for d in record["dropped"]] in ([], [restarted])
-    # It came back under its registered id: never a late node.
+        assert record["bytes_received"] > 0 and "eval" in record
+    # Neither the stranger nor the restarted node (back under its registered id) is a late node.
     assert json.loads((run_dir / "dropped_nodes.json").read_text()) == []
 
 
