@@ -23,6 +23,7 @@ from hlora.objectives.causal_lm import IGNORE_INDEX
 from hlora.objectives.prompts import PLAIN_PROMPT, pair_instruction, render_turns
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime
+from test_flower_engine import flower_env  # noqa: F401  (the fixture, for the Flower test)
 from tiny_models import build_tiny_causal_backbone, tiny_overrides
 
 PAIRS = [
@@ -433,3 +434,46 @@ def test_a_hub_dataset_fails_at_once_when_the_hub_is_off(tmp_path: Path) -> None
         DataError, match=r"hub dataset 'databricks/databricks-dolly-15k'.*switched off"
     ):
         load_run_task(config)
+
+
+@pytest.mark.distributed
+@pytest.mark.usefixtures("flower_env")
+def test_flower_simulation_matches_inprocess_for_a_causal_lm(
+    tmp_path: Path, glue_dir: Path
+) -> None:
+    """The causal-LM objective runs in Flower's simulation with the in-process engine's
+    results: the same clients, payloads and metrics."""
+    import math
+
+    from hlora.config import replace
+    from hlora.engines.flower.simulation import run_flower_simulation
+
+    model_dir = tmp_path / "tiny-causal"
+    backbone = build_tiny_causal_backbone()
+    backbone.model.save_pretrained(model_dir)
+    backbone.tokenizer.save_pretrained(model_dir)
+    overrides = tiny_overrides(
+        model_dir,
+        glue_dir,
+        tmp_path / "runs",
+        **{"model.task_type": '"causal-lm"', "model.max_length": 96, "data.train_limit": 24},
+    )
+    config = load_config(overrides=tuple(overrides))
+    reference = run(replace(config, output={"name": "inprocess"}), progress=False)
+    flower = run_flower_simulation(
+        replace(config, output={"name": "flower"}), tmp_path / "flower", progress=False
+    )
+    ref, got = (
+        [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+        for r in (reference, flower)
+    )
+    assert [r["round"] for r in got] == [1, 2]
+    for a, b in zip(ref, got, strict=True):
+        for ca, cb in zip(a["clients"], b["clients"], strict=True):
+            assert cb["client_id"] == ca["client_id"] and cb["accepted"]
+            assert cb["bytes_sent"] == ca["bytes_sent"]  # round 1: no head, no factors yet
+            assert cb["bytes_received"] == ca["bytes_received"] > 0
+            assert math.isclose(cb["loss"], ca["loss"], rel_tol=1e-4, abs_tol=1e-5)
+        assert b["eval"]["accuracy"] == a["eval"]["accuracy"]
+        assert math.isclose(b["eval"]["loss"], a["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
+    assert (flower.run_dir / GENERATIONS_FILE).is_file()

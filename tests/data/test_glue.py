@@ -77,7 +77,7 @@ def _fake_glue(root: Path, train: str, dev: str | None = None) -> Path:
 
 
 def test_task_registry() -> None:
-    assert TASK_NAMES == ("mrpc", "rte", "qqp", "qqp-sample")
+    assert TASK_NAMES == ("mrpc", "rte", "qqp", "qqp-sample", "instructions")
     assert get_task("mrpc") == TaskInfo("mrpc", "mrpc", ("accuracy", "f1"))
     assert get_task("rte").metrics == ("accuracy",)
     assert get_task("qqp").hub_config == "qqp"
@@ -85,6 +85,10 @@ def test_task_registry() -> None:
     assert sample.hub_config is None
     assert not sample.comparable_to_glue
     assert sample.metrics == ("accuracy", "f1")
+    own = get_task("instructions")
+    assert own.metrics == ("perplexity",) and not own.comparable_to_glue
+    with pytest.raises(DataError, match="reads data.train_file"):
+        load_task("instructions")
 
 
 def test_unknown_task() -> None:
