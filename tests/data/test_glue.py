@@ -87,7 +87,7 @@ def test_task_registry() -> None:
     assert sample.metrics == ("accuracy", "f1")
     own = get_task("instructions")
     assert own.metrics == ("perplexity",) and not own.comparable_to_glue
-    with pytest.raises(DataError, match="reads data.train_file"):
+    with pytest.raises(DataError, match=r"reads data\.train_file"):
         load_task("instructions")
 
 
