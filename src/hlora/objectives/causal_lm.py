@@ -73,6 +73,13 @@ class CausalLanguageModeling(Objective):
                 f"task '{task.name}': the answers {self.instruction.answers} do not tokenize to "
                 "distinct, non-empty token sequences"
             )
+        for answer, ids in zip(self.instruction.answers, self.candidates, strict=True):
+            completion = self._encode(render_turns(self.tokenizer, "?", answer)[1])
+            if completion[: len(ids)] != ids:  # scoring would read other tokens than training
+                raise DataError(
+                    f"the answer {answer!r} tokenizes differently inside the chat template "
+                    f"({completion[: len(ids)]}) than alone ({ids})"
+                )
         #: One forward pass per example when every answer is one distinct token.
         self.single_token = all(len(c) == 1 for c in self.candidates)
         self._first_tokens = torch.tensor([c[0] for c in self.candidates])
