@@ -1,5 +1,6 @@
 """The scripts that produce the published figures: benchmark floors, the simulation benchmark's
-measurement, and the experiment tables (mean and spread over seeds)."""
+measurement, the SFT benchmark against TRL, and the experiment tables (mean and spread over
+seeds)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from hlora.adapters import LoraBank
-from tiny_models import build_tiny_backbone
+from tiny_models import build_tiny_backbone, build_tiny_causal_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,6 +110,44 @@ def test_simulation_measure_runs_one_round_of_k_clients(
     assert row["isolated_s"] > 0 and row["round_s"] > 0
     assert row["overhead"] == pytest.approx(row["round_s"] / row["isolated_s"])
     assert row["peak_rss_mib"] >= row["rss_loaded_mib"] > 0
+
+
+@pytest.mark.slow
+def test_sft_client_benchmark_compares_hlora_with_trl_on_the_same_sequences(
+    tmp_path: Path, glue_dir: Path
+) -> None:
+    pytest.importorskip("trl")
+    model_dir = tmp_path / "tiny-causal"
+    backbone = build_tiny_causal_backbone(seed=0)
+    backbone.model.save_pretrained(model_dir)
+    backbone.tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "sft.json"
+    command = [sys.executable, str(ROOT / "benchmarks/sft_client.py"), "--model", str(model_dir)]
+    command += ["--device", "cpu", "--data-dir", str(glue_dir), "--examples", "6"]
+    command += ["--batch-size", "2", "--repeats", "2", "--warmup-steps", "1", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "same token sequences and labelled positions on both sides: yes" in lines
+    # Table rows: method, seconds, useful tok/s, ratio, padded / useful, loss.
+    table = [line.split() for line in lines if line.startswith(("hlora ", "trl-"))]
+    rows = {parts[0]: parts for parts in table if parts[1] != "per"}
+    assert sorted(rows) == ["hlora", "trl-sft-default"]
+    assert rows["trl-sft-default"][3] == "1.00x"
+    record = json.loads(out.read_text())
+    assert record == json.loads(lines[-1])
+    assert record["examples"] == 6 and len(record["seconds"]["hlora"]) == 2
+    seconds = record["median_seconds"]
+    assert record["speedup_vs_trl"] == pytest.approx(
+        seconds["trl-sft-default"] / seconds["hlora"], rel=1e-2
+    )
+    assert rows["hlora"][3] == f"{record['speedup_vs_trl']:.2f}x"
+    # Both sides train on the same useful tokens; padding only adds to what each processes.
+    assert all(n >= record["useful_tokens"] > 0 for n in record["processed_tokens"].values())
+    settings = record["settings"]
+    assert settings["trl-sft-default"]["loss"] == settings["hlora"]["loss"]
+    assert settings["trl-sft-default"]["LoRA targets"] == settings["hlora"]["LoRA targets"]
+    assert "gradient checkpointing" in result.stdout  # a TRL default that differs is named
 
 
 # -- experiment tables -------------------------------------------------------------------------
