@@ -477,3 +477,35 @@ def test_flower_simulation_matches_inprocess_for_a_causal_lm(
         assert b["eval"]["accuracy"] == a["eval"]["accuracy"]
         assert math.isclose(b["eval"]["loss"], a["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
     assert (flower.run_dir / GENERATIONS_FILE).is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path: Path) -> None:
+    """``train.gradient_checkpointing`` recomputes activations: the same loss and factors."""
+    from hlora.stack import build_stack
+
+    model_dir = tmp_path / "tiny-causal"
+    backbone = build_tiny_causal_backbone()
+    backbone.model.save_pretrained(model_dir)
+    backbone.tokenizer.save_pretrained(model_dir)
+    replies = []
+    for checkpointing in (False, True):
+        config = load_config(
+            overrides=(
+                f'model.name="{model_dir}"',
+                'model.task_type="causal-lm"',
+                "model.lora_dropout=0.0",
+                f"train.gradient_checkpointing={str(checkpointing).lower()}",
+                'train.precision="fp32"',
+            )
+        )
+        stack = build_stack(config, [4])
+        assert stack.backbone.model.is_gradient_checkpointing is checkpointing
+        features = stack.objective.train_features(PAIRS)
+        instruction = TrainInstruction("c0", 1, 4, 2.0, None, {}, init_seed=1, train_seed=2)
+        replies.append(stack.runtime.train_client(instruction, features))
+    plain, checkpointed = replies
+    assert checkpointed.loss == pytest.approx(plain.loss, rel=1e-5)
+    for name, f in plain.update.factors.items():
+        assert_close(checkpointed.update.factors[name].B, f.B, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_config(overrides=('train.gradient_checkpointing="yes"',))

@@ -62,6 +62,7 @@ def _added_later() -> dict[str, dict[str, Any]]:
     return {
         "model": {"task_type": "seq-cls"},
         "data": {"train_file": "", "eval_file": "", "category_field": "category"},
+        "train": {"gradient_checkpointing": False},
         "server": {"factor_split": "balanced"},
         "trust": dataclasses.asdict(TrustConfig()),
     }

@@ -62,6 +62,11 @@ def build_stack(
     """
     if backbone is None:
         backbone = load_run_backbone(config)
+    if config.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no gradient on the (frozen) inputs.
+        backbone.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     bank = LoraBank(
         backbone,
         sorted(set(ranks)),
