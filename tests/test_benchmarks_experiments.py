@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hlora.adapters import LoraBank
-from tiny_models import build_tiny_backbone, build_tiny_causal_backbone
+from tiny_models import build_tiny_backbone, save_tiny_causal_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,10 +117,7 @@ def test_sft_client_benchmark_compares_hlora_with_trl_on_the_same_sequences(
     tmp_path: Path, glue_dir: Path
 ) -> None:
     pytest.importorskip("trl")
-    model_dir = tmp_path / "tiny-causal"
-    backbone = build_tiny_causal_backbone(seed=0)
-    backbone.model.save_pretrained(model_dir)
-    backbone.tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_causal_model(tmp_path / "tiny-causal")
     out = tmp_path / "sft.json"
     command = [sys.executable, str(ROOT / "benchmarks/sft_client.py"), "--model", str(model_dir)]
     command += ["--device", "cpu", "--data-dir", str(glue_dir), "--examples", "6"]

@@ -24,7 +24,7 @@ from hlora.objectives.prompts import PLAIN_PROMPT, pair_instruction, render_turn
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime
 from test_flower_engine import flower_env  # noqa: F401  (the fixture, for the Flower test)
-from tiny_models import build_tiny_causal_backbone, tiny_overrides
+from tiny_models import build_tiny_causal_backbone, save_tiny_causal_model, tiny_overrides
 
 PAIRS = [
     Example("the movie was good", "the film was great", 1),
@@ -190,6 +190,12 @@ def test_configuration_errors() -> None:
         pair_instruction("sst2")
 
 
+def _causal_overrides(model_dir: Path, glue_dir: Path, out: Path) -> list[str]:
+    """A tiny causal-LM federation: 3 clients x 2 rounds on 24 MRPC pairs as instructions."""
+    extra = {"model.task_type": '"causal-lm"', "model.max_length": 96, "data.train_limit": 24}
+    return tiny_overrides(model_dir, glue_dir, out, **extra)
+
+
 def test_a_causal_lm_federation_runs_exports_and_generates(
     tmp_path: Path, glue_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -201,16 +207,8 @@ def test_a_causal_lm_federation_runs_exports_and_generates(
 
     from hlora.export import export_run
 
-    model_dir = tmp_path / "tiny-causal"
-    backbone = build_tiny_causal_backbone()
-    backbone.model.save_pretrained(model_dir)
-    backbone.tokenizer.save_pretrained(model_dir)
-    overrides = tiny_overrides(
-        model_dir,
-        glue_dir,
-        tmp_path / "runs",
-        **{"model.task_type": '"causal-lm"', "model.max_length": 96, "data.train_limit": 24},
-    )
+    model_dir = save_tiny_causal_model(tmp_path / "tiny-causal")
+    overrides = _causal_overrides(model_dir, glue_dir, tmp_path / "runs")
     result = run(load_config(overrides=tuple(overrides)))
     records = [
         json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -325,10 +323,7 @@ def test_instruction_examples_render_their_own_turns_and_score_by_token_loss(
 def test_an_instruction_federation_partitions_by_category_and_reports_perplexity(
     tmp_path: Path, glue_dir: Path
 ) -> None:
-    model_dir = tmp_path / "tiny-causal"
-    backbone = build_tiny_causal_backbone()
-    backbone.model.save_pretrained(model_dir)
-    backbone.tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_causal_model(tmp_path / "tiny-causal")
     data = _write_instructions(tmp_path / "train.jsonl")
     overrides = tiny_overrides(
         model_dir,
@@ -448,16 +443,8 @@ def test_flower_simulation_matches_inprocess_for_a_causal_lm(
     from hlora.config import replace
     from hlora.engines.flower.simulation import run_flower_simulation
 
-    model_dir = tmp_path / "tiny-causal"
-    backbone = build_tiny_causal_backbone()
-    backbone.model.save_pretrained(model_dir)
-    backbone.tokenizer.save_pretrained(model_dir)
-    overrides = tiny_overrides(
-        model_dir,
-        glue_dir,
-        tmp_path / "runs",
-        **{"model.task_type": '"causal-lm"', "model.max_length": 96, "data.train_limit": 24},
-    )
+    model_dir = save_tiny_causal_model(tmp_path / "tiny-causal")
+    overrides = _causal_overrides(model_dir, glue_dir, tmp_path / "runs")
     config = load_config(overrides=tuple(overrides))
     reference = run(replace(config, output={"name": "inprocess"}), progress=False)
     flower = run_flower_simulation(
@@ -483,10 +470,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path: Path) -> None:
     """``train.gradient_checkpointing`` recomputes activations: the same loss and factors."""
     from hlora.stack import build_stack
 
-    model_dir = tmp_path / "tiny-causal"
-    backbone = build_tiny_causal_backbone()
-    backbone.model.save_pretrained(model_dir)
-    backbone.tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_causal_model(tmp_path / "tiny-causal")
     replies = []
     for checkpointing in (False, True):
         config = load_config(
@@ -499,7 +483,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path: Path) -> None:
             )
         )
         stack = build_stack(config, [4])
-        assert stack.backbone.model.is_gradient_checkpointing is checkpointing
+        assert stack.backbone.model.is_activation_checkpointing is checkpointing
         features = stack.objective.train_features(PAIRS)
         instruction = TrainInstruction("c0", 1, 4, 2.0, None, {}, init_seed=1, train_seed=2)
         replies.append(stack.runtime.train_client(instruction, features))

@@ -110,6 +110,29 @@ def _llama_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def _tiny_llama_config(tokenizer: PreTrainedTokenizerFast, **extra: object) -> LlamaConfig:
+    """2 layers, hidden 32, 4 query and 2 key/value heads, MLP 64, the tokenizer's ids."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+
+
+def save_tiny_causal_model(folder: Path, seed: int = 0) -> Path:
+    """:func:`build_tiny_causal_backbone` saved as a model folder (weights and tokenizer)."""
+    backbone = build_tiny_causal_backbone(seed=seed)
+    backbone.model.save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_llama_backbone(num_labels: int = 2, seed: int = 0) -> Backbone:
     """A tiny randomly initialised Llama sequence classifier (decoder, pad = eos).
 
@@ -122,17 +145,10 @@ def build_tiny_llama_backbone(num_labels: int = 2, seed: int = 0) -> Backbone:
         ``("q_proj", "v_proj")``; q_proj is 32x32 and v_proj 16x32.
     """
     tokenizer = _llama_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = _tiny_llama_config(
+        tokenizer,
         max_position_embeddings=TINY_MAX_LENGTH,
         num_labels=num_labels,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
     with torch.random.fork_rng(devices=[]):
@@ -168,16 +184,9 @@ def build_tiny_causal_backbone(seed: int = 0, chat_template: bool = True) -> Bac
         projections (q/k/v/o 32x32 or 16x32, gate/up 64x32, down 32x64).
     """
     tokenizer = tiny_chat_tokenizer(chat_template)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = _tiny_llama_config(
+        tokenizer,
         max_position_embeddings=4 * TINY_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
         # Wide enough embeddings that a frozen, tied output layer can still express confident
         # predictions (at the usual 0.02 every logit stays within about +-1).

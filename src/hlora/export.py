@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hlora.checkpoint import load_state
-from hlora.config import CONFIG_FILE
+from hlora.aggregation import LowRankDelta
+from hlora.checkpoint import ServerState, load_state
+from hlora.config import CONFIG_FILE, RunConfig
 from hlora.errors import CheckpointError, ConfigError
 from hlora.federation import (
     CHECKPOINT_FILE,
@@ -13,6 +14,31 @@ from hlora.federation import (
     fingerprint,
     global_delta,
 )
+
+
+def load_run_update(run_dir: Path) -> tuple[RunConfig, ServerState, dict[str, LowRankDelta]]:
+    """A run folder's configuration, its checkpoint and the whole global update per layer.
+
+    Raises:
+        CheckpointError: Not a run folder, no finished round, or no global update (a
+            ``local`` run keeps one adapter per client).
+    """
+    from hlora.config import load_config
+
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
+    config = load_config(config_path)
+    state = load_state(run_dir / CHECKPOINT_FILE, fingerprint(config))
+    if state.round_num == 0:
+        raise CheckpointError(f"run '{run_dir}' has no finished round to export")
+    delta = global_delta(state)
+    if not delta:
+        raise CheckpointError(
+            f"run '{run_dir}' has no global update (strategy "
+            f"'{config.federation.strategy}' keeps one adapter per client)"
+        )
+    return config, state, delta
 
 
 def export_run(
@@ -30,24 +56,11 @@ def export_run(
         CheckpointError: Not a run folder, or no finished round.
         ConfigError: A rank < 1.
     """
-    from hlora.config import load_config
     from hlora.stack import build_stack
 
     if rank < 1:
         raise ConfigError(f"invalid --rank {rank}: expected an integer >= 1")
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
-    config = load_config(config_path)
-    state = load_state(run_dir / CHECKPOINT_FILE, fingerprint(config))
-    if state.round_num == 0:
-        raise CheckpointError(f"run '{run_dir}' has no finished round to export")
-    delta = global_delta(state)
-    if not delta:
-        raise CheckpointError(
-            f"run '{run_dir}' has no global update (strategy "
-            f"'{config.federation.strategy}' keeps one adapter per client)"
-        )
+    config, state, delta = load_run_update(run_dir)
     # The label count is the task's (a head's first tensor need not be its label vector).
     stack = build_stack(config, [rank], dropout=False)
     backbone, bank = stack.backbone, stack.bank

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from hlora.errors import CheckpointError, ConfigError
+from hlora.errors import ConfigError
 from hlora.objectives.prompts import Turn, generation_prompt
 from hlora.tasktypes import CAUSAL_LM
 
@@ -63,26 +63,18 @@ def generate_from_run(
         CheckpointError: Not a run folder, no finished round, or no global update.
         ConfigError: Not a causal-LM run, or a negative rank.
     """
-    from hlora.checkpoint import load_state
-    from hlora.config import CONFIG_FILE, load_config
-    from hlora.federation import CHECKPOINT_FILE, best_rank_factors, fingerprint, global_delta
+    from hlora.export import load_run_update
+    from hlora.federation import best_rank_factors
     from hlora.stack import build_stack
 
     if rank < 0:
         raise ConfigError(f"invalid --rank {rank}: expected 0 (the whole update) or a rank >= 1")
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
-    config = load_config(config_path)
+    config, state, delta = load_run_update(run_dir)
     if config.model.task_type != CAUSAL_LM:
         raise ConfigError(
             f"run '{run_dir}' trained a '{config.model.task_type}' model; generation needs "
             "model.task_type = 'causal-lm'"
         )
-    state = load_state(run_dir / CHECKPOINT_FILE, fingerprint(config))
-    delta = global_delta(state)
-    if state.round_num == 0 or not delta:
-        raise CheckpointError(f"run '{run_dir}' has no global update to generate with")
     stack = build_stack(config, [rank or 1], dropout=False)
     bank, tokenizer = stack.bank, stack.backbone.tokenizer
     if rank:

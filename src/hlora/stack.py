@@ -64,8 +64,8 @@ def build_stack(
         backbone = load_run_backbone(config)
     if config.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no gradient on the (frozen) inputs.
-        backbone.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
+        backbone.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
         )
     bank = LoraBank(
         backbone,
