@@ -36,7 +36,7 @@ from hlora.data.instructions import load_instruction_task
 from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
-from hlora.generation import GENERATIONS_FILE, generate_answers
+from hlora.generation import GENERATIONS_FILE, generate_with_update
 from hlora.io import run_folder_lock, write_text_atomic
 from hlora.metrics import majority_baseline
 from hlora.models import Backbone
@@ -483,11 +483,14 @@ def write_generations(federation: Federation, state: ServerState, path: Path) ->
     examples = federation.task.dev[:SAMPLE_PROMPTS]
     conversations = [objective.conversation(e) for e in examples]
     prompts = [turns for turns, _ in conversations]
-    dense = {n: d.dense() for n, d in global_delta(state).items()}
-    with federation.runtime.bank.evaluating_dense(dense, state.extras) as model:
-        answers = generate_answers(
-            model, federation.backbone.tokenizer, prompts, max_new_tokens=GENERATED_TOKENS
-        )
+    answers = generate_with_update(
+        federation.runtime.bank,
+        federation.backbone.tokenizer,
+        global_delta(state),
+        state.extras,
+        prompts,
+        max_new_tokens=GENERATED_TOKENS,
+    )
     lines = [
         json.dumps({"prompt": turns, "answer": answer, "expected": expected})
         for (turns, expected), answer in zip(conversations, answers, strict=True)

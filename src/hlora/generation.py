@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,22 @@ def generate_answers(
     return answers
 
 
+def generate_with_update(
+    bank: Any,
+    tokenizer: Any,
+    delta: Mapping[str, Any],
+    extras: Mapping[str, torch.Tensor],
+    prompts: Sequence[str | list[Turn]],
+    *,
+    max_new_tokens: int,
+) -> list[str]:
+    """:func:`generate_answers` of the base model with the whole update ``delta`` (layer name ->
+    ``LowRankDelta``) merged in for the duration (``LoraBank.evaluating_dense``)."""
+    dense = {n: d.dense() for n, d in delta.items()}
+    with bank.evaluating_dense(dense, extras) as model:
+        return generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+
+
 def generate_from_run(
     run_dir: Path, prompts: Sequence[str], *, rank: int = 0, max_new_tokens: int = 64
 ) -> list[str]:
@@ -82,6 +98,6 @@ def generate_from_run(
         bank.activate(rank)
         bank.model.eval()
         return generate_answers(bank.model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    dense = {n: d.dense() for n, d in delta.items()}
-    with bank.evaluating_dense(dense, state.extras) as model:
-        return generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return generate_with_update(
+        bank, tokenizer, delta, state.extras, prompts, max_new_tokens=max_new_tokens
+    )
