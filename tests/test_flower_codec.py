@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from hlora.aggregation import ClientUpdate, InvalidUpdateError, LoraFactors, LowRankDelta
 from hlora.engines.flower.codec import (
+    EVAL_REPLY,
     EXTRAS,
     FACTORS,
     INSTRUCTION,
@@ -17,13 +18,18 @@ from hlora.engines.flower.codec import (
     TRAIN_METRICS,
     CodecError,
     array_to_tensor,
+    decode_eval_instruction,
+    decode_eval_reply,
     decode_instruction,
     decode_reply,
+    encode_eval_instruction,
+    encode_eval_reply,
     encode_instruction,
     encode_reply,
     tensor_to_array,
 )
-from hlora.protocol import TrainInstruction, TrainReply
+from hlora.metrics import EvalCounts
+from hlora.protocol import EvalInstruction, EvalReply, TrainInstruction, TrainReply
 from hlora.schedule import RoundSchedule
 
 LAYERS = {
@@ -272,3 +278,92 @@ def test_only_factors_and_head_travel() -> None:
     arrays = content[FACTORS]
     assert isinstance(arrays, ArrayRecord)
     assert len(arrays) == 2 * len(LAYERS)
+
+
+# -- federated evaluation ----------------------------------------------------------------------
+
+
+def _deltas(k: int, seed: int) -> dict[str, LowRankDelta]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: LowRankDelta(
+            left=torch.randn(o, k, generator=g),
+            right=torch.randn(k, i, generator=g),
+            scale=0.5 + j,
+            singular_values=torch.rand(k, generator=g) if j == 1 else None,
+        )
+        for j, (name, (o, i)) in enumerate(LAYERS.items())
+    }
+
+
+@pytest.mark.parametrize("flora", [False, True])
+def test_eval_instruction_round_trip_is_bit_exact(flora: bool) -> None:
+    original = EvalInstruction(
+        client_id="client02",
+        round_num=4,
+        layers={} if flora else _deltas(5, 1),
+        extras=_extras(),
+        base_version=3 if flora else 0,
+        base_delta=_deltas(7, 2) if flora else None,
+    )
+    decoded = decode_eval_instruction(_through_message(encode_eval_instruction(original)))
+    assert (decoded.client_id, decoded.round_num, decoded.base_version) == (
+        "client02",
+        4,
+        3 * flora,
+    )
+    for got, want in [(decoded.layers, original.layers), (decoded.base_delta, original.base_delta)]:
+        assert (got is None) == (want is None)
+        assert sorted(got or {}) == sorted(want or {})
+        for name in want or {}:
+            a, b = got[name], want[name]  # type: ignore[index]
+            assert a.scale == b.scale and _same(a.left, b.left) and _same(a.right, b.right)
+            assert (a.singular_values is None) == (b.singular_values is None)
+            assert torch.equal(a.dense(), b.dense())
+    assert all(_same(decoded.extras[k], v) for k, v in original.extras.items())
+
+
+def _eval_reply(**kw: object) -> RecordDict:
+    values: dict[str, object] = {
+        "client_id": "client01",
+        "num_examples": 9,
+        "counts": EvalCounts(((4, 1), (2, 2)), loss_sum=5.25, loss_count=9),
+        "seconds": 0.5,
+    }
+    values.update(kw)
+    return encode_eval_reply(EvalReply(**values))  # type: ignore[arg-type]
+
+
+def test_eval_reply_round_trip_is_bit_exact() -> None:
+    got = decode_eval_reply(_through_message(_eval_reply()), "client01", 2, 9, counted=True)
+    assert got == EvalReply("client01", 9, EvalCounts(((4, 1), (2, 2)), 5.25, 9), 0.5)
+    free_form = _eval_reply(counts=EvalCounts(((0, 0), (0, 0)), 31.5, 70))
+    assert decode_eval_reply(free_form, "client01", 2, 9, counted=False).counts.loss_count == 70
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.__delitem__(EVAL_REPLY), "malformed evaluation: message has no"),
+        (lambda c: c[EVAL_REPLY].__setitem__("client-id", "client07"), "is for client"),
+        (lambda c: c[EVAL_REPLY].__setitem__("num-examples", 2**62), "declared 9 at join"),
+        (lambda c: c[EVAL_REPLY].__setitem__("num-labels", 3), "expected 2 x 2"),
+        (lambda c: c[EVAL_REPLY].__setitem__("confusion", [4, 1, 2]), "expected 2 x 2"),
+        (lambda c: c[EVAL_REPLY].__setitem__("confusion", [6, -1, 2, 2]), "integers >= 0"),
+        (lambda c: c[EVAL_REPLY].__setitem__("confusion", [9, 9, 9, 9]), "add up to 36, not 9"),
+        (lambda c: c[EVAL_REPLY].__setitem__("loss-sum", float("nan")), "bad loss record"),
+        (lambda c: c[EVAL_REPLY].__setitem__("loss-sum", -1.0), "bad loss record"),
+        (lambda c: c[EVAL_REPLY].__setitem__("loss-count", "9"), "loss-count"),
+    ],
+)
+def test_a_bad_evaluation_reply_is_rejected_naming_the_client(edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    content = _eval_reply()
+    edit(content)
+    with pytest.raises(InvalidUpdateError, match=message) as err:
+        decode_eval_reply(content, "client01", 2, 9, counted=True)
+    assert err.value.client_id == "client01"
+
+
+def test_a_free_form_evaluation_counts_no_examples() -> None:
+    with pytest.raises(InvalidUpdateError, match="add up to 9, not 0"):
+        decode_eval_reply(_eval_reply(), "client01", 2, 9, counted=False)

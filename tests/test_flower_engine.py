@@ -225,6 +225,55 @@ def test_transport_turns_errors_silence_and_bad_replies_into_failures(
     assert transport.wire_bytes["client00"][1] > 0 and transport.wire_bytes["client01"][1] == 0
 
 
+def _evaluate_ok(message: Message) -> Message:
+    from hlora.engines.flower.codec import decode_eval_instruction, encode_eval_reply
+    from hlora.metrics import EvalCounts
+    from hlora.protocol import EvalReply
+
+    ins = decode_eval_instruction(message.content)
+    assert set(ins.layers) == {"layer"} and torch.equal(ins.layers["layer"].left, torch.ones(6, 3))
+    counts = EvalCounts(((3, 1), (0, 2 + ins.round_num)), 4.0, 6 + ins.round_num)
+    reply = EvalReply(ins.client_id, 6 + ins.round_num, counts, 0.1)
+    return Message(encode_eval_reply(reply), reply_to=message)
+
+
+def test_a_federated_evaluation_asks_the_nodes_with_held_out_data_and_checks_their_counts(
+    task_identity: None,
+) -> None:
+    """Nodes that declared no held-out data are not asked; silence, errors and counts that do
+    not match the join-time declaration are failures with their reasons, not results."""
+    from hlora.aggregation import LowRankDelta
+    from hlora.engines.flower.transport import FlowerTransport
+    from hlora.protocol import EvalInstruction
+
+    grid = FakeGrid({10: _evaluate_ok, 11: _evaluate_ok, 12: _train_error, 13: lambda m: None})
+    for node in (14, 15):
+        grid.behaviour[node] = _evaluate_ok
+    held_out = {"client00": 9, "client01": 0, "client02": 9, "client03": 9, "client04": 99}
+    held_out["client05"] = 9
+    transport = FlowerTransport(
+        grid,  # type: ignore[arg-type]
+        {f"client{k:02d}": 10 + k for k in range(6)},
+        timeout=5,
+        held_out=held_out,
+        num_labels=2,
+    )
+    layers = {"layer": LowRankDelta(torch.ones(6, 3), torch.ones(3, 5), 0.5)}
+    instructions = [
+        EvalInstruction(f"client{k:02d}", 3, layers, {"head": torch.zeros(2)}) for k in range(6)
+    ]
+    replies, failures = transport.evaluate_round(instructions)
+    assert [r.client_id for r in replies] == ["client00", "client05"]
+    assert replies[0].counts.confusion == ((3, 1), (0, 5)) and replies[0].num_examples == 9
+    assert {f.client_id: f.reason for f in failures} == {
+        "client02": "node 12: error 1: boom",
+        "client03": "node 13: no reply within 5 s",
+        "client04": "node 14: evaluated 9 examples, declared 99 at join time",
+    }
+    assert [m.metadata.dst_node_id for m in grid.sent] == [10, 12, 13, 14, 15]
+    assert {m.metadata.message_type for m in grid.sent} == {MessageType.EVALUATE}
+
+
 def _query_answer(partition: int, rank: int = 0, memory_mb: float = 0.0) -> Callable:
     def answer(message: Message) -> Message:
         info = ConfigRecord(
@@ -358,6 +407,8 @@ OWN_ANSWER = {
         (_query_reply({**GOOD, "num-examples": 2.5}), "'num-examples' is 2.5, expected an integer"),
         (_query_reply({k: v for k, v in GOOD.items() if k != "rank"}), "'rank' is None"),
         (_query_reply({**GOOD, "memory-mb": -1.0}), "'memory-mb' is -1.0"),
+        (_query_reply({**GOOD, "eval-examples": -2}), "'eval-examples' is -2, expected >= 0"),
+        (_query_reply({**GOOD, "eval-examples": "9"}), "'eval-examples' is '9', expected an"),
         (_query_reply({**GOOD, "partition-id": 3}), r"declares partition-id 3 of 3: expected"),
         (_query_reply({"refused": "this node's model 'x' is not"}), "^refused: this node's model"),
         (_query_reply({**GOOD, "partition-id": 2, "num-partitions": 4}), "partition-id 2 of 4"),
@@ -521,6 +572,31 @@ def test_run_config_settings_are_parsed_once_and_checked() -> None:
         AppSettings.from_run_config({"node-wait": "x"})
     with pytest.raises(ConfigError, match="has no 'hlora-config' key"):
         default.load_config()
+    assert default.evaluation == "server"
+    assert AppSettings.from_run_config({"evaluation": "federated"}).evaluation == "federated"
+    with pytest.raises(ConfigError, match="'evaluation' must be one of server, federated, both"):
+        AppSettings.from_run_config({"evaluation": "nodes"})
+
+
+def test_a_federated_evaluation_needs_a_transport_that_can_and_nodes_with_held_out_data(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    from hlora.engines.flower.identity import NodeInfo
+    from hlora.engines.flower.server_app import require_held_out
+    from hlora.federation import make_loop
+    from hlora.report import RoundProgress
+    from hlora.server import FederationError
+
+    federation = build_federation(_tiny_config(tiny_bert_dir, glue_dir, tmp_path))
+    with pytest.raises(FederationError, match="a transport whose clients evaluate it"):
+        make_loop(federation, tmp_path, RoundProgress(1, enabled=False), evaluation="federated")
+    with pytest.raises(FederationError, match="evaluation 'nodes' is not one of"):
+        make_loop(federation, tmp_path, RoundProgress(1, enabled=False), evaluation="nodes")
+    nodes = [NodeInfo(node_id=k, partition_id=-1, num_partitions=0, num_examples=5) for k in (1, 2)]
+    require_held_out(nodes, "server")
+    with pytest.raises(ConfigError, match="no node declared held-out data: give the nodes"):
+        require_held_out(nodes, "both")
+    require_held_out([*nodes, dataclasses.replace(nodes[0], eval_examples=3)], "federated")
 
 
 def test_declared_rank_outside_the_config_is_an_error() -> None:
@@ -575,7 +651,10 @@ def test_flower_simulation_matches_inprocess(
     config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path, **{"federation.strategy": strategy})
     reference = run(replace(config, output={"name": "inprocess"}), progress=False)
     flower = run_flower_simulation(
-        replace(config, output={"name": "flower"}), tmp_path / "flower", progress=False
+        replace(config, output={"name": "flower"}),
+        tmp_path / "flower",
+        progress=False,
+        evaluation="both",
     )
 
     ref_clients = json.loads((reference.run_dir / "clients.json").read_text())
@@ -598,6 +677,23 @@ def test_flower_simulation_matches_inprocess(
         assert b["eval"]["accuracy"] == a["eval"]["accuracy"]
         assert b["eval"]["f1"] == a["eval"]["f1"]
         assert math.isclose(b["eval"]["loss"], a["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
+        # The nodes' shares of dev make up the whole of it: their summed counts give the
+        # server's metrics (flora: through the merged base the nodes rebuild).
+        federated = b["federated_eval"]
+        assert federated["failed"] == [] and sorted(federated["clients"]) == [
+            "client00",
+            "client01",
+            "client02",
+        ]
+        overall = federated["overall"]
+        assert overall["num_examples"] == sum(
+            c["num_examples"] for c in federated["clients"].values()
+        )
+        assert overall["num_examples"] == len(
+            load_task("mrpc", glue_dir, dev_limit=config.data.dev_limit).dev
+        )
+        assert overall["accuracy"] == b["eval"]["accuracy"] and overall["f1"] == b["eval"]["f1"]
+        assert math.isclose(overall["loss"], b["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
     assert (flower.run_dir / "summary.json").is_file()
     assert sorted(p.name for p in (flower.run_dir / "adapters").glob("r*")) == ["r2", "r4"]
 
@@ -606,17 +702,25 @@ def test_flower_simulation_matches_inprocess(
 def test_flower_simulation_with_own_data(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
 ) -> None:
-    """Each virtual node trains on all of its own file; the server reads only the dev file."""
+    """Each virtual node trains on all of its own file and evaluates the global model on its
+    own held-out file; the server reads no data at all (a federated evaluation)."""
     from hlora.engines.flower.simulation import run_flower_simulation
+    from test_own_data import write_jsonl
 
     config = _tiny_config(tiny_bert_dir, tmp_path / "no-shared-task", tmp_path)
-    own, dev = _own_files(glue_dir, tmp_path / "own", [10, 16, 22])
+    own, _ = _own_files(glue_dir, tmp_path / "own", [10, 16, 22])
+    dev = load_task("mrpc", glue_dir).dev
+    held_out = [
+        write_jsonl(tmp_path / "own" / f"held{k}.jsonl", list(dev[8 * k : 8 * k + 5 + k]))
+        for k in range(3)
+    ]
     result = run_flower_simulation(
         config,
         tmp_path / "flower",
         progress=False,
         own_data=[str(p) for p in own],
-        eval_data=str(dev),
+        own_eval_data=[str(p) for p in held_out],
+        evaluation="federated",
     )
     clients = json.loads((result.run_dir / "clients.json").read_text())
     assert [c["client_id"] for c in clients] == ["client00", "client01", "client02"]
@@ -629,7 +733,18 @@ def test_flower_simulation_with_own_data(
         assert record["dropped"] == []
         assert all(c["accepted"] for c in record["clients"])
         assert {c["num_examples"] for c in record["clients"]} <= {10, 16, 22}
-        assert "accuracy" in record["eval"]
+        federated = record["federated_eval"]
+        by_size = sorted(c["num_examples"] for c in federated["clients"].values())
+        assert by_size == [5, 6, 7] and federated["overall"]["num_examples"] == 18
+        assert record["eval"] == {
+            k: v for k, v in federated["overall"].items() if k not in ("num_examples", "confusion")
+        }
+        assert "eval_by_rank" not in record  # truncations are the server's evaluation
+    assert sorted(c["eval_examples"] for c in clients) == [5, 6, 7]
+    labels = [e.label for k in range(3) for e in dev[8 * k : 8 * k + 5 + k]]
+    majority = max(set(labels), key=labels.count)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["majority_class"]["accuracy"] == labels.count(majority) / 18
     assert json.loads((result.run_dir / "dropped_nodes.json").read_text()) == []
     with pytest.raises(ConfigError, match="own_data names 2 paths, expected one per client"):
         run_flower_simulation(config, tmp_path / "x", progress=False, own_data=["a", "b"])

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 import torch
 
-from hlora.metrics import METRIC_NAMES, accuracy, binary_f1, compute_metrics, majority_baseline
+from hlora.metrics import (
+    METRIC_NAMES,
+    EvalCounts,
+    accuracy,
+    binary_f1,
+    compute_metrics,
+    majority_baseline,
+    metrics_of,
+)
 
 PREDS = [1, 1, 0, 1, 0, 0, 1, 0]
 LABELS = [1, 0, 0, 1, 1, 0, 1, 1]
@@ -60,3 +71,38 @@ def test_majority_baseline() -> None:
     assert majority_baseline(("accuracy",), [0, 1], [1, 1])["accuracy"] == 0.0  # tie -> 0
     with pytest.raises(ValueError, match="at least one training label"):
         majority_baseline(("accuracy",), [], [1])
+
+
+def test_eval_counts_give_the_metrics_of_the_predictions_bit_for_bit() -> None:
+    g = random.Random(3)
+    for n in (1, 7, 50):
+        preds = [g.randrange(2) for _ in range(n)]
+        labels = [g.randrange(2) for _ in range(n)]
+        counts = EvalCounts.of(preds, labels, 2, loss_sum=1.5, loss_count=n)
+        assert counts.num_examples == n
+        assert counts.metrics(("accuracy", "f1")) == {
+            **compute_metrics(("accuracy", "f1"), preds, labels),
+            "loss": 1.5 / n,
+        }
+    assert EvalCounts.of([], [], 2).metrics(()) == {"loss": 0.0}
+    with pytest.raises(ValueError, match="zero examples"):
+        EvalCounts.of([], [], 2).metrics(("accuracy",))
+    with pytest.raises(ValueError, match="outside"):
+        EvalCounts.of([2], [0], 2)
+
+
+def test_eval_counts_of_parts_add_up_to_those_of_the_union() -> None:
+    g = random.Random(4)
+    preds = [g.randrange(2) for _ in range(40)]
+    labels = [g.randrange(2) for _ in range(40)]
+    parts = [slice(0, 5), slice(5, 23), slice(23, 40)]
+    total = EvalCounts.of(preds[parts[0]], labels[parts[0]], 2, 1.0, 5)
+    for part, loss in zip(parts[1:], (2.0, 4.0), strict=True):
+        count = part.stop - part.start
+        total = total + EvalCounts.of(preds[part], labels[part], 2, loss, count)
+    union = EvalCounts.of(preds, labels, 2, 7.0, 40)
+    assert total == union
+    assert total.label_counts() == [labels.count(0), labels.count(1)]
+    assert metrics_of(total, ("accuracy", "f1", "perplexity"))["perplexity"] == math.exp(7 / 40)
+    with pytest.raises(ValueError, match="cannot add counts of 2 and 3 labels"):
+        total + EvalCounts.of([0], [0], 3)

@@ -169,6 +169,7 @@ def fresh_node(monkeypatch: pytest.MonkeyPatch) -> None:
     """A node process's caches emptied, as in a fresh ClientApp process; no shared task read."""
     monkeypatch.setattr(node_task, "_RUNTIMES", {})
     monkeypatch.setattr(node_task, "_PARTITIONS", {})
+    monkeypatch.setattr(node_task, "_HELD_OUT", {})
     monkeypatch.setattr(node_task, "_MODEL_SHA", {})
 
     def no_shared_task(*args: object, **kwargs: object) -> None:
@@ -193,6 +194,7 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_examples(
         "data-mode": "own",
         "num-examples": 5,
         "label-counts": [2, 3],
+        "eval-examples": 0,
         "rank": 0,
         "memory-mb": 0.0,
     }
@@ -233,6 +235,56 @@ def test_a_node_with_a_bad_file_refuses_in_one_line_naming_file_and_line(
     answer = node_task.node_info(None, node, RecordDict({RUN: manifest.to_record()}))[NODE_INFO]
     assert isinstance(answer, ConfigRecord) and list(answer) == ["refused"]
     assert str(answer["refused"]) == (f"'{bad}' line 3: label 'maybe' is not one of 0, 1")
+
+
+def test_a_node_evaluates_the_global_model_on_its_own_held_out_file(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, fresh_node: None
+) -> None:
+    """The EVALUATE answer holds the counts of the model the server sent, on exactly the
+    node's held-out rows: the same as evaluating those rows in the server's process."""
+    from hlora.aggregation import LowRankDelta
+    from hlora.engines.flower.codec import decode_eval_reply, encode_eval_instruction
+    from hlora.protocol import EvalInstruction
+
+    config = _config(tiny_bert_dir, glue_dir, tmp_path)
+    manifest = RunManifest.of(config, model_sha256(config))
+    held = load_task("mrpc", glue_dir).dev[:11]
+    node = {
+        "own-data": str(write_jsonl(tmp_path / "mine.jsonl", ROWS)),
+        "eval-data": str(write_csv(tmp_path / "held.csv", list(held))),
+        "model-dir": str(tiny_bert_dir),
+    }
+    content = RecordDict({RUN: manifest.to_record()})
+    answer = node_task.node_info(None, node, content)[NODE_INFO]
+    assert answer["eval-examples"] == 11  # type: ignore[index]
+
+    runtime = node_task.node_setup(node_task.run_config(None, node, content)[0], node)[0]
+    g = torch.Generator().manual_seed(0)
+    layers = {
+        name: LowRankDelta(
+            torch.randn(shape.out_features, 3, generator=g),
+            torch.randn(3, shape.in_features, generator=g),
+            0.05,
+        )
+        for name, shape in runtime.bank.layer_shapes().items()
+    }
+    extras = {k: v + 0.3 for k, v in runtime.bank.get_extras(runtime.bank.ranks[0]).items()}
+    message = encode_eval_instruction(EvalInstruction("client04", 2, layers, extras))
+    message[RUN] = manifest.to_record()
+    reply = decode_eval_reply(node_task.evaluate(None, node, message), "client04", 2, 11, True)
+
+    backbone = node_task.client_runtime(node_task.run_config(None, node, content)[0])[1]
+    features = tokenize_pairs(backbone.tokenizer, list(held), config.model.max_length)
+    dense = {n: d.dense() for n, d in layers.items()}
+    expected = runtime.evaluation_counts(dense, extras, features, config.server.eval_batch_size)
+    assert reply.counts == expected and reply.num_examples == 11
+    untouched = runtime.evaluation_counts({}, runtime.bank.get_extras(2), features, 8)
+    assert untouched.loss_sum != expected.loss_sum  # the sent model was the one evaluated
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sentence1": "a", "sentence2": "b", "label": 1}\n{"sentence1": "a"}\n')
+    refused = node_task.node_info(None, {**node, "eval-data": str(bad)}, content)[NODE_INFO]
+    assert list(refused) == ["refused"] and str(refused["refused"]).startswith(f"'{bad}' line 2")
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from hlora.objectives import CausalLanguageModeling
 from hlora.protocol import Transport
 from hlora.report import MetricsLog, RoundProgress, plot_convergence, summarize, write_json
 from hlora.runtime import Features, ModelRuntime, label_log_prior
-from hlora.server import ClientSlot, LoopSettings, RoundLoop
+from hlora.server import SERVER_EVAL, ClientSlot, LoopSettings, RoundLoop
 from hlora.server_opt import ServerOptimizer
 from hlora.stack import build_stack
 from hlora.tasktypes import CAUSAL_LM
@@ -280,11 +280,13 @@ def make_loop(
     run_dir: Path,
     progress: RoundProgress,
     transport: Transport | None = None,
+    evaluation: str = SERVER_EVAL,
 ) -> RoundLoop:
     """The round loop over ``transport`` (default: the in-process engine).
 
-    The global model is evaluated on this process's model (``federation.runtime``) whatever the
-    transport.
+    The server's evaluation of the global model runs on this process's model
+    (``federation.runtime``) whatever the transport; ``evaluation`` (:data:`EVALUATIONS`) may
+    add or substitute the clients' evaluation on their own held-out data.
     """
     config = federation.config
     runtime = federation.runtime
@@ -305,7 +307,9 @@ def make_loop(
 
     if transport is None:
         transport = InProcessTransport(runtime, federation.train_features, progress.client_done)
-    settings = loop_settings(config)
+    settings = dataclasses.replace(
+        loop_settings(config), evaluation=evaluation, metric_names=tuple(metric_names)
+    )
     if config.train.logit_adjustment > 0 and runtime.objective.supports_logit_adjustment:
         labels = [e.label for e in federation.task.train]
         prior = label_log_prior(labels, federation.task.task.num_labels).exp()
@@ -431,11 +435,15 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
     config = federation.config
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     summary = summarize(records, federation.task.task.metrics)
-    eval_labels = [e.label for e in federation.task.dev]
+    eval_labels = [e.label for e in federation.task.dev] or federated_eval_labels(records)
     # A server without training data (Flower nodes with their own data) takes the majority
     # class of the evaluation set.
     train_labels = [e.label for e in federation.task.train] or eval_labels
-    majority = majority_baseline(federation.task.task.metrics, train_labels, eval_labels)
+    majority = (
+        majority_baseline(federation.task.task.metrics, train_labels, eval_labels)
+        if eval_labels
+        else {}
+    )
     summary.update(
         {
             "headline": (
@@ -464,9 +472,19 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
     )
     if config.federation.strategy != "local":
         export_adapters(federation, state, run_dir / "adapters")
-        if config.model.task_type == CAUSAL_LM:
+        if config.model.task_type == CAUSAL_LM and federation.task.dev:
             write_generations(federation, state, run_dir / GENERATIONS_FILE)
     return RunResult(run_dir, summary)
+
+
+def federated_eval_labels(records: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The true labels of the last federated evaluation's examples (from its confusion counts;
+    their order is lost), for a server that holds no evaluation data; [] without one."""
+    for record in reversed(records):
+        overall = (record.get("federated_eval") or {}).get("overall")
+        if overall and overall.get("confusion"):
+            return [y for y, row in enumerate(overall["confusion"]) for _ in range(sum(row))]
+    return []
 
 
 SAMPLE_PROMPTS = 4

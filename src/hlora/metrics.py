@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import SupportsInt
 
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "f1")
 """Metrics of predicted labels (:func:`compute_metrics`)."""
 PERPLEXITY = "perplexity"
 """``exp`` of the mean token loss of held-out answers (free-form instruction data); lower is
-better. Computed by the runtime from the loss, not from labels."""
+better. Computed from the loss (:func:`metrics_of`), not from labels."""
+_MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5e34: a finite perplexity for any loss
 
 
 def accuracy(preds: Iterable[SupportsInt], labels: Iterable[SupportsInt]) -> float:
@@ -115,3 +118,96 @@ def majority_baseline(
     majority = min(counts, key=lambda c: (-counts[c], c))
     names = [m for m in metric_names if m in METRIC_NAMES]
     return compute_metrics(names, [majority] * len(eval_labels), eval_labels) if names else {}
+
+
+@dataclass(frozen=True)
+class EvalCounts:
+    """What an evaluation adds up: every metric of :data:`METRIC_NAMES` and the mean loss follow
+    from it, and the counts of several evaluation sets add up to those of their union (how the
+    server combines the nodes' own held-out evaluations, weighted by their sizes).
+
+    Attributes:
+        confusion: ``confusion[true][predicted]`` example counts, ``(num_labels, num_labels)``.
+        loss_sum: Summed loss (:meth:`hlora.objectives.Objective.score`).
+        loss_count: How many terms ``loss_sum`` adds up.
+    """
+
+    confusion: tuple[tuple[int, ...], ...]
+    loss_sum: float
+    loss_count: int
+
+    @staticmethod
+    def of(
+        preds: Iterable[SupportsInt],
+        labels: Iterable[SupportsInt],
+        num_labels: int,
+        loss_sum: float = 0.0,
+        loss_count: int = 0,
+    ) -> EvalCounts:
+        """Counts of predicted against true labels.
+
+        Raises:
+            ValueError: Lengths that differ, or a label outside ``[0, num_labels)``.
+        """
+        p, y = [int(v) for v in preds], [int(v) for v in labels]
+        if len(p) != len(y):
+            raise ValueError(f"preds and labels differ in length: {len(p)} != {len(y)}")
+        grid = [[0] * num_labels for _ in range(num_labels)]
+        for a, b in zip(p, y, strict=True):
+            if not (0 <= a < num_labels and 0 <= b < num_labels):
+                raise ValueError(f"label {b} or prediction {a} outside [0, {num_labels})")
+            grid[b][a] += 1
+        return EvalCounts(tuple(tuple(row) for row in grid), float(loss_sum), int(loss_count))
+
+    @property
+    def num_examples(self) -> int:
+        """Examples counted."""
+        return sum(sum(row) for row in self.confusion)
+
+    def label_counts(self) -> list[int]:
+        """True examples of each label (the rows' sums)."""
+        return [sum(row) for row in self.confusion]
+
+    def __add__(self, other: EvalCounts) -> EvalCounts:
+        if len(other.confusion) != len(self.confusion):
+            raise ValueError(
+                f"cannot add counts of {len(self.confusion)} and {len(other.confusion)} labels"
+            )
+        grid = tuple(
+            tuple(a + b for a, b in zip(r, s, strict=True))
+            for r, s in zip(self.confusion, other.confusion, strict=True)
+        )
+        return EvalCounts(grid, self.loss_sum + other.loss_sum, self.loss_count + other.loss_count)
+
+    def metrics(self, metric_names: Sequence[str]) -> dict[str, float]:
+        """The label metrics among ``metric_names`` (as :func:`compute_metrics` computes them
+        from the predictions, bit for bit) and ``loss``, the mean loss.
+
+        Raises:
+            ValueError: A label metric over zero examples.
+        """
+        out: dict[str, float] = {}
+        names = [m for m in metric_names if m in METRIC_NAMES]
+        if names and not self.num_examples:
+            raise ValueError("cannot compute a metric over zero examples")
+        for name in names:
+            if name == "accuracy":
+                correct = sum(self.confusion[i][i] for i in range(len(self.confusion)))
+                out[name] = correct / self.num_examples
+            else:  # binary F1 of class 1, as binary_f1
+                tp = self.confusion[1][1]
+                fp = sum(row[1] for i, row in enumerate(self.confusion) if i != 1)
+                fn = sum(v for j, v in enumerate(self.confusion[1]) if j != 1)
+                denominator = 2 * tp + fp + fn
+                out[name] = 2 * tp / denominator if denominator else 0.0
+        out["loss"] = self.loss_sum / max(1, self.loss_count)
+        return out
+
+
+def metrics_of(counts: EvalCounts, metric_names: Sequence[str]) -> dict[str, float]:
+    """The label metrics among ``metric_names``, the mean ``loss`` and, when asked,
+    ``perplexity`` = ``exp(loss)`` of an evaluation's counts."""
+    metrics = counts.metrics(metric_names)
+    if PERPLEXITY in metric_names:
+        metrics[PERPLEXITY] = math.exp(min(metrics["loss"], _MAX_LOG_PERPLEXITY))
+    return metrics

@@ -13,6 +13,7 @@ from typing import Protocol
 from torch import Tensor
 
 from hlora.aggregation import ClientUpdate, LoraFactors, LowRankDelta
+from hlora.metrics import EvalCounts
 from hlora.schedule import RoundSchedule
 
 
@@ -63,6 +64,46 @@ class TrainReply:
 
 
 @dataclass(frozen=True)
+class EvalInstruction:
+    """What the server sends a node to evaluate the global model on the node's held-out data
+    (a federated evaluation; see :func:`global_model` for what the model is).
+
+    Attributes:
+        client_id: The node's client.
+        round_num: The round just finished.
+        layers: The global update per layer, ``dW = scale * left @ right`` (``left (out, k)``,
+            ``right (k, in)``); empty for ``flora``, whose update lives in ``base_delta``.
+        extras: The global head.
+        base_version: Number of merged updates in ``base_delta`` (``flora``).
+        base_delta: The cumulative merged update (``flora``), or None.
+    """
+
+    client_id: str
+    round_num: int
+    layers: Mapping[str, LowRankDelta]
+    extras: Mapping[str, Tensor]
+    base_version: int = 0
+    base_delta: Mapping[str, LowRankDelta] | None = None
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    """A node's federated evaluation: what adds up over nodes, not its metrics.
+
+    Attributes:
+        client_id: The node's client.
+        num_examples: Its held-out examples.
+        counts: Confusion counts and loss sums (:class:`hlora.metrics.EvalCounts`).
+        seconds: Time the evaluation took on the node.
+    """
+
+    client_id: str
+    num_examples: int
+    counts: EvalCounts
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ClientFailure:
     """A client that did not deliver an update this round (error, timeout, disconnect)."""
 
@@ -82,6 +123,16 @@ class Transport(Protocol):
     """Sends each client its instruction and collects the replies of one round."""
 
     def run_round(self, instructions: Sequence[TrainInstruction]) -> RoundResult: ...
+
+
+class EvaluatingTransport(Transport, Protocol):
+    """A transport whose clients also evaluate the global model on their own held-out data."""
+
+    def evaluate_round(
+        self, instructions: Sequence[EvalInstruction]
+    ) -> tuple[list[EvalReply], list[ClientFailure]]:
+        """Each node's evaluation, and a failure (with its reason) for each that gave none."""
+        ...
 
 
 def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:

@@ -22,14 +22,13 @@ from hlora.adapters import LoraBank
 from hlora.aggregation import ClientUpdate, LoraFactors, LowRankDelta
 from hlora.config import TrainConfig
 from hlora.data.collate import length_grouped_batches
-from hlora.metrics import METRIC_NAMES, PERPLEXITY, compute_metrics
+from hlora.metrics import EvalCounts, metrics_of
 from hlora.objectives import Objective
 from hlora.protocol import TrainInstruction, TrainReply
 
 logger = logging.getLogger(__name__)
 
 Features = Sequence[dict[str, Any]]
-_MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5e34: a finite perplexity for any loss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -247,6 +246,24 @@ class ModelRuntime:
             The label metrics among ``metric_names`` (accuracy, F1), the mean ``loss``
             (:meth:`Objective.score`) and, when asked, ``perplexity`` = ``exp(loss)``.
         """
+        counts = self.evaluation_counts(
+            deltas, extras, features, batch_size, base_version=base_version, base_delta=base_delta
+        )
+        return metrics_of(counts, metric_names)
+
+    def evaluation_counts(
+        self,
+        deltas: Mapping[str, Tensor],
+        extras: Mapping[str, Tensor],
+        features: Features,
+        batch_size: int,
+        *,
+        base_version: int = 0,
+        base_delta: Mapping[str, LowRankDelta] | None = None,
+    ) -> EvalCounts:
+        """The confusion counts and loss sums of ``W0 + base_delta + deltas`` with head
+        ``extras`` on ``features`` (arguments as :meth:`evaluate`); what a node sends back in a
+        federated evaluation."""
         self.sync_base(base_version, base_delta)
         moved = {n: d.to(self.device) for n, d in deltas.items()}
         preds: list[int] = []
@@ -264,12 +281,7 @@ class ModelRuntime:
                 count += scored.loss_count
                 preds.extend(scored.preds)
                 labels.extend(scored.labels)
-        label_metrics = [m for m in metric_names if m in METRIC_NAMES]
-        metrics = compute_metrics(label_metrics, preds, labels) if label_metrics else {}
-        metrics["loss"] = total_loss / max(1, count)
-        if PERPLEXITY in metric_names:
-            metrics[PERPLEXITY] = math.exp(min(metrics["loss"], _MAX_LOG_PERPLEXITY))
-        return metrics
+        return EvalCounts.of(preds, labels, self.objective.task.num_labels, total_loss, count)
 
     def _batch(self, features: Features) -> dict[str, Tensor]:
         batch = self.objective.collate(features)

@@ -36,7 +36,10 @@ from hlora.aggregation.factored import qr_svd, split_singular_values
 from hlora.aggregation.spectrum import energy_beyond
 from hlora.checkpoint import ClientState, ServerState, save_state
 from hlora.errors import HloraError
+from hlora.metrics import EvalCounts, metrics_of
 from hlora.protocol import (
+    EvalInstruction,
+    EvaluatingTransport,
     RoundResult,
     TrainInstruction,
     TrainReply,
@@ -50,6 +53,12 @@ from hlora.server_opt import ServerOptimizer, rank_profile, server_step
 from hlora.trust import Screened, TrustPolicy, nonfinite_state, screen_update
 
 logger = logging.getLogger(__name__)
+
+SERVER_EVAL = "server"
+FEDERATED_EVAL = "federated"
+EVALUATIONS: tuple[str, ...] = (SERVER_EVAL, FEDERATED_EVAL, "both")
+"""Where the global model is evaluated: on the server's evaluation set, on the clients' own
+held-out data (a federated evaluation, summed over clients), or both."""
 
 
 class FederationError(HloraError):
@@ -87,6 +96,8 @@ class LoopSettings:
     server_optimizer: ServerOptimizer | None = None  # None: the global update is the aggregate
     label_prior: tuple[float, ...] | None = None  # sent when clients adjust their logits
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # checks on replies (hlora.trust)
+    evaluation: str = SERVER_EVAL  # one of EVALUATIONS
+    metric_names: tuple[str, ...] = ()  # of a federated evaluation (the task's)
 
 
 def _seed(*parts: int) -> int:
@@ -138,6 +149,17 @@ class RoundLoop:
         self.fingerprint = fingerprint
         self.progress = progress
         self.strategy = None if settings.mode == "local" else get_strategy(settings.mode)
+        if settings.evaluation not in EVALUATIONS:
+            raise FederationError(
+                f"evaluation {settings.evaluation!r} is not one of {', '.join(EVALUATIONS)}"
+            )
+        if settings.evaluation != SERVER_EVAL and (
+            settings.mode == "local" or not hasattr(transport, "evaluate_round")
+        ):
+            raise FederationError(
+                "a federated evaluation needs a global model and a transport whose clients "
+                "evaluate it (the Flower engine)"
+            )
 
     def initial_state(self) -> ServerState:
         """The state before round 1."""
@@ -346,12 +368,19 @@ class RoundLoop:
         final = round_num == self.settings.rounds
         if final or round_num % self.settings.eval_every == 0:
             eval_start = time.perf_counter()
-            record["eval"] = self.evaluate_global(new_state)
-            truncations = self.settings.eval_truncations
-            if truncations == "every" or (truncations == "final" and final):
-                by_rank = self.evaluate_truncations(new_state)
-                if by_rank:
-                    record["eval_by_rank"] = by_rank
+            if self.settings.evaluation != FEDERATED_EVAL:
+                record["eval"] = self.evaluate_global(new_state)
+                truncations = self.settings.eval_truncations
+                if truncations == "every" or (truncations == "final" and final):
+                    by_rank = self.evaluate_truncations(new_state)
+                    if by_rank:
+                        record["eval_by_rank"] = by_rank
+            if self.settings.evaluation != SERVER_EVAL:
+                federated = self.evaluate_federated(new_state, round_num)
+                record["federated_eval"] = federated
+                overall = federated["overall"]
+                if self.settings.evaluation == FEDERATED_EVAL and overall is not None:
+                    record["eval"] = {k: overall[k] for k in overall if k not in _COUNT_KEYS}
             record["eval_time_s"] = time.perf_counter() - eval_start
         record["wall_time_s"] = new_state.wall_time_s
         return new_state, record
@@ -422,6 +451,53 @@ class RoundLoop:
             out[str(rank)] = self.evaluate(deltas, state.extras, base_version=0, base_delta=None)
         return out
 
+    def evaluate_federated(self, state: ServerState, round_num: int) -> dict[str, Any]:
+        """The global model evaluated by the clients on their own held-out data.
+
+        Every client gets the global update in its factored form (never a dense matrix); what
+        comes back are confusion counts and loss sums, which add up to those of the union of
+        the clients' held-out sets: ``overall`` is that union's metrics (each client weighted by
+        its held-out examples, the loss by its tokens or examples), ``clients`` each one's own.
+
+        Returns:
+            ``{"overall": metrics + num_examples + confusion (None when no client answered),
+            "clients": {client_id: metrics + num_examples}, "failed": [{client_id, reason}]}``.
+        """
+        transport: EvaluatingTransport = self.transport  # type: ignore[assignment]
+        g = state.global_update
+        layers = {} if g is None else dict(g.layers)
+        instructions = [
+            EvalInstruction(
+                cid, round_num, layers, state.extras, state.base_version, state.base_delta
+            )
+            for cid in self.order
+        ]
+        replies, failures = transport.evaluate_round(instructions)
+        names = self.settings.metric_names
+        by_client = {r.client_id: r for r in replies}
+        clients: dict[str, Any] = {}
+        total: EvalCounts | None = None
+        for cid in self.order:  # a fixed order: the loss sum reproduces
+            reply = by_client.get(cid)
+            if reply is None:
+                continue
+            clients[cid] = {**metrics_of(reply.counts, names), "num_examples": reply.num_examples}
+            total = reply.counts if total is None else total + reply.counts
+        overall = None
+        if total is not None:
+            overall = {
+                **metrics_of(total, names),
+                "num_examples": sum(r.num_examples for r in replies),
+                "confusion": [list(row) for row in total.confusion],
+            }
+        for f in failures:
+            self.progress.log(f"{f.client_id} did not evaluate: {f.reason}")
+        return {
+            "overall": overall,
+            "clients": clients,
+            "failed": [{"client_id": f.client_id, "reason": f.reason} for f in failures],
+        }
+
     # -- the loop ------------------------------------------------------------------------
 
     def run(self, state: ServerState | None = None) -> ServerState:
@@ -434,6 +510,10 @@ class RoundLoop:
                 save_state(self.checkpoint_path, state, self.fingerprint)
                 self.progress.end_round(record)
         return state
+
+
+_COUNT_KEYS = ("num_examples", "confusion")
+"""Keys of a federated evaluation's ``overall`` that are counts, not metrics."""
 
 
 def _accumulate(

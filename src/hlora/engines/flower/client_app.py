@@ -1,7 +1,9 @@
-"""The ClientApp: two thin decorated functions over the node task (:mod:`.node`).
+"""The ClientApp: three thin decorated functions over the node task (:mod:`.node`).
 
 ``QUERY`` answers who this node is (:func:`~hlora.engines.flower.node.node_info`); ``TRAIN``
-runs one round of local training (:func:`~hlora.engines.flower.node.train`). An exception goes
+runs one round of local training (:func:`~hlora.engines.flower.node.train`); ``EVALUATE``
+scores the global model on the node's held-out data (:func:`~hlora.engines.flower.node.evaluate`,
+a federated evaluation). An exception goes
 back to the server as the message's error, and the server drops this node for the round.
 """
 
@@ -20,9 +22,12 @@ from hlora.engines.flower.settings import AppSettings
 
 
 def make_client_app(
-    config: RunConfig | None = None, own_data: Sequence[str] | None = None
+    config: RunConfig | None = None,
+    own_data: Sequence[str] | None = None,
+    own_eval_data: Sequence[str] | None = None,
 ) -> ClientApp:
-    """A ClientApp answering ``QUERY`` (who am I) and ``TRAIN`` (one round of local training).
+    """A ClientApp answering ``QUERY`` (who am I), ``TRAIN`` (one round of local training) and
+    ``EVALUATE`` (the global model on this node's held-out data).
 
     Args:
         config: This node's own copy of the configuration; None: ``hlora-config`` of the run
@@ -30,6 +35,8 @@ def make_client_app(
             configuration the server sends, filling in only its own paths.
         own_data: For simulation: the node whose Flower ``partition-id`` is ``k`` trains on its
             own data ``own_data[k]`` (as if started with ``--node-config own-data=PATH``).
+        own_eval_data: For simulation: that node's held-out data ``own_eval_data[k]`` (as if
+            started with ``eval-data=PATH``).
     """
     app = ClientApp()
 
@@ -38,6 +45,8 @@ def make_client_app(
         node = dict(context.node_config)
         if own_data is not None:
             node["own-data"] = own_data[int(node["partition-id"])]
+        if own_eval_data is not None:
+            node["eval-data"] = own_eval_data[int(node["partition-id"])]
         return node
 
     def local(context: Context) -> RunConfig | None:
@@ -60,6 +69,12 @@ def make_client_app(
     def train(msg: Message, context: Context) -> Message:
         """One round of local training on this node's data (errors go back as errors)."""
         reply = node.train(local(context), node_config(context), msg.content)
+        return Message(reply, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """The global model on this node's held-out data: confusion counts and loss sums."""
+        reply = node.evaluate(local(context), node_config(context), msg.content)
         return Message(reply, reply_to=msg)
 
     return app

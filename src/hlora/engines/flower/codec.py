@@ -19,15 +19,30 @@ Reply (client -> server)::
     "hlora.train"        MetricRecord  num-examples, loss, steps, seconds
     "hlora.factors", "hlora.extras"    as above
 
-QUERY (server -> node), and beside the instruction in every TRAIN message::
+EVALUATE (server -> node: the global model, to evaluate on the node's held-out data)::
+
+    "hlora.evaluate"     ConfigRecord  client-id, round, base-version, has-base-delta,
+                                       base-delta-scales, layer-scales (one per layer, sorted)
+    "hlora.model"        ArrayRecord   "<layer>/left" (out, k), "<layer>/right" (k, in),
+                                       optional "<layer>/S" (k,)
+    "hlora.extras", "hlora.base-delta" as in an instruction
+
+EVALUATE reply (node -> server)::
+
+    "hlora.eval"         ConfigRecord  client-id, num-examples, num-labels, confusion
+                                       (row-major [true][predicted] counts), loss-sum,
+                                       loss-count, seconds
+
+QUERY (server -> node), and beside the instruction in every TRAIN and EVALUATE message::
 
     "hlora.run"          ConfigRecord  config (TOML), model-sha256, model-is-folder,
                                        fingerprint, model, task, target-modules, scaling, ranks
 
 QUERY reply (node -> server)::
 
-    "hlora.node"         ConfigRecord  partition-id, num-partitions, num-examples, rank,
-                                       memory-mb; or only refused (one line: why not)
+    "hlora.node"         ConfigRecord  data-mode, partition-id, num-partitions, num-examples,
+                                       label-counts, eval-examples, rank, memory-mb; or only
+                                       refused (one line: why not)
 
 Tensors travel as :class:`~flwr.app.Array` in NumPy's ``.npy`` form (Flower's own), except
 ``bfloat16``, which NumPy lacks: its raw little-endian bytes travel with ``stype = "torch.raw"``.
@@ -50,7 +65,8 @@ from torch import Tensor
 
 from hlora.aggregation import ClientUpdate, InvalidUpdateError, LoraFactors, LowRankDelta
 from hlora.errors import HloraError
-from hlora.protocol import TrainInstruction, TrainReply
+from hlora.metrics import EvalCounts
+from hlora.protocol import EvalInstruction, EvalReply, TrainInstruction, TrainReply
 from hlora.schedule import RoundSchedule
 
 INSTRUCTION = "hlora.instruction"
@@ -59,6 +75,9 @@ TRAIN_METRICS = "hlora.train"
 FACTORS = "hlora.factors"
 EXTRAS = "hlora.extras"
 BASE_DELTA = "hlora.base-delta"
+EVALUATE = "hlora.evaluate"
+MODEL = "hlora.model"
+EVAL_REPLY = "hlora.eval"
 NODE_INFO = "hlora.node"
 """The QUERY reply's ConfigRecord (see :func:`hlora.engines.flower.node.node_info`)."""
 RUN = "hlora.run"
@@ -369,6 +388,127 @@ def decode_reply(content: RecordDict, client_id: str) -> TrainReply:
         extras=extras,
     )
     return TrainReply(update=update, loss=loss, steps=steps, seconds=seconds)
+
+
+# -- federated evaluation ----------------------------------------------------------------------
+
+
+def encode_eval_instruction(instruction: EvalInstruction) -> RecordDict:
+    """An :class:`EvalInstruction` as message content (see the module docstring)."""
+    model, scales = _base_delta_to_record(instruction.layers)
+    config: dict[str, Any] = {
+        "client-id": instruction.client_id,
+        "round": int(instruction.round_num),
+        "base-version": int(instruction.base_version),
+        "has-base-delta": instruction.base_delta is not None,
+        "layer-scales": scales,
+    }
+    records: dict[str, Any] = {MODEL: model, EXTRAS: tensors_to_record(instruction.extras)}
+    if instruction.base_delta is not None:
+        records[BASE_DELTA], config["base-delta-scales"] = _base_delta_to_record(
+            instruction.base_delta
+        )
+    records[EVALUATE] = ConfigRecord(config)
+    return RecordDict(records)
+
+
+def decode_eval_instruction(content: RecordDict) -> EvalInstruction:
+    """Inverse of :func:`encode_eval_instruction`.
+
+    Raises:
+        CodecError: Missing records or keys, wrong types, unreadable arrays.
+    """
+    cfg = _get(content, EVALUATE, ConfigRecord)
+    scales = [float(x) for x in _value(cfg, "layer-scales", list)]
+    layers = _record_to_base_delta(_get(content, MODEL, ArrayRecord), scales)
+    base_delta = None
+    if _value(cfg, "has-base-delta", bool):
+        base_scales = [float(x) for x in _value(cfg, "base-delta-scales", list)]
+        base_delta = _record_to_base_delta(_get(content, BASE_DELTA, ArrayRecord), base_scales)
+    return EvalInstruction(
+        client_id=_value(cfg, "client-id", str),
+        round_num=_value(cfg, "round", int),
+        layers=layers,
+        extras=record_to_tensors(_get(content, EXTRAS, ArrayRecord)),
+        base_version=_value(cfg, "base-version", int),
+        base_delta=base_delta,
+    )
+
+
+def encode_eval_reply(reply: EvalReply) -> RecordDict:
+    """An :class:`EvalReply` as message content (see the module docstring)."""
+    confusion = reply.counts.confusion
+    return RecordDict(
+        {
+            EVAL_REPLY: ConfigRecord(
+                {
+                    "client-id": reply.client_id,
+                    "num-examples": int(reply.num_examples),
+                    "num-labels": len(confusion),
+                    "confusion": [int(v) for row in confusion for v in row],
+                    "loss-sum": float(reply.counts.loss_sum),
+                    "loss-count": int(reply.counts.loss_count),
+                    "seconds": float(reply.seconds),
+                }
+            )
+        }
+    )
+
+
+def decode_eval_reply(
+    content: RecordDict, client_id: str, num_labels: int, num_examples: int, counted: bool
+) -> EvalReply:
+    """Inverse of :func:`encode_eval_reply`, checked against what the node declared at join time.
+
+    Args:
+        content: The reply message's content.
+        client_id: The client the server expects this reply from.
+        num_labels: The task's label count.
+        num_examples: The held-out examples the node declared in the QUERY round.
+        counted: Whether every example is counted in the confusion (a labelled task; free-form
+            instructions count none: their loss is per token).
+
+    Raises:
+        InvalidUpdateError: Naming ``client_id``: a missing record or key, a reply for another
+            client, another example count than declared, counts that are negative, of another
+            shape or that do not add up to the example count, or a loss that is not finite.
+    """
+    try:
+        cfg = _get(content, EVAL_REPLY, ConfigRecord)
+        sender = _value(cfg, "client-id", str)
+        if sender != client_id:
+            raise CodecError(f"reply is for client {sender!r}")
+        examples = _value(cfg, "num-examples", int)
+        labels = _value(cfg, "num-labels", int)
+        flat = _value(cfg, "confusion", list)
+        loss_sum = float(_value(cfg, "loss-sum", (int, float)))
+        loss_count = _value(cfg, "loss-count", int)
+        seconds = float(_value(cfg, "seconds", (int, float)))
+    except CodecError as err:
+        raise InvalidUpdateError(client_id, f"malformed evaluation: {err}") from err
+    if examples != num_examples:
+        raise InvalidUpdateError(
+            client_id, f"evaluated {examples} examples, declared {num_examples} at join time"
+        )
+    if labels != num_labels or len(flat) != num_labels * num_labels:
+        raise InvalidUpdateError(
+            client_id,
+            f"confusion of {len(flat)} counts for {labels} labels: expected "
+            f"{num_labels} x {num_labels}",
+        )
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in flat):
+        raise InvalidUpdateError(client_id, "confusion counts must be integers >= 0")
+    expected = num_examples if counted else 0  # free-form answers count no labels
+    if sum(flat) != expected:
+        raise InvalidUpdateError(
+            client_id, f"confusion counts add up to {sum(flat)}, not {expected}"
+        )
+    if not (math.isfinite(loss_sum) and loss_sum >= 0 and loss_count >= 0 and seconds >= 0):
+        raise InvalidUpdateError(
+            client_id, f"bad loss record: sum {loss_sum} over {loss_count} terms, {seconds} s"
+        )
+    confusion = tuple(tuple(flat[i * labels : (i + 1) * labels]) for i in range(labels))
+    return EvalReply(client_id, examples, EvalCounts(confusion, loss_sum, loss_count), seconds)
 
 
 def content_bytes(content: RecordDict) -> int:

@@ -54,6 +54,7 @@ class NodeInfo:
         memory_mb: Declared adapter memory budget in MiB (0: none declared).
         data_mode: ``own`` or ``simulated-partition``.
         label_counts: Declared training examples per label (they sum to ``num_examples``).
+        eval_examples: Declared held-out examples, for a federated evaluation (0: none).
         client_index: The client ``k`` the server made of it (:func:`admit`; -1 before).
     """
 
@@ -65,6 +66,7 @@ class NodeInfo:
     memory_mb: float = 0.0
     data_mode: str = SIMULATED
     label_counts: tuple[int, ...] = ()
+    eval_examples: int = 0
     client_index: int = -1
 
     @property
@@ -165,6 +167,7 @@ def parse_node_info(node_id: int, reply: Message | None, timeout: float | None) 
             memory_mb=float(memory),
             data_mode=str(mode),
             label_counts=counts,
+            eval_examples=_int(record, "eval-examples", 0) if "eval-examples" in record else 0,
         )
     except HloraError as err:
         raise HloraError(f"malformed query reply: {err}") from err

@@ -30,6 +30,7 @@ semantics with this budget).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,14 @@ from hlora.config import RunConfig, replace
 from hlora.data.files import read_own_data
 from hlora.data.glue import INSTRUCTIONS, get_task, resolve_data_dir, task_tsv_path
 from hlora.data.instructions import read_instructions
-from hlora.engines.flower.codec import NODE_INFO, CodecError, decode_instruction, encode_reply
+from hlora.engines.flower.codec import (
+    NODE_INFO,
+    CodecError,
+    decode_eval_instruction,
+    decode_instruction,
+    encode_eval_reply,
+    encode_reply,
+)
 from hlora.engines.flower.features import cached_features, features_key, resolve_cache_dir
 from hlora.engines.flower.manifest import (
     RunManifest,
@@ -55,11 +63,13 @@ from hlora.errors import ConfigError, HloraError
 from hlora.federation import client_partitions, fingerprint, load_run_task
 from hlora.models import Backbone
 from hlora.objectives import Objective, make_objective
+from hlora.protocol import EvalReply
 from hlora.runtime import Features, ModelRuntime
 from hlora.stack import build_stack, load_run_backbone
 
 _RUNTIMES: dict[tuple[str, ...], tuple[ModelRuntime, Backbone]] = {}
 _PARTITIONS: dict[tuple[str, ...], Features] = {}
+_HELD_OUT: dict[tuple[str, ...], Features] = {}
 _MODEL_SHA: dict[str, str] = {}  # fingerprint(config) -> backbone_sha256 before LoRA was added
 
 
@@ -92,6 +102,7 @@ class NodeData:
     partition_id: int = field(default=-1, metadata={"help": "partition of the shared task"})
     num_partitions: int = field(default=0, metadata={"help": "number of partitions"})
     cache_dir: str = field(default="", metadata={"help": "features cache ('none': off)"})
+    eval_data: str = field(default="", metadata={"help": "the node's own held-out data"})
 
     def __post_init__(self) -> None:
         if self.mode not in DATA_MODES:
@@ -113,9 +124,10 @@ class NodeData:
                 partition that is not an integer in range.
         """
         cache = str(node.get("cache-dir") or "")
+        held_out = str(node.get("eval-data") or "").strip()
         own = str(node.get("own-data") or "").strip()
         if own:
-            return NodeData(OWN, own_data=own, cache_dir=cache)
+            return NodeData(OWN, own_data=own, cache_dir=cache, eval_data=held_out)
         if "partition-id" not in node or "num-partitions" not in node:
             raise ConfigError(
                 "this node declares no data: start it with flower-supernode --node-config "
@@ -127,6 +139,7 @@ class NodeData:
             partition_id=_node_int(node, "partition-id"),
             num_partitions=_node_int(node, "num-partitions"),
             cache_dir=cache,
+            eval_data=held_out,
         )
 
 
@@ -146,6 +159,29 @@ def own_features(config: RunConfig, backbone: Backbone, path: str) -> Features:
     else:
         mine = read_own_data(path, config.data.task).train
     return _objective(config, backbone).train_features(mine)
+
+
+def held_out_examples(config: RunConfig, data: NodeData) -> tuple[Any, ...]:
+    """This node's held-out examples for a federated evaluation (see :class:`NodeData`).
+
+    ``eval-data`` (a file read whole, or a GLUE folder's ``dev.tsv``); else the ``dev.tsv`` of
+    an ``own-data`` folder (none for a file or an instruction file); else, for a simulated
+    partition, every ``num_partitions``-th example of the shared dev split from
+    ``partition_id`` on (the nodes' shares make up the whole dev split).
+
+    Raises:
+        DataError: Missing or malformed data (naming the file and the line).
+    """
+    task = config.data.task
+    if data.eval_data:
+        if task == INSTRUCTIONS:
+            return read_instructions(data.eval_data, category_field=config.data.category_field)
+        read = read_own_data(data.eval_data, task)
+        return read.held_out if Path(data.eval_data).expanduser().is_dir() else read.train
+    if data.mode == OWN:
+        return () if task == INSTRUCTIONS else read_own_data(data.own_data, task).held_out
+    dev = load_run_task(config).dev
+    return tuple(dev[data.partition_id :: data.num_partitions])
 
 
 def own_data_files(path: str, task: str) -> list[Path]:
@@ -319,9 +355,26 @@ def node_setup(
     return runtime, _PARTITIONS[key], data
 
 
+def node_held_out(config: RunConfig, node: Mapping[str, Any], runtime: ModelRuntime) -> Features:
+    """This node's held-out examples (:func:`held_out_examples`), tokenized; cached per
+    process.
+
+    Raises:
+        HloraError: Missing or bad data.
+    """
+    data = NodeData.from_node_config(node)
+    if data.mode == SIMULATED and node.get("data-dir"):
+        config = replace(config, data={"data_dir": str(node["data-dir"])})
+    key = (fingerprint(config), data.mode, data.own_data, data.eval_data, str(data.partition_id))
+    if key not in _HELD_OUT:
+        _HELD_OUT[key] = runtime.objective.eval_features(held_out_examples(config, data))
+    return _HELD_OUT[key]
+
+
 def node_info(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict) -> RecordDict:
-    """The QUERY answer: data mode, number of examples and of each label, declared rank /
-    memory budget and, in the ``simulated-partition`` mode, the partition.
+    """The QUERY answer: data mode, number of examples and of each label, number of held-out
+    examples (for a federated evaluation), declared rank / memory budget and, in the
+    ``simulated-partition`` mode, the partition.
 
     A node that cannot take part (its model is not the run's, its data cannot be read, its node
     config declares no data) answers only ``refused``: the first line of the reason.
@@ -334,6 +387,7 @@ def node_info(local: RunConfig | None, node: Mapping[str, Any], content: RecordD
     try:
         config, manifest = run_config(local, node, content)
         runtime, features, data = node_setup(config, node, hash_model=manifest is not None)
+        held_out = node_held_out(config, node, runtime)
         if manifest is not None:
             check_model(manifest, config, node_model_sha256(config))
     except HloraError as err:
@@ -346,6 +400,7 @@ def node_info(local: RunConfig | None, node: Mapping[str, Any], content: RecordD
         "data-mode": data.mode,
         "num-examples": len(features),
         "label-counts": counts,
+        "eval-examples": len(held_out),
         "rank": int(node.get("rank", 0) or 0),
         "memory-mb": float(node.get("memory-mb", 0) or 0),
     }
@@ -381,3 +436,30 @@ def train(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict)
             f"node with partition-id {data.partition_id} got {instruction.client_id}'s instruction"
         )
     return encode_reply(runtime.train_client(instruction, features))
+
+
+def evaluate(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict) -> RecordDict:
+    """A federated evaluation: the global model of the ``EVALUATE`` message on this node's
+    held-out examples (:func:`node_held_out`); the reply holds counts, not metrics
+    (:func:`~hlora.engines.flower.codec.encode_eval_reply`).
+
+    Raises:
+        HloraError: A malformed message, bad data or no held-out examples.
+    """
+    start = time.perf_counter()
+    instruction = decode_eval_instruction(content)
+    config, _ = run_config(local, node, content)
+    runtime, _, _ = node_setup(config, node)
+    held_out = node_held_out(config, node, runtime)
+    if not held_out:
+        raise HloraError("this node has no held-out data to evaluate on")
+    counts = runtime.evaluation_counts(
+        {name: delta.dense() for name, delta in instruction.layers.items()},
+        instruction.extras,
+        held_out,
+        config.server.eval_batch_size,
+        base_version=instruction.base_version,
+        base_delta=instruction.base_delta,
+    )
+    reply = EvalReply(instruction.client_id, len(held_out), counts, time.perf_counter() - start)
+    return encode_eval_reply(reply)

@@ -50,9 +50,10 @@ from hlora.federation import (
     new_run_dir,
 )
 from hlora.io import write_text_atomic
+from hlora.metrics import METRIC_NAMES
 from hlora.report import MetricsLog, RoundProgress, write_json
 from hlora.runtime import label_log_prior
-from hlora.server import FederationError
+from hlora.server import FEDERATED_EVAL, SERVER_EVAL, FederationError
 from hlora.stack import build_stack
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,19 @@ def declared_label_prior(infos: Sequence[NodeInfo], num_labels: int) -> tuple[fl
     return tuple(float(p) for p in label_log_prior(labels, num_labels).exp())
 
 
+def require_held_out(infos: Sequence[NodeInfo], evaluation: str) -> None:
+    """Refuse a federated evaluation (``evaluation`` other than ``server``) that no node can do.
+
+    Raises:
+        ConfigError: No node declared held-out examples.
+    """
+    if evaluation != SERVER_EVAL and not any(i.eval_examples for i in infos):
+        raise ConfigError(
+            f"evaluation = {evaluation!r} but no node declared held-out data: give the nodes "
+            "'eval-data' (or a GLUE folder with dev.tsv as 'own-data')"
+        )
+
+
 def check_runnable(config: RunConfig, run_dir: Path) -> ServerState | None:
     """Refuse what the Flower engine cannot run, before anything starts.
 
@@ -168,6 +182,7 @@ def serve(
     node_data: str = SIMULATED,
     eval_data: str = "",
     reply_poll_s: float = DEFAULT_REPLY_POLL_S,
+    evaluation: str = SERVER_EVAL,
 ) -> RunResult:
     """The whole server side of a Flower run: query nodes, run the rounds, write the run folder.
 
@@ -192,13 +207,22 @@ def serve(
         node_data: The nodes' data mode, ``own`` or ``simulated-partition``.
         eval_data: The server's evaluation data in the ``own`` mode (:func:`evaluation_task`).
         reply_poll_s: Seconds between the pulls for replies.
+        evaluation: Where the global model is evaluated (:data:`hlora.server.EVALUATIONS`).
+            ``federated`` and ``both`` send it to every node that declared held-out data,
+            which answers with counts (:meth:`hlora.server.RoundLoop.evaluate_federated`);
+            with ``federated`` and the nodes on their own data the server reads no data.
 
     Raises:
         HloraError: Bad input, missing nodes, or a round that cannot go on.
     """
     resumed = check_runnable(config, run_dir)
     if node_data == OWN:  # the server's model, evaluation set and update spec; no training data
-        federation = evaluation_federation(config, evaluation_task(config, eval_data))
+        if evaluation == FEDERATED_EVAL:
+            task = get_task(config.data.task)
+            data = TaskData(task, (), (), "none: the nodes evaluate on their own held-out data")
+        else:
+            data = evaluation_task(config, eval_data)
+        federation = evaluation_federation(config, data)
     else:
         federation = build_federation(config)
     fed = config.federation
@@ -220,6 +244,7 @@ def serve(
     for drop in roster.dropped:
         logger.warning("node %d left out of the run: %s", drop.node_id, drop.reason)
     federation = dataclasses.replace(federation, clients=slots)
+    require_held_out(infos, evaluation)
     if resumed is not None:
         before = json.loads((run_dir / "clients.json").read_text(encoding="utf-8"))
         now = [s.__dict__ for s in slots]
@@ -234,7 +259,12 @@ def serve(
     write_json(
         run_dir / "clients.json",
         [
-            {**s.__dict__, "node_id": i.node_id, "data_mode": i.data_mode}
+            {
+                **s.__dict__,
+                "node_id": i.node_id,
+                "data_mode": i.data_mode,
+                "eval_examples": i.eval_examples,
+            }
             for s, i in zip(slots, infos, strict=True)
         ],
     )
@@ -245,6 +275,7 @@ def serve(
         dropped_nodes.append(dataclasses.asdict(NodeDrop(node_id, reason, f"round {round_num}")))
         write_json(run_dir / DROPPED_NODES_FILE, dropped_nodes)
 
+    task = federation.task.task
     transport = FlowerTransport(
         grid,
         {i.client_id: i.node_id for i in infos},
@@ -252,10 +283,13 @@ def serve(
         on_node_dropped=node_dropped,
         run_record=run_record,
         poll_s=reply_poll_s,
+        held_out={i.client_id: i.eval_examples for i in infos},
+        num_labels=task.num_labels,
+        counted=any(m in METRIC_NAMES for m in task.metrics),
     )
     with RoundProgress(config.federation.rounds, enabled=progress) as bar:
         transport.on_client_done = bar.client_done
-        loop = make_loop(federation, run_dir, bar, transport)
+        loop = make_loop(federation, run_dir, bar, transport, evaluation=evaluation)
         if (
             node_data == OWN
             and config.train.logit_adjustment > 0
@@ -277,6 +311,7 @@ def make_server_app(
     errors: list[BaseException] | None = None,
     node_data: str | None = None,
     eval_data: str = "",
+    evaluation: str | None = None,
 ) -> ServerApp:
     """A ServerApp running :func:`serve`.
 
@@ -286,6 +321,8 @@ def make_server_app(
         node_data: The nodes' data mode; None: ``node-data`` from the run config.
         eval_data: The server's evaluation data in the ``own`` mode; '': ``eval-data`` from the
             run config.
+        evaluation: Where the global model is evaluated; None: ``evaluation`` from the run
+            config.
         progress: Show progress bars.
         results: The finished run's :class:`RunResult` is appended here (simulation).
         errors: An exception of the server is appended here instead of propagating.
@@ -309,6 +346,7 @@ def make_server_app(
                 node_data=node_data or settings.node_data,
                 eval_data=eval_data or settings.eval_data,
                 reply_poll_s=settings.reply_poll,
+                evaluation=evaluation or settings.evaluation,
             )
             flwr_log(logging.INFO, "hlora run finished: %s", result.run_dir)
             if results is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from hlora.config import RunConfig, load_config
 from hlora.errors import ConfigError
+from hlora.server import EVALUATIONS, SERVER_EVAL
 
 CONFIG_KEY = "hlora-config"
 RUN_DIR_KEY = "run-dir"
@@ -21,6 +22,7 @@ NODE_WAIT_KEY = "node-wait"
 NODE_DATA_KEY = "node-data"
 EVAL_DATA_KEY = "eval-data"
 REPLY_POLL_KEY = "reply-poll"
+EVALUATION_KEY = "evaluation"
 DEFAULT_REPLY_POLL_S = 0.25
 """Seconds between the server's pulls for replies (Flower's own ``send_and_receive``: 3 s)."""
 DEFAULT_NODE_WAIT_S = 120.0
@@ -62,6 +64,9 @@ class AppSettings:
             ``dev.tsv``) or one TSV / CSV / JSONL file ('' : the task's dev split as
             ``hlora run`` loads it).
         reply_poll: Seconds between the server's pulls for replies (Flower's own: 3).
+        evaluation: Where the global model is evaluated (:data:`hlora.server.EVALUATIONS`):
+            ``server`` (on the server's evaluation data), ``federated`` (on the nodes' own
+            held-out data; the server reads no data at all) or ``both``.
     """
 
     hlora_config: str = field(default="", metadata={"help": "path of the hlora TOML file"})
@@ -85,6 +90,9 @@ class AppSettings:
         default=DEFAULT_REPLY_POLL_S,
         metadata={"help": "seconds between the server's pulls for replies"},
     )
+    evaluation: str = field(
+        default=SERVER_EVAL, metadata={"help": "where the global model is evaluated"}
+    )
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.reply_poll) or self.reply_poll <= 0:
@@ -94,6 +102,11 @@ class AppSettings:
                 f"run config '{NODE_DATA_KEY}' must be one of {', '.join(DATA_MODES)}, got "
                 f"{self.node_data!r}"
             )
+        if self.evaluation not in EVALUATIONS:
+            raise ConfigError(
+                f"run config '{EVALUATION_KEY}' must be one of {', '.join(EVALUATIONS)}, got "
+                f"{self.evaluation!r}"
+            )
 
     @staticmethod
     def from_run_config(settings: Mapping[str, Any]) -> AppSettings:
@@ -101,7 +114,7 @@ class AppSettings:
 
         Raises:
             ConfigError: A timeout or wait that is not a finite number >= 0, a reply poll
-                that is not > 0, or an unknown node data mode.
+                that is not > 0, or an unknown node data mode or evaluation.
         """
         timeout = _seconds(settings, ROUND_TIMEOUT_KEY, DEFAULT_ROUND_TIMEOUT_S)
         return AppSettings(
@@ -112,6 +125,7 @@ class AppSettings:
             node_data=str(settings.get(NODE_DATA_KEY) or OWN),
             eval_data=str(settings.get(EVAL_DATA_KEY) or ""),
             reply_poll=_seconds(settings, REPLY_POLL_KEY, DEFAULT_REPLY_POLL_S),
+            evaluation=str(settings.get(EVALUATION_KEY) or SERVER_EVAL),
         )
 
     def load_config(self) -> RunConfig:

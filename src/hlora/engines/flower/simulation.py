@@ -14,7 +14,7 @@ from hlora.engines.flower.server_app import check_runnable, make_server_app
 from hlora.engines.flower.settings import OWN, SIMULATED
 from hlora.errors import ConfigError
 from hlora.federation import RunResult
-from hlora.server import FederationError
+from hlora.server import SERVER_EVAL, FederationError
 
 
 def run_flower_simulation(
@@ -24,6 +24,8 @@ def run_flower_simulation(
     progress: bool,
     own_data: Sequence[str] | None = None,
     eval_data: str = "",
+    own_eval_data: Sequence[str] | None = None,
+    evaluation: str = SERVER_EVAL,
 ) -> RunResult:
     """Run a whole federation in Flower's simulation runtime (Ray), one virtual node per client.
 
@@ -39,6 +41,9 @@ def run_flower_simulation(
             only the evaluation data (``eval_data``).
         eval_data: The server's evaluation data with ``own_data`` (see
             :func:`~hlora.engines.flower.server_app.evaluation_task`).
+        own_eval_data: With ``own_data``: one held-out file per client, for a federated
+            evaluation (as if each node were started with ``eval-data=PATH``).
+        evaluation: Where the global model is evaluated (:data:`hlora.server.EVALUATIONS`).
 
     Raises:
         HloraError: Bad input, or a round that cannot go on.
@@ -51,6 +56,8 @@ def run_flower_simulation(
             f"own_data names {len(own_data)} paths, expected one per client "
             f"(federation.num_clients = {n})"
         )
+    if own_eval_data is not None and (own_data is None or len(own_eval_data) != n):
+        raise ConfigError("own_eval_data needs own_data and one path per client")
     node_data = SIMULATED if own_data is None else OWN
     check_runnable(config, run_dir)
     results: list[RunResult] = []
@@ -71,8 +78,9 @@ def run_flower_simulation(
                 errors=errors,
                 node_data=node_data,
                 eval_data=eval_data,
+                evaluation=evaluation,
             ),
-            client_app=make_client_app(config, own_data=own_data),
+            client_app=make_client_app(config, own_data=own_data, own_eval_data=own_eval_data),
             num_supernodes=n,
             backend_config=backend_config,
         )

@@ -15,9 +15,23 @@ from flwr.app import ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from hlora.aggregation import InvalidUpdateError
-from hlora.engines.flower.codec import RUN, content_bytes, decode_reply, encode_instruction
+from hlora.engines.flower.codec import (
+    RUN,
+    content_bytes,
+    decode_eval_reply,
+    decode_reply,
+    encode_eval_instruction,
+    encode_instruction,
+)
 from hlora.engines.flower.settings import DEFAULT_REPLY_POLL_S
-from hlora.protocol import ClientFailure, RoundResult, TrainInstruction, TrainReply
+from hlora.protocol import (
+    ClientFailure,
+    EvalInstruction,
+    EvalReply,
+    RoundResult,
+    TrainInstruction,
+    TrainReply,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +98,12 @@ class FlowerTransport:
             after the QUERY round, once.
         run_record: The run's manifest (``hlora.run``), sent beside every instruction.
         poll_s: Seconds between the pulls for replies (:func:`send_and_receive`).
+        held_out: Client id -> held-out examples the node declared at join time (a federated
+            evaluation asks only the nodes that declared some, and checks their replies
+            against it).
+        num_labels: The task's label count (to check an evaluation's confusion counts).
+        counted: Whether an evaluation counts every example in its confusion (labelled
+            tasks; free-form instructions count none).
     """
 
     def __init__(
@@ -95,8 +115,14 @@ class FlowerTransport:
         on_node_dropped: Callable[[int, str, int], None] | None = None,
         run_record: ConfigRecord | None = None,
         poll_s: float = DEFAULT_REPLY_POLL_S,
+        held_out: Mapping[str, int] | None = None,
+        num_labels: int = 2,
+        counted: bool = True,
     ) -> None:
         self.grid = grid
+        self.held_out = dict(held_out or {})
+        self.num_labels = num_labels
+        self.counted = counted
         self.poll_s = poll_s
         self.node_of = dict(node_of)
         self.timeout = timeout
@@ -162,15 +188,72 @@ class FlowerTransport:
                 self.on_client_done(cid, instruction.rank, reply.loss if reply else None)
         return RoundResult(replies=replies, failures=failures)
 
+    def evaluate_round(
+        self, instructions: Sequence[EvalInstruction]
+    ) -> tuple[list[EvalReply], list[ClientFailure]]:
+        """An ``EVALUATE`` message to every node that declared held-out data; their counts.
+
+        A node that does not answer in time, answers with an error or with counts that do not
+        match what it declared at join time is reported as a failure with its reason (it stays
+        in the run: only this evaluation goes without it).
+        """
+        asked = [i for i in instructions if self.held_out.get(i.client_id, 0) > 0]
+        messages = []
+        for instruction in asked:
+            content = encode_eval_instruction(instruction)
+            if self.run_record is not None:
+                content[RUN] = self.run_record
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=self.node_of[instruction.client_id],
+                    message_type=MessageType.EVALUATE,
+                    group_id=str(instruction.round_num),
+                )
+            )
+        answers = match_replies(
+            messages, send_and_receive(self.grid, messages, self.timeout, self.poll_s)
+        )
+        replies: list[EvalReply] = []
+        failures: list[ClientFailure] = []
+        for instruction, answer in zip(asked, answers, strict=True):
+            cid = instruction.client_id
+            node = self.node_of[cid]
+            failure = self._failed(cid, node, answer)
+            if failure is None and answer is not None:
+                try:
+                    replies.append(
+                        decode_eval_reply(
+                            answer.content,
+                            cid,
+                            self.num_labels,
+                            self.held_out[cid],
+                            self.counted,
+                        )
+                    )
+                except InvalidUpdateError as err:
+                    failure = ClientFailure(cid, f"node {node}: {err.reason}")
+            if failure is not None:
+                logger.warning("client %s (node %d) not evaluated: %s", cid, node, failure.reason)
+                failures.append(failure)
+        return replies, failures
+
+    def _failed(self, client_id: str, node: int, message: Message | None) -> ClientFailure | None:
+        """The failure of a message that got no reply, or an error reply; None otherwise."""
+        if message is None:
+            limit = f"within {self.timeout:g} s" if self.timeout else ""
+            return ClientFailure(client_id, f"node {node}: no reply {limit}".strip())
+        if message.has_error():
+            err = message.error
+            return ClientFailure(client_id, f"node {node}: error {err.code}: {err.reason}")
+        return None
+
     def _one(
         self, client_id: str, node: int, message: Message | None
     ) -> tuple[TrainReply | None, ClientFailure | None]:
-        if message is None:
-            limit = f"within {self.timeout:g} s" if self.timeout else ""
-            return None, ClientFailure(client_id, f"node {node}: no reply {limit}".strip())
-        if message.has_error():
-            err = message.error
-            return None, ClientFailure(client_id, f"node {node}: error {err.code}: {err.reason}")
+        failure = self._failed(client_id, node, message)
+        if failure is not None or message is None:
+            return None, failure
         try:
             return decode_reply(message.content, client_id), None
         except InvalidUpdateError as err:
