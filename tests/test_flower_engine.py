@@ -815,6 +815,74 @@ sys.exit(flower_supernode())
 for it): the interval it declares to the SuperLink and the one its heartbeat thread keeps."""
 
 
+_HOSTILE_NODE = """
+# A hostile SuperNode, for tests: Python imports this module at the start of the SuperNode and of
+# every ClientApp process it starts (PYTHONPATH). HLORA_HOSTILE names what its TRAIN reply does
+# in each round, comma-separated; the round's honest reply is computed first.
+import dataclasses
+import os
+
+import torch
+
+from hlora.aggregation import LoraFactors
+from hlora.engines.flower import codec, node
+
+_honest_train = node.train
+
+
+def _lie(kind, update):
+    if kind == "huge-count":
+        return dataclasses.replace(update, num_examples=2**62)
+    if kind == "other-scaling":
+        return dataclasses.replace(update, scaling=update.scaling * 4)
+    if kind == "nan":
+        extras = {k: torch.full_like(v, float("nan")) for k, v in update.extras.items()}
+        return dataclasses.replace(update, extras=extras)
+    if kind == "oversized":
+        big = {n: LoraFactors(A=f.A * 1e3, B=f.B * 1e3) for n, f in update.factors.items()}
+        return dataclasses.replace(update, factors=big)
+    if kind == "wrong-rank":  # consistent factors of another rank
+        wider = {
+            n: LoraFactors(
+                A=torch.cat([f.A, torch.zeros(2, f.A.shape[1])]),
+                B=torch.cat([f.B, torch.zeros(f.B.shape[0], 2)], dim=1),
+            )
+            for n, f in update.factors.items()
+        }
+        return dataclasses.replace(update, rank=update.rank + 2, factors=wider)
+    if kind == "as-client00":
+        return dataclasses.replace(update, client_id="client00")
+    raise ValueError(kind)
+
+
+def hostile_train(local, node_config, content):
+    instruction = codec.decode_instruction(content)
+    reply = codec.decode_reply(_honest_train(local, node_config, content), instruction.client_id)
+    kind = os.environ["HLORA_HOSTILE"].split(",")[instruction.round_num - 1]
+    return codec.encode_reply(dataclasses.replace(reply, update=_lie(kind, reply.update)))
+
+
+node.train = hostile_train
+"""
+
+
+class _WithoutClients:
+    """The in-process transport, with ``absent`` clients failing every round (the reference of
+    a federation whose hostile nodes are all dropped)."""
+
+    def __init__(self, inner: object, absent: set[str]) -> None:
+        self.inner = inner
+        self.absent = absent
+
+    def run_round(self, instructions: list[TrainInstruction]) -> object:
+        from hlora.protocol import ClientFailure, RoundResult
+
+        kept = [i for i in instructions if i.client_id not in self.absent]
+        result = self.inner.run_round(kept)  # type: ignore[attr-defined]
+        gone = [ClientFailure(i.client_id, "absent") for i in instructions if i not in kept]
+        return RoundResult(result.replies, [*result.failures, *gone])
+
+
 class LocalDeployment:
     """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1, each its own process.
 
@@ -839,7 +907,9 @@ class LocalDeployment:
         self.nodes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = self.home / f"{name}.log"
         self.logs.append(log)
         with log.open("wb") as out:
@@ -847,7 +917,7 @@ class LocalDeployment:
                 args,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 cwd=self.home,
                 start_new_session=True,
             )
@@ -914,24 +984,18 @@ class LocalDeployment:
             ],
         )
 
-    def start(self) -> None:
+    def start(
+        self, database: Path | None = None, node_env: dict[int, dict[str, str]] | None = None
+    ) -> None:
+        """The SuperLink (its state in ``database``, else in memory), then the SuperNodes;
+        node ``i`` gets ``node_env[i]`` on top of the environment."""
         flwr_home = Path(self.env["FLWR_HOME"])
         (flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{self.FEDERATION}"\n\n[superlink.{self.FEDERATION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
+        self.start_superlink(database=database)
         bin_dir = Path(sys.executable).parent
-        self.superlink = self._spawn(
-            "superlink",
-            [
-                str(bin_dir / "flower-superlink"),
-                "--insecure",
-                "--port",
-                str(self.port),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        _wait_for_port(self.port)
         for i in range(self.num_nodes):
             self.nodes.append(
                 self._spawn(
@@ -946,14 +1010,37 @@ class LocalDeployment:
                         "--node-config",
                         self.node_configs[i],
                     ],
+                    (node_env or {}).get(i),
                 )
             )
 
-    def run(self, app_dir: Path, run_config: str) -> subprocess.Popen:
+    def start_superlink(self, name: str = "superlink", database: Path | None = None) -> None:
+        """An insecure SuperLink on ``self.port``, waited for; its state in ``database`` (an
+        SQLite file that outlives it), else in memory."""
+        state = ["--database", str(database)] if database is not None else []
+        self.superlink = self._spawn(
+            name,
+            [
+                str(Path(sys.executable).parent / "flower-superlink"),
+                "--insecure",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+                *state,
+            ],
+        )
+        _wait_for_port(self.port)
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink and everything below it (the ServerApp process of a run)."""
+        if self.superlink is not None:
+            _stop(self.superlink, kill=True)
+
+    def run(self, app_dir: Path, run_config: str, name: str = "flwr-run") -> subprocess.Popen:
         """``flwr run APP FEDERATION --stream --run-config ...`` (not waited for)."""
         bin_dir = Path(sys.executable).parent
         return self._spawn(
-            "flwr-run",
+            name,
             [
                 str(bin_dir / "flwr"),
                 "run",
@@ -1005,47 +1092,112 @@ def _wait(proc: subprocess.Popen, deployment: LocalDeployment, timeout: float) -
         pytest.fail(f"flwr run did not finish in {timeout:.0f} s\n{deployment.tail()}")
 
 
-@contextlib.contextmanager
-def _deployed_run(
-    flower_env: Path, config_path: Path, run_dir: Path
-) -> Iterator[tuple[LocalDeployment, subprocess.Popen]]:
-    """Three SuperNodes on loopback, node ``i`` on its simulated partition ``i``, and
-    ``flwr run`` of ``config_path``; both stopped on exit."""
-    deployment = LocalDeployment(flower_env, num_nodes=3)
-    flwr_run = None
-    try:
-        deployment.start()
-        flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300))
-        yield deployment, flwr_run
-    finally:
-        if flwr_run is not None:
-            _stop(flwr_run)
-        deployment.stop()
+HOSTILE_ROUNDS = {
+    "client02": ("huge-count", "wrong-rank", "oversized"),
+    "client03": ("nan", "as-client00", "other-scaling"),
+}
+"""What each hostile node's TRAIN reply does in rounds 1, 2 and 3."""
+HOSTILE_REASONS = {
+    "huge-count": "claims 4611686018427387904 training examples",
+    "wrong-rank": "differs",
+    "oversized": "exceeds trust.update_norm_bound = 50",
+    "nan": "non-finite",
+    "as-client00": "malformed reply: reply is for client 'client00'",
+    "other-scaling": "is not the run's",
+}
 
 
 @pytest.mark.distributed
-def test_flower_deployment_on_loopback(
+def test_a_deployment_drops_hostile_nodes_and_resumes_after_its_superlink_is_killed(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
 ) -> None:
-    config = _tiny_config(tiny_bert_dir, glue_dir, tmp_path)
+    """Four SuperNodes on loopback, three rounds; two of them are hostile (``HOSTILE_ROUNDS``:
+    each round another lie). Once round 1 is checkpointed the SuperLink is SIGKILLed with the
+    ServerApp below it (and the ``flwr run`` that streams its log); a new SuperLink starts on
+    the same port and database, the running SuperNodes reconnect to it, and ``flwr run`` on the
+    same run folder resumes from the checkpoint.
+
+    Lost: nothing. Every hostile reply is dropped with its reason, and every round equals an
+    in-process run in which the two hostile clients never answer."""
+    from hlora.engines.inprocess import InProcessTransport
+    from hlora.federation import make_loop
+    from hlora.report import RoundProgress
+
+    config = _tiny_config(
+        tiny_bert_dir,
+        glue_dir,
+        tmp_path,
+        **{
+            "federation.num_clients": 4,
+            "federation.rounds": 3,
+            "data.train_limit": 64,
+            "data.partition": '"iid"',
+            "trust.update_norm_bound": 50.0,
+        },
+    )
     config_path = _write_config(config, tmp_path / "run.toml")
     run_dir = tmp_path / "deployed"
-    with _deployed_run(flower_env, config_path, run_dir) as (deployment, flwr_run):
-        # The in-process reference runs while the deployment starts up.
-        reference = run(replace(config, output={"name": "inprocess"}), progress=False)
-        _wait(flwr_run, deployment, 600)
+    hostile_path = tmp_path / "hostile"
+    hostile_path.mkdir()
+    (hostile_path / "sitecustomize.py").write_text(_HOSTILE_NODE)
+    node_env = {
+        int(cid[-1]): {"PYTHONPATH": str(hostile_path), "HLORA_HOSTILE": ",".join(kinds)}
+        for cid, kinds in HOSTILE_ROUNDS.items()
+    }
+    deployment = LocalDeployment(flower_env, num_nodes=4)
+    runs: list[subprocess.Popen] = []
+    try:
+        database = flower_env / "superlink-state.db"
+        deployment.start(database, node_env)
+        runs.append(deployment.run(APP_DIR, _run_config(config_path, run_dir, 300)))
+        # The reference runs in process while the deployment starts up.
+        federation = build_federation(replace(config, output={"name": "inprocess"}))
+        reference_dir = tmp_path / "inprocess"
+        reference_dir.mkdir()
+        transport = InProcessTransport(federation.runtime, federation.train_features)
+        make_loop(
+            federation,
+            reference_dir,
+            RoundProgress(3, enabled=False),
+            _WithoutClients(transport, set(HOSTILE_ROUNDS)),  # type: ignore[arg-type]
+        ).run()
+        deadline = time.monotonic() + 600
+        while not ((run_dir / "checkpoint.safetensors").exists() and _records(run_dir)):
+            if runs[0].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"round 1 never finished\n{deployment.tail()}")
+            time.sleep(0.2)  # poll interval of a wait on a condition with a deadline
+        deployment.kill_superlink()
+        _stop(runs[0], kill=True)
+        before = (run_dir / "metrics.jsonl").read_text().splitlines()
+        assert len(before) == 1, "the run went past round 1 before it could be killed"
+        deployment.start_superlink("superlink-restarted", database)
+        runs.append(deployment.run(APP_DIR, _run_config(config_path, run_dir, 300), "rerun"))
+        _wait(runs[1], deployment, 600)
         assert (run_dir / "summary.json").is_file(), deployment.tail()
-    ref, got = _records(reference.run_dir), _records(run_dir)
-    assert [r["round"] for r in got] == [1, 2]
+    finally:
+        _stop(*runs)
+        deployment.stop()
+    # Resumed, not redone: the round finished before the kill is the same line, timings in.
+    after = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before
+    ref, got = _records(reference_dir), _records(run_dir)
+    assert [r["round"] for r in got] == [1, 2, 3]
     clients = json.loads((run_dir / "clients.json").read_text())
-    assert [c["client_id"] for c in clients] == ["client00", "client01", "client02"]
+    assert [c["client_id"] for c in clients] == [f"client{k:02d}" for k in range(4)]
+    assert json.loads((run_dir / "dropped_nodes.json").read_text()) == []
     for a, b in zip(ref, got, strict=True):
-        assert b["dropped"] == []
-        assert [c["bytes_received"] for c in b["clients"]] == [
-            c["bytes_received"] for c in a["clients"]
+        dropped = {d["client_id"]: d["reason"] for d in b["dropped"]}
+        assert sorted(dropped) == sorted(HOSTILE_ROUNDS), b["dropped"]
+        for cid, kinds in HOSTILE_ROUNDS.items():
+            assert HOSTILE_REASONS[kinds[b["round"] - 1]] in dropped[cid], dropped[cid]
+        accepted = {c["client_id"]: c["accepted"] for c in b["clients"]}
+        assert accepted == {f"client{k:02d}": k < 2 for k in range(4)}
+        assert [c["bytes_received"] for c in b["clients"][:2]] == [
+            c["bytes_received"] for c in a["clients"][:2]
         ]
         assert b["eval"]["accuracy"] == a["eval"]["accuracy"]
         assert math.isclose(b["eval"]["loss"], a["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
+        assert math.isclose(b["train_loss"], a["train_loss"], rel_tol=1e-4, abs_tol=1e-5)
 
 
 def _own_files(glue_dir: Path, folder: Path, sizes: list[int]) -> tuple[list[Path], Path]:
