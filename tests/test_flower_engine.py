@@ -32,6 +32,7 @@ from hlora.data.glue import load_task
 from hlora.engines.flower.codec import decode_instruction, encode_reply
 from hlora.errors import ConfigError
 from hlora.federation import build_federation, run
+from hlora.memory import Footprint
 from hlora.protocol import TrainInstruction, TrainReply
 from tiny_models import tiny_overrides
 
@@ -327,13 +328,17 @@ def test_replies_are_pulled_every_poll_until_all_came_or_the_timeout(
     assert fake_time.sleeps == pytest.approx([0.3, 0.3, 0.3, 0.1])  # never past the timeout
 
 
+def _footprint(rank: int) -> Footprint:
+    """100 MiB of weights, 50 of activations, 1 MiB of training state per rank unit."""
+    return Footprint(100 * 2**20, 50 * 2**20, rank * 2**20)
+
+
 def test_query_maps_nodes_to_clients_and_ranks(task_identity: None) -> None:
-    from hlora.adapters import LayerShape
     from hlora.engines.flower.identity import node_rank, query_nodes
 
     grid = FakeGrid(
         {
-            7: _query_answer(2, memory_mb=0.01),
+            7: _query_answer(2, memory_mb=155.0),
             5: _query_answer(0, rank=8),
             9: _query_answer(1),
         }
@@ -347,10 +352,9 @@ def test_query_maps_nodes_to_clients_and_ranks(task_identity: None) -> None:
         (7, "client02", 12),
     ]
     config = load_config(None, ("federation.num_clients=3", "federation.ranks=[2, 4, 8]"))
-    shapes = {"layer": LayerShape(out_features=64, in_features=64)}  # 128 params per rank
     rule = [2, 4, 8]  # cycle
-    # declared rank wins; no declaration: the rule; 0.01 MiB fits 16 B x 128 x r <= 10485 -> 4
-    assert [node_rank(config, shapes, i, rule) for i in infos] == [8, 4, 4]
+    # declared rank wins; no declaration: the rule; 155 MiB fits 150 + r MiB up to rank 4
+    assert [node_rank(config, _footprint, i, rule) for i in infos] == [8, 4, 4]
 
 
 def test_query_drops_duplicate_partitions_and_goes_on(task_identity: None) -> None:
@@ -433,7 +437,6 @@ def test_a_bad_query_answer_drops_the_node_and_the_run_goes_on(
 def test_own_data_nodes_become_clients_in_node_id_order(task_identity: None) -> None:
     """Mode ``own``: no partition; clients by ascending node id, the example count as declared,
     nodes beyond federation.num_clients and nodes of the other mode left out with the reason."""
-    from hlora.adapters import LayerShape
     from hlora.engines.flower.identity import assign_slots, query_nodes
     from hlora.engines.flower.server_app import declared_label_prior
     from hlora.server import ClientSlot, FederationError
@@ -461,7 +464,7 @@ def test_own_data_nodes_become_clients_in_node_id_order(task_identity: None) -> 
     )
     assert "federation.num_clients = 3 clients are taken" in roster.dropped[1].reason
     config = load_config(None, ("federation.num_clients=3", "federation.ranks=[2, 4, 8]"))
-    shapes = {"layer": LayerShape(out_features=64, in_features=64)}
+    shapes = _footprint
     slots, _ = assign_slots(config, shapes, roster)
     assert slots == [  # declared rank wins; else the rule's cycle for client k
         ClientSlot("client00", 4, 12),
@@ -482,12 +485,11 @@ def test_own_data_nodes_become_clients_in_node_id_order(task_identity: None) -> 
 
 
 def test_a_rank_the_run_cannot_serve_drops_the_node(task_identity: None) -> None:
-    from hlora.adapters import LayerShape
     from hlora.engines.flower.identity import NodeInfo, Roster, assign_slots
     from hlora.server import ClientSlot, FederationError
 
     config = load_config(None, ("federation.num_clients=3", "federation.ranks=[2, 4]"))
-    shapes = {"layer": LayerShape(out_features=64, in_features=64)}
+    shapes = _footprint
     roster = Roster(
         [
             NodeInfo(5, 0, 3, 10),
@@ -600,13 +602,12 @@ def test_a_federated_evaluation_needs_a_transport_that_can_and_nodes_with_held_o
 
 
 def test_declared_rank_outside_the_config_is_an_error() -> None:
-    from hlora.adapters import LayerShape
     from hlora.engines.flower.identity import NodeInfo, node_rank
 
     config = load_config(None, ("federation.num_clients=3", "federation.ranks=[2, 4]"))
     info = NodeInfo(node_id=1, partition_id=0, num_partitions=3, num_examples=5, rank=16)
     with pytest.raises(ConfigError, match="declares rank 16"):
-        node_rank(config, {"l": LayerShape(8, 8)}, info, [2, 4, 2])
+        node_rank(config, _footprint, info, [2, 4, 2])
 
 
 def test_simulation_refuses_centralized_and_used_run_folders(tmp_path: Path) -> None:

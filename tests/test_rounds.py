@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hlora.adapters import LayerShape
 from hlora.aggregation import LoraFactors
 from hlora.config import load_config
 from hlora.errors import ConfigError
 from hlora.federation import assign_ranks, run
+from hlora.memory import Footprint
 from hlora.runtime import ModelRuntime
 from hlora.server import FederationError
 from tiny_models import tiny_overrides
@@ -64,38 +64,44 @@ def test_too_few_valid_updates_stop_the_run(
         run(load_config(None, tuple(overrides)), progress=False)
 
 
-SHAPES = {f"l{i}": LayerShape(384, 384) for i in range(12)}  # 12 x (384 + 384) per rank unit
+def _footprint(rank: int) -> Footprint:
+    """100 MiB of weights, 50 of activations, 1 MiB of training state per rank unit."""
+    return Footprint(100 * 2**20, 50 * 2**20, rank * 2**20)
 
 
 def test_rank_rules() -> None:
     cycle = load_config(None, ("federation.num_clients=5", "federation.ranks=[2, 8]"))
-    assert assign_ranks(cycle, SHAPES) == [2, 8, 2, 8, 2]
+    assert assign_ranks(cycle, _footprint) == [2, 8, 2, 8, 2]
     listed = load_config(
         None,
         ("federation.num_clients=3", "federation.rank_rule=list", "federation.ranks=[1, 5, 3]"),
     )
-    assert assign_ranks(listed, SHAPES) == [1, 5, 3]
-    # 16 bytes x r x 12 x 768 = 0.140625 MiB per rank unit.
+    assert assign_ranks(listed, _footprint) == [1, 5, 3]
+    # 152, 154, 158 and 166 MiB for ranks 2, 4, 8 and 16.
     memory = load_config(
         None,
         (
             "federation.num_clients=3",
             "federation.rank_rule=memory",
             "federation.ranks=[2, 4, 8, 16]",
-            "federation.memory_budgets_mb=[0.3, 1.2, 100]",
+            "federation.memory_budgets_mb=[155, 165.9, 1000]",
         ),
     )
-    assert assign_ranks(memory, SHAPES) == [2, 8, 16]
+    assert assign_ranks(memory, _footprint) == [4, 8, 16]
     tiny = load_config(
         None,
         (
             "federation.num_clients=1",
             "federation.rank_rule=memory",
-            "federation.memory_budgets_mb=[0.1]",
+            "federation.memory_budgets_mb=[151.9]",
         ),
     )
-    with pytest.raises(ConfigError, match=r"client 0 has 0.1 MiB, the smallest rank 2 needs 0.28"):
-        assign_ranks(tiny, SHAPES)
+    with pytest.raises(
+        ConfigError,
+        match=r"client 0 has 151.9 MiB, the smallest rank 2 needs 152.0 MiB = base 100.0 \+ "
+        r"activations 50.0 \+ training state 2.0",
+    ):
+        assign_ranks(tiny, _footprint)
 
 
 def test_flora_cumulative_update_stays_exact_and_bounded() -> None:

@@ -379,6 +379,11 @@ class LoraBank:
         """
         return self._extra_names
 
+    @property
+    def active_rank(self) -> int:
+        """The rank whose adapter is active (:meth:`activate`)."""
+        return self._active
+
     def activate(self, rank: int) -> None:
         """Makes the rank's adapter (and its head copy) the active and only trainable tensors.
 

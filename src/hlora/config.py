@@ -229,15 +229,18 @@ class FederationConfig:
         default="cycle",
         metadata=_help(
             "'cycle': client k gets ranks[k % len(ranks)]; 'list': one rank per client; "
-            "'memory': the largest rank in ranks whose adapter training state (16 bytes per LoRA "
-            "parameter: weight, gradient, two AdamW moments) fits the client's memory_budgets_mb"
+            "'memory': the largest rank in ranks whose training footprint (base weights at their "
+            "dtype + the activations of a batch of train.batch_size x model.max_length tokens, "
+            "measured + 16 bytes per trained parameter: weight, gradient, two AdamW moments; "
+            "hlora.memory) fits the client's memory_budgets_mb"
         ),
     )
     ranks: tuple[int, ...] = field(default=(2, 4, 8, 16), metadata=_help("LoRA ranks"))
     memory_budgets_mb: tuple[float, ...] = field(
         default=(),
         metadata=_help(
-            "per-client adapter memory budget in MiB (rank_rule = 'memory'), cycled over clients"
+            "per-client training memory in MiB (rank_rule = 'memory'; the Python runtime "
+            "not included), cycled over clients"
         ),
     )
     centralized_rank: int = field(

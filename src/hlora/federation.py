@@ -19,12 +19,10 @@ from typing import Any
 
 import torch
 
-from hlora.adapters import LayerShape
 from hlora.aggregation import AggregationOptions, UpdateSpec, get_strategy
 from hlora.aggregation.factored import qr_svd
 from hlora.checkpoint import ServerState, load_state
 from hlora.config import (
-    ADAPTER_BYTES_PER_PARAM,
     CONFIG_FILE,
     RunConfig,
     TrustConfig,
@@ -38,6 +36,7 @@ from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
 from hlora.generation import GENERATIONS_FILE, generate_with_update
 from hlora.io import run_folder_lock, write_text_atomic
+from hlora.memory import FootprintFn, footprint_fn
 from hlora.metrics import majority_baseline
 from hlora.models import Backbone
 from hlora.objectives import CausalLanguageModeling
@@ -87,8 +86,13 @@ def fingerprint(config: RunConfig) -> str:
     return hashlib.sha256(repr(sorted(body.items())).encode()).hexdigest()[:16]
 
 
-def assign_ranks(config: RunConfig, shapes: dict[str, LayerShape]) -> list[int]:
+def assign_ranks(config: RunConfig, footprint: FootprintFn) -> list[int]:
     """Each client's LoRA rank, by ``federation.rank_rule`` (see :class:`FederationConfig`).
+
+    Args:
+        config: The run configuration.
+        footprint: What a client of each rank needs in memory (:mod:`hlora.memory`); asked only
+            by the ``memory`` rule.
 
     Raises:
         ConfigError: A memory budget too small for the smallest rank.
@@ -99,16 +103,14 @@ def assign_ranks(config: RunConfig, shapes: dict[str, LayerShape]) -> list[int]:
         return list(fed.ranks)
     if fed.rank_rule == "cycle":
         return [fed.ranks[k % len(fed.ranks)] for k in range(n)]
-    per_rank = sum(s.in_features + s.out_features for s in shapes.values())
     ranks = []
     for k in range(n):
         budget = fed.memory_budgets_mb[k % len(fed.memory_budgets_mb)]
-        fits = [r for r in fed.ranks if ADAPTER_BYTES_PER_PARAM * r * per_rank <= budget * 2**20]
+        fits = [r for r in fed.ranks if footprint(r).total <= budget * 2**20]
         if not fits:
-            need = ADAPTER_BYTES_PER_PARAM * min(fed.ranks) * per_rank / 2**20
             raise ConfigError(
                 f"invalid value for 'federation.memory_budgets_mb': client {k} has {budget} MiB, "
-                f"the smallest rank {min(fed.ranks)} needs {need:.2f} MiB"
+                f"the smallest rank {min(fed.ranks)} needs {footprint(min(fed.ranks)).describe()}"
             )
         ranks.append(max(fits))
     return ranks
@@ -210,7 +212,7 @@ def build_federation(config: RunConfig) -> Federation:
     stack = build_stack(config, ranks or fed.ranks)
     backbone, bank, runtime = stack.backbone, stack.bank, stack.runtime
     if not centralized:
-        ranks = assign_ranks(config, bank.layer_shapes())
+        ranks = assign_ranks(config, footprint_fn(runtime, config))
     train_all = stack.objective.train_features(task.train)
     dev = stack.objective.eval_features(task.dev)
     clients = [

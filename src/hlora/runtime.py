@@ -184,8 +184,8 @@ class ModelRuntime:
                         lr = instruction.schedule.rate(step, total_steps)
                         for group in optimizer.param_groups:
                             group["lr"] = lr
-                    batch = self._batch([features[i] for i in batch_idx])
-                    with self._autocast():
+                    batch = self.batch([features[i] for i in batch_idx])
+                    with self.autocast():
                         loss = objective.loss(model, batch, log_prior)
                     total = loss
                     if anchors:
@@ -274,8 +274,8 @@ class ModelRuntime:
         order = length_grouped_batches(lengths, batch_size, shuffle=False, seed=0)
         with self.bank.evaluating_dense(moved, extras) as model, torch.no_grad():
             for batch_idx in order:
-                batch = self._batch([features[i] for i in batch_idx])
-                with self._autocast():
+                batch = self.batch([features[i] for i in batch_idx])
+                with self.autocast():
                     scored = self.objective.score(model, batch)
                 total_loss += scored.loss_sum
                 count += scored.loss_count
@@ -283,11 +283,13 @@ class ModelRuntime:
                 labels.extend(scored.labels)
         return EvalCounts.of(preds, labels, self.objective.task.num_labels, total_loss, count)
 
-    def _batch(self, features: Features) -> dict[str, Tensor]:
+    def batch(self, features: Features) -> dict[str, Tensor]:
+        """Collated ``features`` on this runtime's device."""
         batch = self.objective.collate(features)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _autocast(self) -> Any:
+    def autocast(self) -> Any:
+        """bf16 autocast when ``train.precision`` asks for it on this device, else nothing."""
         if self.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()

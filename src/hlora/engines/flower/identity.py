@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from hlora.adapters import LayerShape
 from hlora.config import RunConfig, replace
 from hlora.data.glue import get_task
 from hlora.engines.flower.codec import NODE_INFO, RUN
@@ -38,6 +37,7 @@ from hlora.engines.flower.settings import DATA_MODES, DEFAULT_REPLY_POLL_S, OWN,
 from hlora.engines.flower.transport import match_replies, send_and_receive
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import assign_ranks
+from hlora.memory import FootprintFn
 from hlora.server import ClientSlot, FederationError
 
 
@@ -250,13 +250,13 @@ def _as_client(info: NodeInfo, client_index: int) -> NodeInfo:
 
 
 def node_rank(
-    config: RunConfig, shapes: Mapping[str, LayerShape], info: NodeInfo, rule_ranks: Sequence[int]
+    config: RunConfig, footprint: FootprintFn, info: NodeInfo, rule_ranks: Sequence[int]
 ) -> int:
     """The rank of one node: declared rank, else rank for its memory budget, else the config rule.
 
     Args:
         config: The run configuration.
-        shapes: Adapted layer shapes (for memory budgets).
+        footprint: What a client of each rank needs in memory (for memory budgets).
         info: The node's declaration.
         rule_ranks: :func:`hlora.federation.assign_ranks` for the whole federation.
 
@@ -281,12 +281,12 @@ def node_rank(
                 "clients_per_round": 0,
             },
         )
-        return assign_ranks(one, dict(shapes))[0]
+        return assign_ranks(one, footprint)[0]
     return rule_ranks[info.index]
 
 
 def assign_slots(
-    config: RunConfig, shapes: Mapping[str, LayerShape], roster: Roster
+    config: RunConfig, footprint: FootprintFn, roster: Roster
 ) -> tuple[list[ClientSlot], Roster]:
     """Each accepted node's client slot (id, rank, example count); a node whose declared rank or
     memory budget the run cannot serve, or whose label counts do not fit the task, is dropped
@@ -295,7 +295,7 @@ def assign_slots(
     Raises:
         FederationError: Fewer than ``federation.min_clients`` nodes remain.
     """
-    rule_ranks = assign_ranks(config, dict(shapes))
+    rule_ranks = assign_ranks(config, footprint)
     slots, accepted, dropped = [], [], list(roster.dropped)
     num_labels = get_task(config.data.task).num_labels
     for info in roster.accepted:
@@ -305,7 +305,7 @@ def assign_slots(
                     f"node {info.node_id} declares {len(info.label_counts)} label counts: task "
                     f"'{config.data.task}' has {num_labels} labels"
                 )
-            rank = node_rank(config, shapes, info, rule_ranks)
+            rank = node_rank(config, footprint, info, rule_ranks)
         except ConfigError as err:
             dropped.append(NodeDrop(info.node_id, str(err)))
             continue

@@ -50,6 +50,7 @@ from hlora.federation import (
     new_run_dir,
 )
 from hlora.io import write_text_atomic
+from hlora.memory import footprint_fn
 from hlora.metrics import METRIC_NAMES
 from hlora.report import MetricsLog, RoundProgress, write_json
 from hlora.runtime import label_log_prior
@@ -239,7 +240,7 @@ def serve(
         mode=node_data,
         poll_s=reply_poll_s,
     )
-    slots, roster = assign_slots(config, federation.runtime.bank.layer_shapes(), roster)
+    slots, roster = assign_slots(config, footprint_fn(federation.runtime, config), roster)
     infos = roster.accepted
     for drop in roster.dropped:
         logger.warning("node %d left out of the run: %s", drop.node_id, drop.reason)
