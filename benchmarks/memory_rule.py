@@ -60,7 +60,7 @@ def _rss_bytes() -> int:
     return int(fields[1]) * resource.getpagesize()
 
 
-def measure(case: str, steps: int) -> dict[str, object]:
+def measure(case: str, steps: int, extra: tuple[str, ...] = ()) -> dict[str, object]:
     """One case, in this process (see the module docstring)."""
     import torch
 
@@ -70,7 +70,7 @@ def measure(case: str, steps: int) -> dict[str, object]:
     from hlora.protocol import TrainInstruction
     from hlora.stack import build_stack
 
-    overrides = (*CASES[case], f"federation.ranks=[{RANK}]", "train.local_epochs=1")
+    overrides = (*CASES[case], f"federation.ranks=[{RANK}]", "train.local_epochs=1", *extra)
     config = load_config(None, overrides)
     cuda = torch.cuda.is_available()
     before = _rss_bytes()
@@ -121,16 +121,27 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--steps", type=int, default=2, help="training steps per case")
     parser.add_argument("--json", type=Path, help="also write the JSON result here")
+    parser.add_argument(
+        "--set", action="append", default=[], help="a configuration override for every case"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.steps)))
+        print(json.dumps(measure(args.one, args.steps, tuple(args.set))))
         return
     rows = []
     for case in args.cases:
         for allocator, env in ALLOCATORS.items():
             out = subprocess.run(
-                [sys.executable, __file__, "--one", case, "--steps", str(args.steps)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    case,
+                    "--steps",
+                    str(args.steps),
+                    *(f"--set={o}" for o in args.set),
+                ],
                 check=True,
                 capture_output=True,
                 text=True,

@@ -113,6 +113,33 @@ def test_simulation_measure_runs_one_round_of_k_clients(
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_memory_rule_benchmark_puts_the_estimate_beside_a_measured_peak(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/memory_rule.py"),
+        "--cases",
+        "minilm-b16",
+        "--steps",
+        "1",
+        f"--set=model.name={tiny_bert_dir}",
+        "--set=model.max_length=32",
+        "--json",
+        str(tmp_path / "memory.json"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert [r["allocator"] for r in rows] == ["default", "mmap-64k"]
+    for row in rows:
+        parts = row["base_mib"] + row["activations_mib"] + row["state_mib"]
+        assert row["estimate_mib"] == pytest.approx(parts)
+        assert row["measured_mib"] > 0 and row["steps"] == 1
+        assert row["error"] == pytest.approx(row["estimate_mib"] / row["measured_mib"] - 1)
+
+
 def test_sft_client_benchmark_compares_hlora_with_trl_on_the_same_sequences(
     tmp_path: Path, glue_dir: Path
 ) -> None:
