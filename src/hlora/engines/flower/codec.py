@@ -204,6 +204,16 @@ def _record_to_base_delta(record: ArrayRecord, scales: list[float]) -> dict[str,
 # -- records access with clear errors ------------------------------------------------------
 
 
+def _decode_base_delta(
+    cfg: Mapping[str, Any], content: RecordDict
+) -> dict[str, LowRankDelta] | None:
+    """The ``flora`` base delta of an instruction or evaluation, if it has one."""
+    if not _value(cfg, "has-base-delta", bool):
+        return None
+    scales = [float(s) for s in _value(cfg, "base-delta-scales", list)]
+    return _record_to_base_delta(_get(content, BASE_DELTA, ArrayRecord), scales)
+
+
 def _get(content: RecordDict, key: str, kind: type) -> Any:
     if key not in content:
         raise CodecError(f"message has no {key!r} record (has: {sorted(content)})")
@@ -272,10 +282,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     factors = None
     if _value(cfg, "has-factors", bool):
         factors = _record_to_factors(_get(content, FACTORS, ArrayRecord))
-    base_delta = None
-    if _value(cfg, "has-base-delta", bool):
-        scales = [float(s) for s in _value(cfg, "base-delta-scales", list)]
-        base_delta = _record_to_base_delta(_get(content, BASE_DELTA, ArrayRecord), scales)
+    base_delta = _decode_base_delta(cfg, content)
     prior = None
     if "label-prior" in cfg:
         values = _value(cfg, "label-prior", list)
@@ -421,10 +428,7 @@ def decode_eval_instruction(content: RecordDict) -> EvalInstruction:
     cfg = _get(content, EVALUATE, ConfigRecord)
     scales = [float(x) for x in _value(cfg, "layer-scales", list)]
     layers = _record_to_base_delta(_get(content, MODEL, ArrayRecord), scales)
-    base_delta = None
-    if _value(cfg, "has-base-delta", bool):
-        base_scales = [float(x) for x in _value(cfg, "base-delta-scales", list)]
-        base_delta = _record_to_base_delta(_get(content, BASE_DELTA, ArrayRecord), base_scales)
+    base_delta = _decode_base_delta(cfg, content)
     return EvalInstruction(
         client_id=_value(cfg, "client-id", str),
         round_num=_value(cfg, "round", int),

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from flwr.app import ConfigRecord, Message, MessageType
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from hlora.aggregation import InvalidUpdateError
@@ -151,24 +151,9 @@ class FlowerTransport:
         """One round: a message per node, then replies, failures for the rest."""
         if instructions:
             self.check_late_nodes(instructions[0].round_num)
-        messages = []
-        sent: dict[str, int] = {}
-        for instruction in instructions:
-            content = encode_instruction(instruction)
-            sent[instruction.client_id] = content_bytes(content)
-            if self.run_record is not None:
-                content[RUN] = self.run_record
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=self.node_of[instruction.client_id],
-                    message_type=MessageType.TRAIN,
-                    group_id=str(instruction.round_num),
-                )
-            )
-        answers = match_replies(
-            messages, send_and_receive(self.grid, messages, self.timeout, self.poll_s)
-        )
+        contents = [(i.client_id, i.round_num, encode_instruction(i)) for i in instructions]
+        sent = {cid: content_bytes(content) for cid, _, content in contents}
+        answers = self._exchange(contents, MessageType.TRAIN)
         replies: list[TrainReply] = []
         failures: list[ClientFailure] = []
         self.wire_bytes = {}
@@ -198,22 +183,8 @@ class FlowerTransport:
         in the run: only this evaluation goes without it).
         """
         asked = [i for i in instructions if self.held_out.get(i.client_id, 0) > 0]
-        messages = []
-        for instruction in asked:
-            content = encode_eval_instruction(instruction)
-            if self.run_record is not None:
-                content[RUN] = self.run_record
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=self.node_of[instruction.client_id],
-                    message_type=MessageType.EVALUATE,
-                    group_id=str(instruction.round_num),
-                )
-            )
-        answers = match_replies(
-            messages, send_and_receive(self.grid, messages, self.timeout, self.poll_s)
-        )
+        contents = [(i.client_id, i.round_num, encode_eval_instruction(i)) for i in asked]
+        answers = self._exchange(contents, MessageType.EVALUATE)
         replies: list[EvalReply] = []
         failures: list[ClientFailure] = []
         for instruction, answer in zip(asked, answers, strict=True):
@@ -237,6 +208,27 @@ class FlowerTransport:
                 logger.warning("client %s (node %d) not evaluated: %s", cid, node, failure.reason)
                 failures.append(failure)
         return replies, failures
+
+    def _exchange(
+        self, contents: Sequence[tuple[str, int, RecordDict]], message_type: str
+    ) -> list[Message | None]:
+        """One message of ``message_type`` per ``(client_id, round, content)``, the run's
+        manifest beside each; the reply to each, or None where none came in time."""
+        messages = []
+        for client_id, round_num, content in contents:
+            if self.run_record is not None:
+                content[RUN] = self.run_record
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=self.node_of[client_id],
+                    message_type=message_type,
+                    group_id=str(round_num),
+                )
+            )
+        return match_replies(
+            messages, send_and_receive(self.grid, messages, self.timeout, self.poll_s)
+        )
 
     def _failed(self, client_id: str, node: int, message: Message | None) -> ClientFailure | None:
         """The failure of a message that got no reply, or an error reply; None otherwise."""
