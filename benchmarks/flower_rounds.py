@@ -33,6 +33,7 @@ is visible). Prints a table per part, then the ratio before / after, then one JS
 Examples:
     python benchmarks/flower_rounds.py --data-dir ../shared/data/glue
     python benchmarks/flower_rounds.py --part stages --model minilm
+    python benchmarks/flower_rounds.py --model smollm2-135m --set 'model.task_type="causal-lm"'
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def _overrides(args: argparse.Namespace, out: Path, per_node: int) -> list[str]:
         'train.device="cpu"',
         f'output.dir="{out}"',
         "output.progress=false",
+        *args.set,
     ]
 
 
@@ -318,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev-limit", type=int, default=64)
     parser.add_argument("--part", choices=["stages", "deployment", "both"], default="both")
     parser.add_argument("--timeout", type=float, default=1200.0)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="a configuration override, e.g. --set 'model.task_type=\"causal-lm\"'",
+    )
     parser.add_argument(
         "--superexec-poll",
         type=float,
