@@ -1141,8 +1141,9 @@ def test_a_deployment_drops_hostile_nodes_and_resumes_after_its_superlink_is_kil
     hostile_path = tmp_path / "hostile"
     hostile_path.mkdir()
     (hostile_path / "sitecustomize.py").write_text(_HOSTILE_NODE)
+    pythonpath = os.pathsep.join(p for p in (str(hostile_path), os.environ.get("PYTHONPATH")) if p)
     node_env = {
-        int(cid[-1]): {"PYTHONPATH": str(hostile_path), "HLORA_HOSTILE": ",".join(kinds)}
+        int(cid[-1]): {"PYTHONPATH": pythonpath, "HLORA_HOSTILE": ",".join(kinds)}
         for cid, kinds in HOSTILE_ROUNDS.items()
     }
     deployment = LocalDeployment(flower_env, num_nodes=4)
