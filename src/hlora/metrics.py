@@ -15,6 +15,58 @@ better. Computed from the loss (:func:`metrics_of`), not from labels."""
 _MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5e34: a finite perplexity for any loss
 
 
+Confusion = tuple[tuple[int, ...], ...]
+"""``confusion[true][predicted]`` example counts, ``(num_labels, num_labels)``: every metric of
+:data:`METRIC_NAMES` is computed from it, once."""
+
+
+def confusion_matrix(
+    preds: Iterable[SupportsInt], labels: Iterable[SupportsInt], num_labels: int = 0
+) -> Confusion:
+    """Counts of predicted against true labels.
+
+    Args:
+        preds: Predicted class ids (ints, or anything ``int()`` accepts: numpy, torch).
+        labels: True class ids, same length as ``preds``.
+        num_labels: Its size; 0: one more than the largest id seen (at least 2).
+
+    Raises:
+        ValueError: Lengths that differ, or an id outside ``[0, num_labels)``.
+    """
+    p, y = [int(v) for v in preds], [int(v) for v in labels]
+    if len(p) != len(y):
+        raise ValueError(f"preds and labels differ in length: {len(p)} != {len(y)}")
+    size = num_labels or max([1, *p, *y]) + 1
+    grid = [[0] * size for _ in range(size)]
+    for a, b in zip(p, y, strict=True):
+        if not (0 <= a < size and 0 <= b < size):
+            raise ValueError(f"label {b} or prediction {a} outside [0, {size})")
+        grid[b][a] += 1
+    return tuple(tuple(row) for row in grid)
+
+
+def _examples(confusion: Confusion) -> int:
+    total = sum(sum(row) for row in confusion)
+    if not total:
+        raise ValueError("cannot compute a metric over zero examples")
+    return total
+
+
+def _accuracy(confusion: Confusion) -> float:
+    return sum(confusion[i][i] for i in range(len(confusion))) / _examples(confusion)
+
+
+def _binary_f1(confusion: Confusion, positive: int = 1) -> float:
+    _examples(confusion)
+    if positive >= len(confusion):
+        return 0.0  # the positive class appears neither predicted nor true
+    tp = confusion[positive][positive]
+    fp = sum(row[positive] for i, row in enumerate(confusion) if i != positive)
+    fn = sum(v for j, v in enumerate(confusion[positive]) if j != positive)
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 0.0
+
+
 def accuracy(preds: Iterable[SupportsInt], labels: Iterable[SupportsInt]) -> float:
     """Fraction of predictions equal to the labels.
 
@@ -28,8 +80,7 @@ def accuracy(preds: Iterable[SupportsInt], labels: Iterable[SupportsInt]) -> flo
     Raises:
         ValueError: If the lengths differ or there are no examples.
     """
-    p, y = _as_ints(preds, labels)
-    return sum(a == b for a, b in zip(p, y, strict=True)) / len(y)
+    return _accuracy(confusion_matrix(preds, labels))
 
 
 def binary_f1(
@@ -49,17 +100,12 @@ def binary_f1(
     Raises:
         ValueError: If the lengths differ or there are no examples.
     """
-    p, y = _as_ints(preds, labels)
-    tp = sum(a == positive and b == positive for a, b in zip(p, y, strict=True))
-    fp = sum(a == positive and b != positive for a, b in zip(p, y, strict=True))
-    fn = sum(a != positive and b == positive for a, b in zip(p, y, strict=True))
-    denominator = 2 * tp + fp + fn
-    return 2 * tp / denominator if denominator else 0.0
+    return _binary_f1(confusion_matrix(preds, labels), positive)
 
 
-_METRICS: dict[str, Callable[[list[int], list[int]], float]] = {
-    "accuracy": accuracy,
-    "f1": binary_f1,
+_METRICS: dict[str, Callable[[Confusion], float]] = {
+    "accuracy": _accuracy,
+    "f1": _binary_f1,
 }
 
 
@@ -82,20 +128,8 @@ def compute_metrics(
     unknown = [name for name in metric_names if name not in _METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; allowed: {list(METRIC_NAMES)}")
-    p, y = _as_ints(preds, labels)
-    return {name: _METRICS[name](p, y) for name in metric_names}
-
-
-def _as_ints(
-    preds: Iterable[SupportsInt], labels: Iterable[SupportsInt]
-) -> tuple[list[int], list[int]]:
-    p = [int(v) for v in preds]
-    y = [int(v) for v in labels]
-    if len(p) != len(y):
-        raise ValueError(f"preds and labels differ in length: {len(p)} != {len(y)}")
-    if not y:
-        raise ValueError("cannot compute a metric over zero examples")
-    return p, y
+    confusion = confusion_matrix(preds, labels)
+    return {name: _METRICS[name](confusion) for name in metric_names}
 
 
 def majority_baseline(
@@ -132,7 +166,7 @@ class EvalCounts:
         loss_count: How many terms ``loss_sum`` adds up.
     """
 
-    confusion: tuple[tuple[int, ...], ...]
+    confusion: Confusion
     loss_sum: float
     loss_count: int
 
@@ -144,29 +178,13 @@ class EvalCounts:
         loss_sum: float = 0.0,
         loss_count: int = 0,
     ) -> EvalCounts:
-        """Counts of predicted against true labels.
+        """Counts of predicted against true labels (:func:`confusion_matrix`).
 
         Raises:
             ValueError: Lengths that differ, or a label outside ``[0, num_labels)``.
         """
-        p, y = [int(v) for v in preds], [int(v) for v in labels]
-        if len(p) != len(y):
-            raise ValueError(f"preds and labels differ in length: {len(p)} != {len(y)}")
-        grid = [[0] * num_labels for _ in range(num_labels)]
-        for a, b in zip(p, y, strict=True):
-            if not (0 <= a < num_labels and 0 <= b < num_labels):
-                raise ValueError(f"label {b} or prediction {a} outside [0, {num_labels})")
-            grid[b][a] += 1
-        return EvalCounts(tuple(tuple(row) for row in grid), float(loss_sum), int(loss_count))
-
-    @property
-    def num_examples(self) -> int:
-        """Examples counted."""
-        return sum(sum(row) for row in self.confusion)
-
-    def label_counts(self) -> list[int]:
-        """True examples of each label (the rows' sums)."""
-        return [sum(row) for row in self.confusion]
+        confusion = confusion_matrix(preds, labels, num_labels)
+        return EvalCounts(confusion, float(loss_sum), int(loss_count))
 
     def __add__(self, other: EvalCounts) -> EvalCounts:
         if len(other.confusion) != len(self.confusion):
@@ -180,26 +198,13 @@ class EvalCounts:
         return EvalCounts(grid, self.loss_sum + other.loss_sum, self.loss_count + other.loss_count)
 
     def metrics(self, metric_names: Sequence[str]) -> dict[str, float]:
-        """The label metrics among ``metric_names`` (as :func:`compute_metrics` computes them
-        from the predictions, bit for bit) and ``loss``, the mean loss.
+        """The label metrics among ``metric_names`` (the functions :func:`compute_metrics`
+        uses) and ``loss``, the mean loss.
 
         Raises:
             ValueError: A label metric over zero examples.
         """
-        out: dict[str, float] = {}
-        names = [m for m in metric_names if m in METRIC_NAMES]
-        if names and not self.num_examples:
-            raise ValueError("cannot compute a metric over zero examples")
-        for name in names:
-            if name == "accuracy":
-                correct = sum(self.confusion[i][i] for i in range(len(self.confusion)))
-                out[name] = correct / self.num_examples
-            else:  # binary F1 of class 1, as binary_f1
-                tp = self.confusion[1][1]
-                fp = sum(row[1] for i, row in enumerate(self.confusion) if i != 1)
-                fn = sum(v for j, v in enumerate(self.confusion[1]) if j != 1)
-                denominator = 2 * tp + fp + fn
-                out[name] = 2 * tp / denominator if denominator else 0.0
+        out = {m: _METRICS[m](self.confusion) for m in metric_names if m in METRIC_NAMES}
         out["loss"] = self.loss_sum / max(1, self.loss_count)
         return out
 

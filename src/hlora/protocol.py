@@ -66,7 +66,7 @@ class TrainReply:
 @dataclass(frozen=True)
 class EvalInstruction:
     """What the server sends a node to evaluate the global model on the node's held-out data
-    (a federated evaluation; see :func:`global_model` for what the model is).
+    (a federated evaluation): the model ``W0 + base_delta + layers`` with head ``extras``.
 
     Attributes:
         client_id: The node's client.

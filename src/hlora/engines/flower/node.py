@@ -323,6 +323,19 @@ def run_config(
     return local, None
 
 
+def node_data(config: RunConfig, node: Mapping[str, Any]) -> tuple[RunConfig, NodeData]:
+    """This node's data declaration, and the configuration with its own shared-task folder
+    (``data-dir``, mode ``simulated-partition``).
+
+    Raises:
+        ConfigError: A node config declaring no data, or a bad partition.
+    """
+    data = NodeData.from_node_config(node)
+    if data.mode == SIMULATED and node.get("data-dir"):
+        config = replace(config, data={"data_dir": str(node["data-dir"])})
+    return config, data
+
+
 def node_setup(
     config: RunConfig, node: Mapping[str, Any], *, hash_model: bool = False
 ) -> tuple[ModelRuntime, Features, NodeData]:
@@ -337,9 +350,7 @@ def node_setup(
         ConfigError: A node config declaring no data, or a bad partition.
         HloraError: Missing or bad data or model.
     """
-    data = NodeData.from_node_config(node)
-    if data.mode == SIMULATED and node.get("data-dir"):
-        config = replace(config, data={"data_dir": str(node["data-dir"])})
+    config, data = node_data(config, node)
     runtime, backbone = client_runtime(config, int(node.get("rank", 0) or 0), hash_model=hash_model)
     key = (
         fingerprint(config),
@@ -362,9 +373,7 @@ def node_held_out(config: RunConfig, node: Mapping[str, Any], runtime: ModelRunt
     Raises:
         HloraError: Missing or bad data.
     """
-    data = NodeData.from_node_config(node)
-    if data.mode == SIMULATED and node.get("data-dir"):
-        config = replace(config, data={"data_dir": str(node["data-dir"])})
+    config, data = node_data(config, node)
     key = (fingerprint(config), data.mode, data.own_data, data.eval_data, str(data.partition_id))
     if key not in _HELD_OUT:
         _HELD_OUT[key] = runtime.objective.eval_features(held_out_examples(config, data))
@@ -387,9 +396,9 @@ def node_info(local: RunConfig | None, node: Mapping[str, Any], content: RecordD
     try:
         config, manifest = run_config(local, node, content)
         runtime, features, data = node_setup(config, node, hash_model=manifest is not None)
-        held_out = node_held_out(config, node, runtime)
         if manifest is not None:
             check_model(manifest, config, node_model_sha256(config))
+        held_out = node_held_out(config, node, runtime)
     except HloraError as err:
         line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return RecordDict({NODE_INFO: ConfigRecord({"refused": line})})
