@@ -24,7 +24,17 @@ Per round, from the server's ``metrics.jsonl``: ``overhead = round_time_s - max(
 seconds)`` (the clients train in parallel; the round cannot end before the slowest). The
 overhead holds Flower's polling (an idle SuperNode pulls every 3 s, its SuperExec looks for new
 tasks every 1 s, the ServerApp pulls for replies), the ClientApp process start, its imports,
-model load and features, and the transfers.
+model load and features, and the transfers. The nodes' logs split it: each ClientApp logs how
+long its process had been up when the message reached hlora (``startup``: Flower's entry point
+and the imports) and how long hlora took over it. For the node that finished last,
+``node = startup + handling``; ``in hlora`` is its handling minus the round's training, and
+``flower = round_time_s - node`` is what neither process saw: the SuperNode's pull of the
+message, the SuperExec's wait before it starts the process, the push of the reply and the
+server's pull.
+
+On loopback every node shares the machine's cores with the others and with the SuperLink and
+ServerApp; each SuperNode (and so its ClientApp processes) gets ``--node-threads`` torch threads
+(default: the cores divided among the nodes), as an operator co-locating nodes would set.
 
 Each node holds ``--examples`` MRPC training pairs (default: the whole training set split over
 the nodes) and trains ``--epochs`` of them a round (default 0.02: a few steps, so the overhead
@@ -43,6 +53,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -201,6 +212,7 @@ def deployment(
     work = home / setting
     work.mkdir(parents=True)
     env = _env(work)
+    env["OMP_NUM_THREADS"] = str(args.node_threads)  # the SuperNodes and their ClientApps
     if setting == "after" and args.superexec_poll > 0:
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(args.superexec_poll)
     port = _free_port()
@@ -285,27 +297,55 @@ def deployment(
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise RuntimeError(f"the {setting} run wrote no metrics: see the logs under {work}")
-    return round_overheads([json.loads(line) for line in metrics.read_text().splitlines()])
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    logs = [(work / f"node{k}.log").read_text(errors="replace") for k in range(len(nodes))]
+    return round_overheads(records, node_timings(logs))
 
 
-def round_overheads(records: list[dict[str, Any]]) -> list[dict[str, float]]:
+_HANDLED = re.compile(
+    r"hlora: (\w+) round (\S+) handled in ([\d.]+) s by a ClientApp process up ([\d.]+) s"
+)
+
+
+def node_timings(logs: list[str]) -> dict[int, list[tuple[float, float]]]:
+    """Per round, each node's ``(startup_s, handling_s)`` of its ``TRAIN`` message, from the
+    line each ClientApp logs (:mod:`hlora.engines.flower.client_app`)."""
+    timings: dict[int, list[tuple[float, float]]] = {}
+    for log in logs:
+        for kind, round_num, handled, age in _HANDLED.findall(log):
+            if kind == "train" and round_num.isdigit():
+                timings.setdefault(int(round_num), []).append((float(age), float(handled)))
+    return timings
+
+
+def round_overheads(
+    records: list[dict[str, Any]], timings: dict[int, list[tuple[float, float]]] | None = None
+) -> list[dict[str, float]]:
     """Per round of ``metrics.jsonl``: its time, the slowest client's training and the rest.
 
     ``overhead_s = round_time_s - max(client seconds)``; a client without a reply (dropped)
-    counts 0 s of training.
+    counts 0 s of training. With the nodes' ``timings`` (:func:`node_timings`), the node that
+    finished last splits the overhead: ``startup_s`` (its process before hlora), ``hlora_s``
+    (its handling minus the training) and ``flower_s`` (the round minus that node's process).
     """
     rounds = []
     for record in records:
         train = max((c["seconds"] or 0.0 for c in record["clients"]), default=0.0)
-        rounds.append(
-            {
-                "round": record["round"],
-                "round_s": record["round_time_s"],
-                "train_s": train,
-                "overhead_s": record["round_time_s"] - train,
-                "dropped": len(record["dropped"]),
-            }
-        )
+        row = {
+            "round": record["round"],
+            "round_s": record["round_time_s"],
+            "train_s": train,
+            "overhead_s": record["round_time_s"] - train,
+            "dropped": len(record["dropped"]),
+        }
+        if timings and timings.get(record["round"]):
+            startup, handled = max(timings[record["round"]], key=sum)
+            row.update(
+                startup_s=startup,
+                hlora_s=handled - train,
+                flower_s=record["round_time_s"] - startup - handled,
+            )
+        rounds.append(row)
     return rounds
 
 
@@ -332,7 +372,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0.1,
         help="after: seconds between the SuperExec's task polls (0: Flower's default, 1 s)",
     )
+    parser.add_argument(
+        "--node-threads",
+        type=int,
+        default=0,
+        help="torch threads of each SuperNode's ClientApps (0: the cores divided among the nodes)",
+    )
     args = parser.parse_args(argv)
+    args.node_threads = args.node_threads or max(1, (os.cpu_count() or 1) // args.nodes)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop what it started (finally)
     if not args.data_dir:
         parser.error("give --data-dir (the GLUE folder) or set HLORA_DATA_DIR")
@@ -342,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, model {args.model}, "
-        f"{args.nodes} nodes x {per_node} MRPC pairs, {args.epochs} epochs a round"
+        f"{args.nodes} nodes x {per_node} MRPC pairs, {args.epochs} epochs a round, "
+        f"{args.node_threads} torch thread(s) per node"
     )
     home = Path(tempfile.mkdtemp(prefix="hlora-bench-", dir="/tmp"))
     out: dict[str, Any] = {"model": args.model, "nodes": args.nodes, "per_node": per_node}
@@ -365,11 +413,19 @@ def main(argv: list[str] | None = None) -> int:
             summary = {}
             for setting in ("before", "after"):
                 rounds = deployment(args, home, per_node, setting)
-                print(f"{setting}: {'round':>5} {'round s':>8} {'train s':>8} {'overhead s':>10}")
+                print(
+                    f"{setting}: {'round':>5} {'round s':>8} {'train s':>8} {'overhead s':>10}"
+                    f" = {'startup s':>9} + {'in hlora s':>10} + {'flower s':>8}"
+                )
                 for r in rounds:
+                    split = (
+                        f" = {r['startup_s']:>9.2f} + {r['hlora_s']:>10.2f} + {r['flower_s']:>8.2f}"
+                        if "startup_s" in r
+                        else ""
+                    )
                     print(
                         f"{'':<{len(setting) + 1}} {r['round']:>5} {r['round_s']:>8.2f} "
-                        f"{r['train_s']:>8.2f} {r['overhead_s']:>10.2f}"
+                        f"{r['train_s']:>8.2f} {r['overhead_s']:>10.2f}{split}"
                     )
                 mean = sum(r["overhead_s"] for r in rounds) / len(rounds)
                 summary[setting] = {"rounds": rounds, "mean_overhead_s": mean}

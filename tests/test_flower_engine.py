@@ -30,6 +30,7 @@ from hlora.aggregation import ClientUpdate, LoraFactors
 from hlora.config import RunConfig, load_config, replace, to_toml
 from hlora.data.glue import load_task
 from hlora.engines.flower.codec import decode_instruction, encode_reply
+from hlora.engines.flower.transport import REFUSED
 from hlora.errors import ConfigError
 from hlora.federation import build_federation, run
 from hlora.memory import Footprint
@@ -87,11 +88,18 @@ def test_node_partitions_match_build_federation(
 class FakeGrid:
     """Answers each message with ``behaviour[node](message)`` (None: no reply).
 
-    A reply can be pulled once the message was pushed; ``pulls`` counts the pulls.
+    A reply can be pulled once the message was pushed; ``pulls`` counts the pulls. A message to
+    a node of ``refused`` is not taken: its id is empty, as the SuperLink answers for a node
+    that is not registered.
     """
 
-    def __init__(self, behaviour: dict[int, Callable[[Message], Message | None]]) -> None:
+    def __init__(
+        self,
+        behaviour: dict[int, Callable[[Message], Message | None]],
+        refused: frozenset[int] = frozenset(),
+    ) -> None:
         self.behaviour = behaviour
+        self.refused = refused
         self.sent: list[Message] = []
         self.pending: dict[str, Message] = {}
         self.pulls = 0
@@ -104,6 +112,9 @@ class FakeGrid:
         for m in messages:
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do
             self.sent.append(m)
+            if m.metadata.dst_node_id in self.refused:
+                ids.append("")
+                continue
             reply = self.behaviour[m.metadata.dst_node_id](m)
             if reply is not None:
                 self.pending[m.metadata.message_id] = reply
@@ -203,16 +214,18 @@ def test_transport_turns_errors_silence_and_bad_replies_into_failures(
             12: lambda m: None,
             13: _malformed,
             14: _superlink_error,
-        }
+            15: _train_ok,
+        },
+        refused=frozenset({15}),  # its key was unregistered: the SuperLink takes no message
     )
     done: list[tuple[str, int, float | None]] = []
     transport = FlowerTransport(
         grid,  # type: ignore[arg-type]
-        {f"client{k:02d}": 10 + k for k in range(5)},
+        {f"client{k:02d}": 10 + k for k in range(6)},
         timeout=5,
         on_client_done=lambda c, r, loss: done.append((c, r, loss)),
     )
-    result = transport.run_round(_instructions(5))
+    result = transport.run_round(_instructions(6))
     assert [r.update.client_id for r in result.replies] == ["client00"]
     assert result.replies[0].loss == 0.5
     reasons = {f.client_id: f.reason for f in result.failures}
@@ -220,9 +233,10 @@ def test_transport_turns_errors_silence_and_bad_replies_into_failures(
     assert reasons["client02"] == "node 12: no reply within 5 s"
     assert reasons["client03"].startswith("node 13: malformed reply")
     assert reasons["client04"] == "node 14: error 5: Node Unavailable"
-    assert [m.metadata.group_id for m in grid.sent] == ["1"] * 5
-    assert [m.metadata.message_type for m in grid.sent] == [MessageType.TRAIN] * 5
-    assert done[0] == ("client00", 2, 0.5) and [d[2] for d in done[1:]] == [None] * 4
+    assert reasons["client05"] == f"node 15: error 5: {REFUSED}"
+    assert [m.metadata.group_id for m in grid.sent] == ["1"] * 6
+    assert [m.metadata.message_type for m in grid.sent] == [MessageType.TRAIN] * 6
+    assert done[0] == ("client00", 2, 0.5) and [d[2] for d in done[1:]] == [None] * 5
     assert transport.wire_bytes["client00"][1] > 0 and transport.wire_bytes["client01"][1] == 0
 
 
@@ -326,6 +340,13 @@ def test_replies_are_pulled_every_poll_until_all_came_or_the_timeout(
     silent = [Message(RecordDict({}), dst_node_id=3, message_type=MessageType.QUERY)]
     assert send_and_receive(grid, silent, 1.0, poll_s=0.3) == []  # type: ignore[arg-type]
     assert fake_time.sleeps == pytest.approx([0.3, 0.3, 0.3, 0.1])  # never past the timeout
+    # A message the SuperLink does not take is not waited for, even without a timeout.
+    fake_time.sleeps.clear()
+    grid.refused = frozenset({3})
+    (refused,) = send_and_receive(grid, silent, None, poll_s=0.3)  # type: ignore[arg-type]
+    assert refused.has_error() and refused.error.code == 5
+    assert refused.metadata.reply_to_message_id == silent[0].metadata.message_id
+    assert fake_time.sleeps == []
 
 
 def _footprint(rank: int) -> Footprint:
@@ -1355,14 +1376,18 @@ def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
     (no shared task anywhere: the config's data folder does not exist). One deployment for:
 
     - authentication: three keys registered with ``flwr supernode register`` over TLS are
-      listed as registered; a SuperNode with an unregistered key is refused and exits non-zero,
-      never a node; the registered ones come online under the ids registration gave them.
+      listed as registered; the registered SuperNodes come online under the ids registration
+      gave them. Once round 1 runs, a SuperNode with an unknown key tries to join: it is refused
+      and exits non-zero, never a node.
     - a node dying mid-round: the node on 22 examples is killed (SIGKILL, with its ClientApp)
       while it trains round 2. The run goes on without it: that client is dropped with the
       reason in round 2 and in round 3, whose message was sent while the SuperLink knew it
-      offline; the other two clients lose nothing (accepted in every round).
+      offline; the node on 10 examples loses nothing (accepted in every round).
     - its restart: started again with the same key once round 3 was sent, it keeps its node id,
       so it is the same client (never a late node), and takes part again up to the last round.
+    - a node removed mid-run: once round 4 is sent, the node on 16 examples has its key
+      unregistered (``flwr supernode unregister``). It took part in rounds 1-3; round 5 drops
+      it with the reason, and the run ends with the other two.
 
     The killed node declares a 10 s heartbeat (the others Flower's 30 s): the SuperLink marks it
     offline, and round 2 ends, 20 s after the kill instead of 60 s.
@@ -1398,27 +1423,17 @@ def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
         assert listed == dict.fromkeys(ids, "registered") and len(set(ids)) == 3, listed
 
         nodes = [supernode(f"node{k}", f"key{k}", k, short_heartbeat=k == 2) for k in range(3)]
-        stranger = supernode("stranger", "stranger", 0)
-        # The unregistered key is refused: the SuperNode gives up and exits non-zero.
-        try:
-            code = stranger.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the unregistered SuperNode still runs after 90 s\n{deployment.tail()}")
-        log = (flower_env / "stranger.log").read_text(errors="replace")
-        assert code != 0, log
-        assert "Failed to activate SuperNode" in log, log
         # The registered ones are online, under the ids registration gave them.
         for k, node in enumerate(nodes):
             _wait_for_line(
                 flower_env / f"node{k}.log", f"SuperNode ID: {ids[k]}", deployment, 90, watch=node
             )
-        listed = _listed_nodes(deployment)
-        assert listed == dict.fromkeys(ids, "online"), listed  # the stranger never became a node
-        assert "No SuperNode found with the given public key" in (
-            flower_env / "superlink.log"
-        ).read_text(errors="replace")
+        assert _listed_nodes(deployment) == dict.fromkeys(ids, "online")
 
         flwr_run = deployment.run(APP_DIR, _run_config(config_path, run_dir, 300, "own", str(dev)))
+        # Mid-run, a SuperNode with an unknown key tries to join (checked once the run ends).
+        _wait_for_line(flower_env / "node0.log", "ROUND 1]", deployment, 400, watch=flwr_run)
+        stranger = supernode("stranger", "stranger", 0)
         # Kill node 2 while it trains round 2: its SuperNode logs the round-2 message.
         _wait_for_line(flower_env / "node2.log", "ROUND 2]", deployment, 400, watch=flwr_run)
         _stop(nodes[2], kill=True)
@@ -1435,9 +1450,25 @@ def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
             watch=restarted_node,
         )
         listed = _listed_nodes(deployment)
-        assert listed == dict.fromkeys(ids, "online"), listed
+        assert listed == dict.fromkeys(ids, "online"), listed  # the stranger never became one
+        # Remove node 1 from the federation once round 4 is sent.
+        _wait_for_line(flower_env / "node0.log", "ROUND 4]", deployment, 400, watch=flwr_run)
+        removed = _flwr_cli(deployment, "supernode", "unregister", ids[1], deployment.FEDERATION)
+        assert removed.returncode == 0, removed.stdout + removed.stderr
         _wait(flwr_run, deployment, 600)
         assert (run_dir / "summary.json").is_file(), deployment.tail()
+        assert _listed_nodes(deployment)[ids[1]] == "unregistered"
+        # The unknown key was refused: that SuperNode gave up and exited non-zero.
+        try:
+            code = stranger.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the unregistered SuperNode still runs after 90 s\n{deployment.tail()}")
+        log = (flower_env / "stranger.log").read_text(errors="replace")
+        assert code != 0, log
+        assert "Failed to activate SuperNode" in log, log
+        assert "No SuperNode found with the given public key" in (
+            flower_env / "superlink.log"
+        ).read_text(errors="replace")
     finally:
         if flwr_run is not None:
             _stop(flwr_run)
@@ -1453,12 +1484,14 @@ def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
     killed = next(c for c in clients if str(c["node_id"]) == ids[2])
     assert killed["num_examples"] == 22
     restarted = killed["client_id"]
+    kept = next(c for c in clients if str(c["node_id"]) == ids[0])["client_id"]
+    gone = next(c for c in clients if str(c["node_id"]) == ids[1])["client_id"]
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
     assert records[0]["dropped"] == []
     accepted = [{c["client_id"]: c["accepted"] for c in r["clients"]} for r in records]
-    for round_accepted in accepted:  # the other two lose nothing
-        assert all(ok for cid, ok in round_accepted.items() if cid != restarted)
+    assert all(a[kept] for a in accepted)  # node 0 loses nothing
+    assert [a[gone] for a in accepted[:3]] == [True, True, True]
     assert accepted[0][restarted]
     for record in records[1:3]:  # round 2: killed during it; round 3: known offline
         dropped = record["dropped"]
@@ -1467,8 +1500,13 @@ def test_flower_tls_auth_run_with_a_supernode_killed_mid_round_and_restarted(
         assert accepted[record["round"] - 1] == {c["client_id"]: c is not killed for c in clients}
     back = [r for r, a in enumerate(accepted, start=1) if r > 3 and a[restarted]]
     assert back and back[-1] == 5, accepted  # it takes part again, to the last round
+    # Round 5 was sent after node 1's key was unregistered: the SuperLink did not take its
+    # message, so the round dropped it at once, with that reason (no wait for a timeout).
+    (dropped,) = records[4]["dropped"]
+    assert dropped == {"client_id": gone, "reason": f"node {ids[1]}: error 5: {REFUSED}"}
+    assert accepted[4] == {kept: True, gone: False, restarted: True}
     for record in records:
-        assert [d["client_id"] for d in record["dropped"]] in ([], [restarted])
+        assert {d["client_id"] for d in record["dropped"]} <= {restarted, gone}
         assert record["bytes_received"] > 0 and "eval" in record
     # Neither the stranger nor the restarted node (back under its registered id) is a late node.
     assert json.loads((run_dir / "dropped_nodes.json").read_text()) == []

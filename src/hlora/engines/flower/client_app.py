@@ -5,20 +5,44 @@ runs one round of local training (:func:`~hlora.engines.flower.node.train`); ``E
 scores the global model on the node's held-out data (:func:`~hlora.engines.flower.node.evaluate`,
 a federated evaluation). An exception goes
 back to the server as the message's error, and the server drops this node for the round.
+
+Each handled message logs one line through Flower's logger (the SuperNode's log) with how long
+its ClientApp process had been up when the message reached hlora (Flower's entry point and the
+imports) and how long hlora took over it: what a round costs beyond training, seen from the node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+import psutil
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log as flwr_log
 
 from hlora.config import RunConfig
 from hlora.engines.flower import node
 from hlora.engines.flower.settings import AppSettings
+
+
+def _timed(msg: Message, handle: Callable[[], RecordDict]) -> Message:
+    """The reply to ``msg`` from ``handle()``, logging the process's age and the handling time."""
+    started = time.perf_counter()
+    age_s = time.time() - psutil.Process().create_time()
+    content = handle()
+    flwr_log(
+        INFO,
+        "hlora: %s round %s handled in %.2f s by a ClientApp process up %.2f s before it",
+        msg.metadata.message_type,
+        msg.metadata.group_id or "-",
+        time.perf_counter() - started,
+        age_s,
+    )
+    return Message(content, reply_to=msg)
 
 
 def make_client_app(
@@ -62,20 +86,19 @@ def make_client_app(
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """This node's data mode, number of examples and declared rank / memory budget."""
-        info = node.node_info(local(context), node_config(context), msg.content)
-        return Message(info, reply_to=msg)
+        return _timed(
+            msg, lambda: node.node_info(local(context), node_config(context), msg.content)
+        )
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """One round of local training on this node's data (errors go back as errors)."""
-        reply = node.train(local(context), node_config(context), msg.content)
-        return Message(reply, reply_to=msg)
+        return _timed(msg, lambda: node.train(local(context), node_config(context), msg.content))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """The global model on this node's held-out data: confusion counts and loss sums."""
-        reply = node.evaluate(local(context), node_config(context), msg.content)
-        return Message(reply, reply_to=msg)
+        return _timed(msg, lambda: node.evaluate(local(context), node_config(context), msg.content))
 
     return app
 

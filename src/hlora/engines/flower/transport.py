@@ -11,7 +11,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from hlora.aggregation import InvalidUpdateError
@@ -35,6 +36,12 @@ from hlora.protocol import (
 
 logger = logging.getLogger(__name__)
 
+REFUSED = (
+    "the SuperLink did not take the message: the node is not registered with it "
+    "(its key was unregistered, or it never joined)"
+)
+"""The reason of a message the SuperLink refused at the push."""
+
 
 def send_and_receive(
     grid: Grid,
@@ -56,11 +63,19 @@ def send_and_receive(
         poll_s: Seconds between pulls (> 0).
 
     Returns:
-        The replies that came, in arrival order.
+        The replies that came, in arrival order. A message the SuperLink did not take (it
+        answers an empty id when its destination is no registered node, for instance a node
+        whose key was unregistered mid-run) is not waited for: its reply is an error made here,
+        :data:`REFUSED`.
     """
-    waiting = set(grid.push_messages(messages))
+    pushed = list(grid.push_messages(messages))
+    waiting = {message_id for message_id in pushed if message_id}
+    replies = [
+        Message(Error(ErrorCode.NODE_UNAVAILABLE, REFUSED), reply_to=message)
+        for message, message_id in zip(messages, pushed, strict=True)
+        if not message_id
+    ]
     end = None if timeout is None else time.monotonic() + timeout
-    replies: list[Message] = []
     while True:
         pulled = list(grid.pull_messages(waiting))
         replies.extend(pulled)
