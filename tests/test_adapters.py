@@ -12,6 +12,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from hlora.adapters import LayerShape, LoraBank
+from hlora.aggregation import LowRankDelta
 from hlora.errors import ModelError
 from hlora.models import Backbone
 from tiny_models import build_tiny_backbone, build_tiny_llama_backbone
@@ -288,6 +289,66 @@ def test_evaluating_dense_matches_adapter_and_restores(
     assert all(module.training for module in bank.model.modules())
     assert bank.model.active_adapter == "r2"
     assert [p.requires_grad for p in bank.model.parameters()] == requiring
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_evaluating_factored_matches_the_dense_merge_and_leaves_nothing_behind(
+    bank: LoraBank, backbone: Backbone, rank: int
+) -> None:
+    """The update applied as ``x @ right.T @ left.T`` beside the untouched base weights gives
+    the adapter's (and the dense merge's) logits; afterwards no hook, weight, head, mode or
+    adapter is changed, also when the block raises. Every evaluation goes this way on a 4-bit
+    base (``LoraBank.evaluating``), where a dense merge is impossible."""
+    inputs = batch(backbone)
+    factors = random_factors(bank, rank, seed=50 + rank)
+    extras = random_extras(bank, seed=51 + rank)
+    bank.set_factors(rank, factors)
+    bank.set_extras(rank, extras)
+    expected = adapter_logits(bank, rank, inputs)
+    bank.activate(2)
+    bank.model.train()
+    saved = snapshot(bank.model)
+    deltas = {n: LowRankDelta(left=b, right=a, scale=SCALING) for n, (a, b) in factors.items()}
+    with bank.evaluating_factored(deltas, extras) as model:
+        assert not model.training
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    assert_close(logits, expected)
+    with bank.evaluating_dense(dense_deltas(factors, SCALING), extras) as dense, torch.no_grad():
+        assert_close(logits, dense(**inputs).logits)
+    assert_same_state(bank.model, saved)
+    assert bank.model.training and bank.model.active_adapter == "r2"
+    assert not any(m._forward_hooks for m in bank.model.modules())
+    # A full-precision base is merged densely: bit for bit what evaluating_dense gives.
+    assert not bank.quantized
+    with bank.evaluating(deltas, extras) as model, torch.no_grad():
+        merged = model(**inputs).logits
+    exact = {n: d.dense() for n, d in deltas.items()}
+    with bank.evaluating_dense(exact, extras) as dense, torch.no_grad():
+        assert torch.equal(merged, dense(**inputs).logits)
+    with pytest.raises(RuntimeError, match="boom"), bank.evaluating_factored(deltas, extras):
+        raise RuntimeError("boom")
+    assert_same_state(bank.model, saved)
+    assert not any(m._forward_hooks for m in bank.model.modules())
+
+
+def test_evaluating_factored_refuses_updates_of_the_wrong_shape(bank: LoraBank) -> None:
+    name, shape = next(iter(bank.layer_shapes().items()))
+    extras = random_extras(bank, seed=1)
+    wrong = {
+        name: LowRankDelta(torch.ones(shape.out_features, 2), torch.ones(3, shape.in_features))
+    }
+    transposed = {
+        name: LowRankDelta(torch.ones(shape.in_features + 1, 2), torch.ones(2, shape.out_features))
+    }
+    for bad, message in [
+        (wrong, "inner sizes 2 and 3"),
+        (transposed, f"layer '{name}'"),
+        ({"no.such": wrong[name]}, r"no\.such"),
+    ]:
+        with pytest.raises(ModelError, match=message), bank.evaluating_factored(bad, extras):
+            pass
+    assert not any(m._forward_hooks for m in bank.model.modules())
 
 
 def test_evaluating_dense_restores_after_an_exception(bank: LoraBank, backbone: Backbone) -> None:

@@ -175,7 +175,7 @@ def test_training_fits_the_answers() -> None:
     reply = runtime.train_client(
         TrainInstruction("c0", 1, 4, 2.0, None, {}, init_seed=1, train_seed=2), features
     )
-    deltas = {n: 2.0 * f.B @ f.A for n, f in reply.update.factors.items()}
+    deltas = {n: f.low_rank(2.0) for n, f in reply.update.factors.items()}
     after = runtime.evaluate(deltas, {}, objective.eval_features(PAIRS), ("accuracy",), 4)
     assert after["accuracy"] == 1.0
     assert after["loss"] < before["loss"] / 10

@@ -275,8 +275,7 @@ def test_a_node_evaluates_the_global_model_on_its_own_held_out_file(
 
     backbone = node_task.client_runtime(node_task.run_config(None, node, content)[0])[1]
     features = tokenize_pairs(backbone.tokenizer, list(held), config.model.max_length)
-    dense = {n: d.dense() for n, d in layers.items()}
-    expected = runtime.evaluation_counts(dense, extras, features, config.server.eval_batch_size)
+    expected = runtime.evaluation_counts(layers, extras, features, config.server.eval_batch_size)
     assert reply.counts == expected and reply.num_examples == 11
     untouched = runtime.evaluation_counts({}, runtime.bank.get_extras(2), features, 8)
     assert untouched.loss_sum != expected.loss_sum  # the sent model was the one evaluated

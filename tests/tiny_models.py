@@ -60,24 +60,25 @@ def _bert_tokenizer() -> BertTokenizerFast:
         return BertTokenizerFast.from_pretrained(folder, model_max_length=TINY_MAX_LENGTH)
 
 
-def build_tiny_backbone(num_labels: int = 2, seed: int = 0) -> Backbone:
+def build_tiny_backbone(num_labels: int = 2, seed: int = 0, hidden_size: int = 32) -> Backbone:
     """A tiny randomly initialised BERT sequence classifier and its tokenizer.
 
     Args:
         num_labels: Number of classes of the head.
         seed: Seed of all weights (the global RNG state is left untouched).
+        hidden_size: Its width (2 attention heads; the MLP twice as wide).
 
     Returns:
         Backbone named ``"tiny-bert"``, architecture ``"encoder"``, targets ``("query", "value")``;
-        every query/value layer is 32x32.
+        every query/value layer is ``hidden_size`` x ``hidden_size`` (32x32 by default).
     """
     tokenizer = _bert_tokenizer()
     config = BertConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden_size,
         max_position_embeddings=TINY_MAX_LENGTH,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,

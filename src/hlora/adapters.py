@@ -47,8 +47,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, ModulesToSaveWrapper
 from safetensors.torch import save_file
 
+from hlora.aggregation import LowRankDelta
 from hlora.errors import ModelError
 from hlora.models import Backbone
+from hlora.quantization import is_quantized
 from hlora.tasktypes import CAUSAL_LM
 
 __all__ = ["LayerShape", "LoraBank"]
@@ -366,9 +368,16 @@ class LoraBank:
         """Weight shape (out_features, in_features) of each adapted layer, by canonical name."""
         shapes = {}
         for name, module in self._layers.items():
-            out_features, in_features = _base_weight(module).shape
-            shapes[name] = LayerShape(out_features=int(out_features), in_features=int(in_features))
+            base = module.get_base_layer()  # a 4-bit weight is packed: ask the layer, not it
+            assert isinstance(base, torch.nn.Linear)  # bitsandbytes' Linear4bit is one too
+            shapes[name] = LayerShape(out_features=base.out_features, in_features=base.in_features)
         return shapes
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen base is 4-bit (``model.quantization``): it cannot take a dense
+        update, so it is evaluated with the update in factored form (:meth:`evaluating`)."""
+        return any(is_quantized(_base_weight(layer)) for layer in self._layers.values())
 
     def extra_names(self) -> tuple[str, ...]:
         """Canonical names of the other trainable tensors: the head's parameters.
@@ -512,6 +521,7 @@ class LoraBank:
             deltas: Canonical layer name -> delta of shape (out, in); any subset of the layers.
         """
         self._check_deltas(deltas, "add_to_base")
+        self._check_dense_base("add_to_base")
         with torch.no_grad():
             for layer, delta in deltas.items():
                 weight = _base_weight(self._layers[layer])
@@ -538,17 +548,90 @@ class LoraBank:
             (batch, seq_len); its output's ``logits`` have shape (batch, num_labels).
         """
         self._check_deltas(deltas, "evaluating_dense")
-        self._check_extras(extras, "evaluating_dense extras")
+        self._check_dense_base("evaluating_dense")
         weights = {layer: _base_weight(self._layers[layer]) for layer in deltas}
-        head = self._original_head_parameters()
         saved_weights = {layer: weight.detach().clone() for layer, weight in weights.items()}
-        saved_head = {name: param.detach().clone() for name, param in head.items()}
-        modes = {module: module.training for module in self.model.modules()}
         try:
             with torch.no_grad():
                 for layer, delta in deltas.items():
                     weight = weights[layer]
                     weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            with self._evaluating_head(extras, "evaluating_dense extras") as model:
+                yield model
+        finally:
+            with torch.no_grad():
+                for layer, saved in saved_weights.items():
+                    weights[layer].copy_(saved)
+
+    @contextmanager
+    def evaluating_factored(
+        self, deltas: Mapping[str, LowRankDelta], extras: Mapping[str, torch.Tensor]
+    ) -> Iterator[torch.nn.Module]:
+        """Like :meth:`evaluating_dense`, with each update applied in factored form: the base
+        weights are left as they are, and each adapted layer's output gets
+        ``scale * (x @ right.T) @ left.T`` added (a forward hook; no ``(out, in)`` matrix is
+        formed). Works on a 4-bit base; equal to the dense merge up to rounding.
+
+        Args:
+            deltas: Canonical layer name -> its update (``left`` of shape (out, k), ``right``
+                of shape (k, in)); any subset of the layers.
+            extras: As :meth:`evaluating_dense`.
+        """
+        self._check_layer_names(deltas, "evaluating_factored", complete=False)
+        shapes = self.layer_shapes()
+        for layer, delta in deltas.items():
+            want = (shapes[layer].out_features, shapes[layer].in_features)
+            got = (int(delta.left.shape[0]), int(delta.right.shape[-1]))
+            if got != want or delta.left.shape[-1] != delta.right.shape[0]:
+                raise ModelError(
+                    f"evaluating_factored: layer '{layer}' update of shape {got} with inner "
+                    f"sizes {delta.left.shape[-1]} and {delta.right.shape[0]}; expected {want}"
+                )
+        hooks = []
+        try:
+            for layer, delta in deltas.items():
+                base = self._layers[layer].get_base_layer()
+                device = _base_weight(self._layers[layer]).device
+                hooks.append(
+                    base.register_forward_hook(
+                        _FactoredUpdate(
+                            delta.left.to(device), delta.right.to(device), float(delta.scale)
+                        )
+                    )
+                )
+            with self._evaluating_head(extras, "evaluating_factored extras") as model:
+                yield model
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    @contextmanager
+    def evaluating(
+        self, deltas: Mapping[str, LowRankDelta], extras: Mapping[str, torch.Tensor]
+    ) -> Iterator[torch.nn.Module]:
+        """The base with ``deltas`` and the head ``extras``, for evaluation: merged densely
+        into a full-precision base (:meth:`evaluating_dense`), in factored form on a 4-bit
+        one (:meth:`evaluating_factored`)."""
+        if self.quantized:
+            with self.evaluating_factored(deltas, extras) as model:
+                yield model
+        else:
+            dense = {name: delta.dense() for name, delta in deltas.items()}
+            with self.evaluating_dense(dense, extras) as model:
+                yield model
+
+    @contextmanager
+    def _evaluating_head(
+        self, extras: Mapping[str, torch.Tensor], what: str
+    ) -> Iterator[torch.nn.Module]:
+        """The model in eval mode, every adapter disabled and the head holding ``extras``;
+        afterwards the head, the modes and the active adapter are restored exactly."""
+        self._check_extras(extras, what)
+        head = self._original_head_parameters()
+        saved_head = {name: param.detach().clone() for name, param in head.items()}
+        modes = {module: module.training for module in self.model.modules()}
+        try:
+            with torch.no_grad():
                 for name, value in extras.items():
                     head[name].copy_(value)
             with self.model.disable_adapter():
@@ -556,13 +639,19 @@ class LoraBank:
                 yield self._inner
         finally:
             with torch.no_grad():
-                for layer, saved in saved_weights.items():
-                    weights[layer].copy_(saved)
                 for name, saved in saved_head.items():
                     head[name].copy_(saved)
             for module, training in modes.items():
                 module.training = training
             self.activate(self._active)
+
+    def _check_dense_base(self, what: str) -> None:
+        if self.quantized:
+            raise ModelError(
+                f"{what}: the base of '{self._backbone_name}' is 4-bit and cannot take a dense "
+                "update (evaluate with evaluating_factored; flora and a merged export need a "
+                "full-precision base)"
+            )
 
     def export_peft(
         self,
@@ -678,6 +767,25 @@ def _weight(module: torch.nn.Module) -> torch.nn.Parameter:
     if not isinstance(weight, torch.nn.Parameter):
         raise ModelError(f"{type(module).__name__} has no weight parameter")
     return weight
+
+
+class _FactoredUpdate:
+    """A forward hook adding ``scale * (x @ right.T) @ left.T`` to a linear layer's output."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, scale: float) -> None:
+        self.left = left  # (out, k)
+        self.right = right  # (k, in)
+        self.scale = scale
+
+    def __call__(
+        self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        x = inputs[0]
+        dtype = output.dtype
+        update = torch.nn.functional.linear(
+            torch.nn.functional.linear(x.to(self.right.dtype), self.right), self.left
+        )
+        return output + (self.scale * update).to(dtype)
 
 
 def _base_weight(layer: LoraLayer) -> torch.nn.Parameter:

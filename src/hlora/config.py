@@ -23,6 +23,11 @@ from hlora.data.partition import ALL_PARTITION_SCHEMES
 from hlora.errors import ConfigError
 from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
 
+NO_QUANTIZATION = "none"
+"""``model.quantization``: the frozen base at full precision."""
+QUANTIZATIONS = (NO_QUANTIZATION, "nf4")
+"""The values of ``model.quantization``."""
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -109,6 +114,16 @@ class ModelConfig:
         ),
     )
 
+    quantization: str = field(
+        default=NO_QUANTIZATION,
+        metadata=_help(
+            "'nf4': the frozen base loaded in 4-bit NormalFloat with double quantization and "
+            "bf16 compute (QLoRA; needs a CUDA GPU and the bitsandbytes package; the adapters, "
+            "the head and the aggregation stay in full precision); 'none': the base at full "
+            "precision"
+        ),
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise _fail("model.name", self.name, "expected a non-empty string")
@@ -116,6 +131,7 @@ class ModelConfig:
         _number("model.lora_dropout", self.lora_dropout, low=0.0, high=0.9)
         _positive_int("model.max_length", self.max_length)
         _choice("model.task_type", self.task_type, TASK_TYPES)
+        _choice("model.quantization", self.quantization, QUANTIZATIONS)
         if not all(isinstance(t, str) and t for t in self.target_modules):
             raise _fail(
                 "model.target_modules", list(self.target_modules), "expected a list of module names"
@@ -522,6 +538,21 @@ class RunConfig:
                 self.model.task_type,
                 "task 'instructions' trains a causal LM: use 'causal-lm'",
             )
+        if self.model.quantization != NO_QUANTIZATION:
+            if self.federation.strategy == "flora":
+                raise _fail(
+                    "model.quantization",
+                    self.model.quantization,
+                    "strategy 'flora' merges every round's update into the base weights, which "
+                    "a 4-bit base cannot take: use 'none', or another strategy",
+                )
+            if self.train.device == "cpu":
+                raise _fail(
+                    "model.quantization",
+                    self.model.quantization,
+                    "a 4-bit base needs a CUDA GPU (bitsandbytes' kernels), and train.device is "
+                    "'cpu': use 'none' on a CPU",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for TOML/JSON."""

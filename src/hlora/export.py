@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from hlora.aggregation import LowRankDelta
 from hlora.checkpoint import ServerState, load_state
-from hlora.config import CONFIG_FILE, RunConfig
+from hlora.config import CONFIG_FILE, NO_QUANTIZATION, RunConfig
 from hlora.errors import CheckpointError, ConfigError
 from hlora.federation import (
     CHECKPOINT_FILE,
@@ -50,7 +51,8 @@ def export_run(
     (Eckart-Young, through the factored SVD) and the aggregated head; load it with
     ``PeftModel.from_pretrained(base_model, folder)``. ``merged`` writes the base model with the
     whole (untruncated) update merged into its weights, with ``save_pretrained``, plus the
-    tokenizer.
+    tokenizer. A run on a 4-bit base (``model.quantization``) is exported on the full-precision
+    base, as QLoRA adapters are.
 
     Raises:
         CheckpointError: Not a run folder, or no finished round.
@@ -61,8 +63,12 @@ def export_run(
     if rank < 1:
         raise ConfigError(f"invalid --rank {rank}: expected an integer >= 1")
     config, state, delta = load_run_update(run_dir)
+    # A 4-bit run (QLoRA) is exported on its full-precision base, as QLoRA adapters are merged.
+    full = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, quantization=NO_QUANTIZATION)
+    )
     # The label count is the task's (a head's first tensor need not be its label vector).
-    stack = build_stack(config, [rank], dropout=False)
+    stack = build_stack(full, [rank], dropout=False)
     backbone, bank = stack.backbone, stack.bank
     if merged:
         target = Path(merged)

@@ -59,7 +59,7 @@ PLOT_FILE = "convergence.png"
 def _added_later() -> dict[str, dict[str, Any]]:
     """Settings added after run folders existed, each at the value that means "as before"."""
     return {
-        "model": {"task_type": "seq-cls"},
+        "model": {"task_type": "seq-cls", "quantization": "none"},
         "data": {"train_file": "", "eval_file": "", "category_field": "category"},
         "train": {"gradient_checkpointing": False},
         "server": {"factor_split": "balanced"},

@@ -57,9 +57,8 @@ def generate_with_update(
     max_new_tokens: int,
 ) -> list[str]:
     """:func:`generate_answers` of the base model with the whole update ``delta`` (layer name ->
-    ``LowRankDelta``) merged in for the duration (``LoraBank.evaluating_dense``)."""
-    dense = {n: d.dense() for n, d in delta.items()}
-    with bank.evaluating_dense(dense, extras) as model:
+    ``LowRankDelta``) applied for the duration (``LoraBank.evaluating``)."""
+    with bank.evaluating(delta, extras) as model:
         return generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
 
 

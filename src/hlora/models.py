@@ -37,13 +37,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
 import torch
 import transformers
+from peft import prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -55,6 +56,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from hlora.errors import ModelError
+from hlora.quantization import load_kwargs
 from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
 
 __all__ = [
@@ -183,6 +185,8 @@ def load_backbone(
     seed: int = 0,
     torch_dtype: torch.dtype = torch.float32,
     task_type: str = SEQ_CLS,
+    quantization: str = "none",
+    device: torch.device | None = None,
 ) -> Backbone:
     """Loads a pretrained model: a sequence classifier with a fresh, seeded head, or a causal LM.
 
@@ -193,6 +197,12 @@ def load_backbone(
         seed: Seed of the new head's initialisation (the global RNG state is left untouched).
         torch_dtype: Dtype of the model's parameters.
         task_type: ``"seq-cls"`` or ``"causal-lm"`` (a decoder only).
+        quantization: ``"none"``, or ``"nf4"``: the linear layers loaded in 4 bits on
+            ``device`` (:mod:`hlora.quantization`), the head and norms at ``torch_dtype``,
+            everything frozen and ready for k-bit training (peft's
+            ``prepare_model_for_kbit_training``, without its gradient checkpointing).
+        device: Where a quantized model is loaded (None: the CPU); a full-precision model is
+            loaded on the CPU and moved by its runtime.
 
     Returns:
         The backbone, with ``architecture`` and ``default_target_modules`` filled in.
@@ -206,7 +216,13 @@ def load_backbone(
         raise ModelError(f"task type {task_type!r} is not one of {', '.join(TASK_TYPES)}")
     start = time.perf_counter()
     alias = _ALIAS_TARGETS.get(name_or_path.strip().lower())
-    load = _Load(task_type, num_labels, torch_dtype, seed)
+    load = _Load(
+        task_type,
+        num_labels,
+        torch_dtype,
+        seed,
+        load_kwargs(quantization, device or torch.device("cpu")),
+    )
     if alias == MINILM:
         if task_type == CAUSAL_LM:
             raise ModelError(
@@ -218,6 +234,8 @@ def load_backbone(
         model, tokenizer = _load_smollm2(load)
     else:
         model, tokenizer = _load_generic(name_or_path, load)
+    if quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     backbone = build_backbone(model, tokenizer, name_or_path, task_type)
     logger.info(
         "loaded backbone %r (%s, %s, %.1fM parameters) in %.1f s",
@@ -272,15 +290,18 @@ def build_backbone(
 
 @dataclass(frozen=True)
 class _Load:
-    """How to load a model: its task type, label count (``"seq-cls"``), dtype and head seed."""
+    """How to load a model: its task type, label count (``"seq-cls"``), dtype, head seed and
+    the quantization arguments of ``from_pretrained`` (:func:`hlora.quantization.load_kwargs`)."""
 
     task_type: str
     num_labels: int
     dtype: torch.dtype
     seed: int
+    quantization: Mapping[str, object] = field(default_factory=dict)
 
     def from_pretrained(self, source: str | Path, **kwargs: object) -> transformers.PreTrainedModel:
         """``from_pretrained`` of the task type's auto class, the new head seeded."""
+        kwargs.update(self.quantization)
         if self.task_type == SEQ_CLS:
             kwargs["num_labels"] = self.num_labels
         with _seeded(self.seed):

@@ -93,9 +93,11 @@ class ModelRuntime:
         self.objective = objective
         self.train_config = train
         self.device = device
-        bank.model.to(device)
-        # Pretrained weights of the adapted layers: (out, in) each, for exact base resets.
-        self._pretrained = {n: bank.base_weight(n).clone() for n in bank.layer_names()}
+        if not bank.quantized:  # a 4-bit model was loaded on its device, and cannot move
+            bank.model.to(device)
+        # Pretrained weights of the adapted layers, (out, in) each, for exact base resets:
+        # copied when the base first changes (flora merges), so other strategies hold no copy.
+        self._pretrained: dict[str, Tensor] | None = None
         self._base_version = 0
         self.bf16 = use_bf16(train.precision, device)
 
@@ -105,6 +107,10 @@ class ModelRuntime:
         """Make the frozen base ``W0 + delta`` (``delta`` None: ``W0``), tagged ``version``."""
         if version == self._base_version:
             return
+        if self._pretrained is None:  # the base has been W0 until now
+            self._pretrained = {
+                n: self.bank.base_weight(n).clone() for n in self.bank.layer_names()
+            }
         with torch.no_grad():
             for name, w0 in self._pretrained.items():
                 weight = self.bank.base_weight(name)
@@ -222,7 +228,7 @@ class ModelRuntime:
 
     def evaluate(
         self,
-        deltas: Mapping[str, Tensor],
+        deltas: Mapping[str, LowRankDelta],
         extras: Mapping[str, Tensor],
         features: Features,
         metric_names: Sequence[str],
@@ -234,7 +240,9 @@ class ModelRuntime:
         """Metrics of the model ``W0 + base_delta + deltas`` with head ``extras``.
 
         Args:
-            deltas: Layer name -> dense update ``(out, in)`` on top of the base.
+            deltas: Layer name -> update on top of the base, in factored form (merged
+                densely into a full-precision base, applied factored to a 4-bit one:
+                :meth:`hlora.adapters.LoraBank.evaluating`).
             extras: The head.
             features: Tokenized evaluation examples (with ``labels``).
             metric_names: E.g. ``("accuracy", "f1")``.
@@ -253,7 +261,7 @@ class ModelRuntime:
 
     def evaluation_counts(
         self,
-        deltas: Mapping[str, Tensor],
+        deltas: Mapping[str, LowRankDelta],
         extras: Mapping[str, Tensor],
         features: Features,
         batch_size: int,
@@ -265,14 +273,13 @@ class ModelRuntime:
         ``extras`` on ``features`` (arguments as :meth:`evaluate`); what a node sends back in a
         federated evaluation."""
         self.sync_base(base_version, base_delta)
-        moved = {n: d.to(self.device) for n, d in deltas.items()}
         preds: list[int] = []
         labels: list[int] = []
         total_loss = 0.0
         count = 0
         lengths = [self.objective.length(f) for f in features]
         order = length_grouped_batches(lengths, batch_size, shuffle=False, seed=0)
-        with self.bank.evaluating_dense(moved, extras) as model, torch.no_grad():
+        with self.bank.evaluating(deltas, extras) as model, torch.no_grad():
             for batch_idx in order:
                 batch = self.batch([features[i] for i in batch_idx])
                 with self.autocast():

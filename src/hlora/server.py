@@ -427,16 +427,16 @@ class RoundLoop:
                 own = state.local.get(cid)
                 if own is None:
                     continue
-                deltas = {n: f.delta(self.settings.scaling) for n, f in own.factors.items()}
+                deltas = {n: f.low_rank(self.settings.scaling) for n, f in own.factors.items()}
                 per_client.append(
                     self.evaluate(deltas, own.extras, base_version=0, base_delta=None)
                 )
             keys = per_client[0].keys()
             return {k: sum(m[k] for m in per_client) / len(per_client) for k in keys}
         g = state.global_update
-        deltas = {} if g is None else g.dense_layers()
+        layers: Mapping[str, LowRankDelta] = {} if g is None else g.layers
         return self.evaluate(
-            deltas, state.extras, base_version=state.base_version, base_delta=state.base_delta
+            layers, state.extras, base_version=state.base_version, base_delta=state.base_delta
         )
 
     def evaluate_truncations(self, state: ServerState) -> dict[str, dict[str, float]]:
@@ -447,7 +447,7 @@ class RoundLoop:
         out = {}
         for rank in sorted({c.rank for c in self.clients.values()}):
             factors = g.client_factors(rank, self.settings.scaling)
-            deltas = {n: f.delta(self.settings.scaling) for n, f in factors.items()}
+            deltas = {n: f.low_rank(self.settings.scaling) for n, f in factors.items()}
             out[str(rank)] = self.evaluate(deltas, state.extras, base_version=0, base_delta=None)
         return out
 

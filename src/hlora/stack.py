@@ -11,10 +11,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hlora.adapters import LoraBank
-from hlora.config import RunConfig
+from hlora.config import NO_QUANTIZATION, RunConfig
 from hlora.data.glue import get_task
 from hlora.models import Backbone, load_backbone
 from hlora.objectives import Objective, make_objective
+from hlora.quantization import check_supported
 from hlora.runtime import ModelRuntime, resolve_device
 
 
@@ -29,16 +30,24 @@ class ModelStack:
 
 
 def load_run_backbone(config: RunConfig) -> Backbone:
-    """The run's backbone as every process loads it (the head seeded by ``federation.seed``).
+    """The run's backbone as every process loads it (the head seeded by ``federation.seed``;
+    a ``model.quantization`` base in 4 bits on the run's CUDA device).
 
     Raises:
-        HloraError: The model cannot be loaded or the task is unknown.
+        HloraError: The model cannot be loaded, the task is unknown, or the quantization
+            cannot run here (:func:`hlora.quantization.check_supported`).
     """
+    quantized = config.model.quantization != NO_QUANTIZATION
+    device = resolve_device(config.train.device) if quantized else None
+    if device is not None:
+        check_supported(config.model.quantization, device)
     return load_backbone(
         config.model.name,
         get_task(config.data.task).num_labels,
         seed=config.federation.seed,
         task_type=config.model.task_type,
+        quantization=config.model.quantization,
+        device=device,
     )
 
 

@@ -41,6 +41,11 @@ class LoraFactors:
         """The dense update ``scaling * B @ A``, shape ``(out_features, in_features)``."""
         return scaling * (self.B @ self.A)
 
+    def low_rank(self, scaling: float) -> LowRankDelta:
+        """The same update in factored form: ``LowRankDelta(B, A, scaling)``, whose
+        :meth:`~LowRankDelta.dense` equals :meth:`delta` bit for bit."""
+        return LowRankDelta(left=self.B, right=self.A, scale=scaling)
+
 
 @dataclass(frozen=True)
 class ClientUpdate:

@@ -463,7 +463,7 @@ def evaluate(local: RunConfig | None, node: Mapping[str, Any], content: RecordDi
     if not held_out:
         raise HloraError("this node has no held-out data to evaluate on")
     counts = runtime.evaluation_counts(
-        {name: delta.dense() for name, delta in instruction.layers.items()},
+        instruction.layers,
         instruction.extras,
         held_out,
         config.server.eval_batch_size,
