@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -26,7 +28,9 @@ from hlora.engines.flower.codec import (
     encode_eval_reply,
     encode_instruction,
     encode_reply,
+    record_to_tensors,
     tensor_to_array,
+    tensors_to_record,
 )
 from hlora.metrics import EvalCounts
 from hlora.protocol import EvalInstruction, EvalReply, TrainInstruction, TrainReply
@@ -217,16 +221,37 @@ def _broken(edit: str) -> RecordDict:
     elif edit == "no-key":
         del content[REPLY]["rank"]
     elif edit == "missing-B":
-        del content[FACTORS]["encoder.layer.0.attention.self.query/B"]
+        factors = record_to_tensors(content[FACTORS])
+        del factors["encoder.layer.0.attention.self.query/B"]
+        content[FACTORS] = tensors_to_record(factors)
     elif edit == "int-factor":
-        content[FACTORS]["encoder.layer.0.attention.self.query/A"] = Array(
-            torch.ones(2, 5, dtype=torch.int32).numpy()
-        )
+        factors = record_to_tensors(content[FACTORS])
+        factors["encoder.layer.0.attention.self.query/A"] = torch.ones(2, 5, dtype=torch.int32)
+        content[FACTORS] = tensors_to_record(factors)
     elif edit == "wrong-rank":
         content[REPLY]["rank"] = 3
     elif edit == "garbage":
-        content[EXTRAS]["classifier.bias"] = Array(
+        content[EXTRAS]["float32"] = Array(
             dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"not an npy"
+        )
+    elif edit == "layout-garbage":
+        content[FACTORS]["hlora.layout"] = Array(np.frombuffer(b"[[1, 2", dtype=np.uint8).copy())
+    elif edit == "no-layout":
+        del content[FACTORS]["hlora.layout"]
+    elif edit == "layout-too-long":  # a shape beyond the data sent
+        layout = json.loads(bytes(content[EXTRAS]["hlora.layout"].numpy()))
+        layout[0][2] = [1000]
+        content[EXTRAS]["hlora.layout"] = Array(
+            np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8).copy()
+        )
+    elif edit == "data-left-over":  # more data than the layout holds
+        data = array_to_tensor(content[EXTRAS]["float32"])
+        content[EXTRAS]["float32"] = tensor_to_array(torch.cat([data, torch.ones(3)]))
+    elif edit == "name-twice":
+        layout = json.loads(bytes(content[FACTORS]["hlora.layout"].numpy()))
+        layout[1][0] = layout[0][0]
+        content[FACTORS]["hlora.layout"] = Array(
+            np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8).copy()
         )
     elif edit == "record-type":
         content[EXTRAS] = ConfigRecord({"x": 1})
@@ -247,6 +272,11 @@ def _broken(edit: str) -> RecordDict:
         "garbage",
         "record-type",
         "no-examples",
+        "layout-garbage",
+        "no-layout",
+        "layout-too-long",
+        "data-left-over",
+        "name-twice",
     ],
 )
 def test_malformed_reply_raises_invalid_update_naming_the_client(edit: str) -> None:
@@ -277,7 +307,28 @@ def test_only_factors_and_head_travel() -> None:
     assert set(content) == {INSTRUCTION, FACTORS, EXTRAS}
     arrays = content[FACTORS]
     assert isinstance(arrays, ArrayRecord)
-    assert len(arrays) == 2 * len(LAYERS)
+    # Packed: one float32 array for every factor, and the layout; whatever the layer count.
+    assert set(arrays) == {"float32", "hlora.layout"}
+    assert len(record_to_tensors(arrays)) == 2 * len(LAYERS)
+
+
+def test_a_record_packs_its_tensors_by_dtype_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        "a": torch.randn(3, 4, generator=g),
+        "b": torch.randn(2, generator=g).to(torch.bfloat16),
+        "c": torch.randn(5, 1, generator=g),
+        "d": torch.zeros(0, 7),
+        "e": torch.tensor(2.5, dtype=torch.float64),
+        "f": torch.randn(2, 2, generator=g).to(torch.bfloat16),
+    }
+    record = _through_message(RecordDict({"r": tensors_to_record(tensors)}))["r"]
+    assert set(record) == {"float32", "bfloat16", "float64", "hlora.layout"}
+    back = record_to_tensors(record)
+    assert list(back) == list(tensors)
+    for name, t in tensors.items():
+        assert _same(t, back[name]), name
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in back.values())  # no views
 
 
 # -- federated evaluation ----------------------------------------------------------------------

@@ -44,9 +44,13 @@ QUERY reply (node -> server)::
                                        label-counts, eval-examples, rank, memory-mb; or only
                                        refused (one line: why not)
 
-Tensors travel as :class:`~flwr.app.Array` in NumPy's ``.npy`` form (Flower's own), except
-``bfloat16``, which NumPy lacks: its raw little-endian bytes travel with ``stype = "torch.raw"``.
-Either way the decoded tensor has the sent dtype, shape and bits.
+Each ``ArrayRecord`` above is packed (:func:`tensors_to_record`): the named tensors of one
+dtype travel flattened into one array named after the dtype (``"float32"``, ...), and
+``"hlora.layout"`` (UTF-8 JSON bytes) lists each tensor's name, dtype and shape, so a message
+holds a few arrays whatever the number of layers. Arrays travel as :class:`~flwr.app.Array` in
+NumPy's ``.npy`` form (Flower's own), except ``bfloat16``, which NumPy lacks: its raw
+little-endian bytes travel with ``stype = "torch.raw"``. Either way the decoded tensor has the
+sent dtype, shape and bits.
 
 A malformed reply (missing record or key, wrong dtype or shape, unreadable bytes) raises
 :class:`hlora.aggregation.InvalidUpdateError` naming the client, so the round loop drops it.
@@ -54,6 +58,7 @@ A malformed reply (missing record or key, wrong dtype or shape, unreadable bytes
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -85,6 +90,7 @@ RUN = "hlora.run"
 
 _RAW_STYPE = "torch.raw"
 _SEP = "/"
+_LAYOUT = "hlora.layout"
 
 
 class CodecError(HloraError):
@@ -131,22 +137,76 @@ def array_to_tensor(array: Array) -> Tensor:
 
 
 def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
-    """Name -> tensor as an :class:`ArrayRecord` (insertion order kept)."""
-    return ArrayRecord({name: tensor_to_array(t) for name, t in tensors.items()})
+    """Name -> tensor as a packed :class:`ArrayRecord`: the tensors of each dtype flattened
+    into one array named after the dtype, and ``hlora.layout`` (UTF-8 JSON bytes) listing each
+    tensor's name, dtype and shape in order.
+
+    Flower moves every array of a message as its own object, one request per object on each
+    hop (SuperLink, SuperNode, ClientApp); an LLM's 210 adapted layers would be 420 factor
+    arrays. Packed, a message holds a few arrays whatever the number of layers.
+    """
+    layout = []
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for name, tensor in tensors.items():
+        t = tensor.detach().cpu()
+        layout.append([name, _dtype_name(t.dtype), list(t.shape)])
+        groups.setdefault(t.dtype, []).append(t.reshape(-1))
+    record = ArrayRecord(
+        {_dtype_name(dtype): tensor_to_array(torch.cat(parts)) for dtype, parts in groups.items()}
+    )
+    record[_LAYOUT] = Array(np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8).copy())
+    return record
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
-    """Inverse of :func:`tensors_to_record`.
+    """Inverse of :func:`tensors_to_record` (bit for bit; insertion order kept).
 
     Raises:
-        CodecError: A value that is not an ``Array`` or cannot be read.
+        CodecError: No layout, or one that does not describe the arrays (an unknown dtype, a
+            name twice, sizes that do not add up), or an array that cannot be read.
     """
+    layout_array = record.get(_LAYOUT)
+    if not isinstance(layout_array, Array):
+        raise CodecError(f"array record without its {_LAYOUT!r}")
+    try:
+        layout = json.loads(array_to_tensor(layout_array).numpy().tobytes().decode())
+        entries = [(str(n), str(d), [int(x) for x in shape]) for n, d, shape in layout]
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        raise CodecError(f"unreadable {_LAYOUT!r}: {err}") from err
+    if len({name for name, _, _ in entries}) != len(entries):
+        raise CodecError(f"{_LAYOUT!r} names a tensor twice")
+    flat: dict[str, Tensor] = {}
+    offsets: dict[str, int] = {}
     out = {}
-    for name, value in record.items():
-        if not isinstance(value, Array):
-            raise CodecError(f"array {name!r} is a {type(value).__name__}, not an Array")
-        out[name] = array_to_tensor(value)
+    for name, dtype, shape in entries:
+        if dtype not in flat:
+            value = record.get(dtype)
+            if not isinstance(value, Array):
+                raise CodecError(f"no {dtype!r} array for tensor {name!r}")
+            flat[dtype] = array_to_tensor(value).reshape(-1)
+            if _dtype_name(flat[dtype].dtype) != dtype:
+                raise CodecError(f"the {dtype!r} array holds {flat[dtype].dtype}")
+            offsets[dtype] = 0
+        if any(x < 0 for x in shape):
+            raise CodecError(f"tensor {name!r} of shape {shape}")
+        size = math.prod(shape)
+        start = offsets[dtype]
+        if start + size > flat[dtype].numel():
+            raise CodecError(f"the {dtype!r} array ends before tensor {name!r}")
+        # A copy of its own: a view would keep the whole array alive, and safetensors refuses
+        # to save tensors that share memory (a checkpoint may hold a decoded tensor).
+        out[name] = flat[dtype][start : start + size].reshape(shape).clone()
+        offsets[dtype] = start + size
+    extra = set(record) - set(flat) - {_LAYOUT}
+    left = {d: flat[d].numel() - offsets[d] for d in flat if flat[d].numel() != offsets[d]}
+    if extra or left:
+        raise CodecError(f"array record with data no tensor of {_LAYOUT!r} holds: {extra or left}")
     return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _factors_to_record(factors: Mapping[str, LoraFactors]) -> ArrayRecord:
