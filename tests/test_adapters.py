@@ -265,19 +265,27 @@ def assert_same_state(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -
         assert torch.equal(state[key], value), key
 
 
-@pytest.mark.parametrize("rank", RANKS)
-def test_evaluating_dense_matches_adapter_and_restores(
-    bank: LoraBank, backbone: Backbone, rank: int
-) -> None:
-    inputs = batch(backbone)
-    factors = random_factors(bank, rank, seed=40 + rank)
-    extras = random_extras(bank, seed=41 + rank)
+def _adapter_reference(
+    bank: LoraBank, rank: int, inputs: dict[str, torch.Tensor], seed: int
+) -> tuple[Factors, dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """Random factors and head loaded at ``rank``, the adapter's logits on ``inputs``; then
+    rank 2 active in train mode, and a snapshot of the model in that state."""
+    factors = random_factors(bank, rank, seed=seed)
+    extras = random_extras(bank, seed=seed + 1)
     bank.set_factors(rank, factors)
     bank.set_extras(rank, extras)
     expected = adapter_logits(bank, rank, inputs)
     bank.activate(2)
     bank.model.train()
-    saved = snapshot(bank.model)
+    return factors, extras, expected, snapshot(bank.model)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_evaluating_dense_matches_adapter_and_restores(
+    bank: LoraBank, backbone: Backbone, rank: int
+) -> None:
+    inputs = batch(backbone)
+    factors, extras, expected, saved = _adapter_reference(bank, rank, inputs, seed=40 + rank)
     requiring = [p.requires_grad for p in bank.model.parameters()]
     with bank.evaluating_dense(dense_deltas(factors, SCALING), extras) as dense:
         assert not dense.training
@@ -300,14 +308,7 @@ def test_evaluating_factored_matches_the_dense_merge_and_leaves_nothing_behind(
     adapter is changed, also when the block raises. Every evaluation goes this way on a 4-bit
     base (``LoraBank.evaluating``), where a dense merge is impossible."""
     inputs = batch(backbone)
-    factors = random_factors(bank, rank, seed=50 + rank)
-    extras = random_extras(bank, seed=51 + rank)
-    bank.set_factors(rank, factors)
-    bank.set_extras(rank, extras)
-    expected = adapter_logits(bank, rank, inputs)
-    bank.activate(2)
-    bank.model.train()
-    saved = snapshot(bank.model)
+    factors, extras, expected, saved = _adapter_reference(bank, rank, inputs, seed=50 + rank)
     deltas = {n: LowRankDelta(left=b, right=a, scale=SCALING) for n, (a, b) in factors.items()}
     with bank.evaluating_factored(deltas, extras) as model:
         assert not model.training
