@@ -21,12 +21,8 @@ from hlora.aggregation.registry import STRATEGY_NAMES
 from hlora.data.glue import INSTRUCTIONS, TASK_NAMES
 from hlora.data.partition import ALL_PARTITION_SCHEMES
 from hlora.errors import ConfigError
+from hlora.quantization import NO_QUANTIZATION, QUANTIZATIONS
 from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
-
-NO_QUANTIZATION = "none"
-"""``model.quantization``: the frozen base at full precision."""
-QUANTIZATIONS = (NO_QUANTIZATION, "nf4")
-"""The values of ``model.quantization``."""
 
 if sys.version_info >= (3, 11):
     import tomllib

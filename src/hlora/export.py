@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hlora.aggregation import LowRankDelta
 from hlora.checkpoint import ServerState, load_state
-from hlora.config import CONFIG_FILE, NO_QUANTIZATION, RunConfig
+from hlora.config import CONFIG_FILE, RunConfig
 from hlora.errors import CheckpointError, ConfigError
 from hlora.federation import (
     CHECKPOINT_FILE,
@@ -15,6 +15,7 @@ from hlora.federation import (
     fingerprint,
     global_delta,
 )
+from hlora.quantization import NO_QUANTIZATION
 
 
 def load_run_update(run_dir: Path) -> tuple[RunConfig, ServerState, dict[str, LowRankDelta]]:

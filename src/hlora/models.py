@@ -56,7 +56,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from hlora.errors import ModelError
-from hlora.quantization import load_kwargs
+from hlora.quantization import NO_QUANTIZATION, load_kwargs
 from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
 
 __all__ = [
@@ -185,7 +185,7 @@ def load_backbone(
     seed: int = 0,
     torch_dtype: torch.dtype = torch.float32,
     task_type: str = SEQ_CLS,
-    quantization: str = "none",
+    quantization: str = NO_QUANTIZATION,
     device: torch.device | None = None,
 ) -> Backbone:
     """Loads a pretrained model: a sequence classifier with a fresh, seeded head, or a causal LM.
@@ -234,7 +234,7 @@ def load_backbone(
         model, tokenizer = _load_smollm2(load)
     else:
         model, tokenizer = _load_generic(name_or_path, load)
-    if quantization != "none":
+    if quantization != NO_QUANTIZATION:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     backbone = build_backbone(model, tokenizer, name_or_path, task_type)
     logger.info(

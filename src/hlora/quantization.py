@@ -17,15 +17,21 @@ so the loading and training path can be tested on a CPU where bitsandbytes runs 
 from __future__ import annotations
 
 import importlib.util
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import torch
-from transformers import BitsAndBytesConfig
 
 from hlora.errors import ConfigError
 
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
+
+NO_QUANTIZATION: Final = "none"
+"""``model.quantization``: the frozen base at full precision."""
 NF4: Final = "nf4"
 """4-bit NormalFloat with double quantization and bf16 compute."""
+QUANTIZATIONS: Final[tuple[str, ...]] = (NO_QUANTIZATION, NF4)
+"""The values of ``model.quantization``."""
 
 _KEEP_FULL: Final = ("classifier", "score", "lm_head")
 """Modules kept at full precision: the heads hlora trains or scores with."""
@@ -33,6 +39,8 @@ _KEEP_FULL: Final = ("classifier", "score", "lm_head")
 
 def nf4_config() -> BitsAndBytesConfig:
     """The bitsandbytes configuration of an ``nf4`` base (heads kept at full precision)."""
+    from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -49,7 +57,7 @@ def check_supported(quantization: str, device: torch.device) -> None:
         ConfigError: ``quantization`` is not ``"none"`` and the device is not a CUDA GPU, or
             the bitsandbytes package is missing.
     """
-    if quantization == "none":
+    if quantization == NO_QUANTIZATION:
         return
     if device.type != "cuda":
         raise ConfigError(
@@ -75,8 +83,10 @@ def load_kwargs(quantization: str, device: torch.device) -> dict[str, object]:
     Raises:
         ConfigError: An unknown quantization.
     """
-    if quantization == "none":
+    if quantization == NO_QUANTIZATION:
         return {}
     if quantization != NF4:
-        raise ConfigError(f"model.quantization {quantization!r} is not one of 'none', '{NF4}'")
+        raise ConfigError(
+            f"model.quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}"
+        )
     return {"quantization_config": nf4_config(), "device_map": {"": str(device)}}

@@ -11,11 +11,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hlora.adapters import LoraBank
-from hlora.config import NO_QUANTIZATION, RunConfig
+from hlora.config import RunConfig
 from hlora.data.glue import get_task
 from hlora.models import Backbone, load_backbone
 from hlora.objectives import Objective, make_objective
-from hlora.quantization import check_supported
+from hlora.quantization import NO_QUANTIZATION, check_supported
 from hlora.runtime import ModelRuntime, resolve_device
 
 
