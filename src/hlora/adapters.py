@@ -549,6 +549,7 @@ class LoraBank:
         """
         self._check_deltas(deltas, "evaluating_dense")
         self._check_dense_base("evaluating_dense")
+        self._check_extras(extras, "evaluating_dense extras")
         weights = {layer: _base_weight(self._layers[layer]) for layer in deltas}
         saved_weights = {layer: weight.detach().clone() for layer, weight in weights.items()}
         try:
@@ -556,7 +557,7 @@ class LoraBank:
                 for layer, delta in deltas.items():
                     weight = weights[layer]
                     weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
-            with self._evaluating_head(extras, "evaluating_dense extras") as model:
+            with self._evaluating_head(extras) as model:
                 yield model
         finally:
             with torch.no_grad():
@@ -587,6 +588,7 @@ class LoraBank:
                     f"evaluating_factored: layer '{layer}' update of shape {got} with inner "
                     f"sizes {delta.left.shape[-1]} and {delta.right.shape[0]}; expected {want}"
                 )
+        self._check_extras(extras, "evaluating_factored extras")
         hooks = []
         try:
             for layer, delta in deltas.items():
@@ -599,7 +601,7 @@ class LoraBank:
                         )
                     )
                 )
-            with self._evaluating_head(extras, "evaluating_factored extras") as model:
+            with self._evaluating_head(extras) as model:
                 yield model
         finally:
             for hook in hooks:
@@ -621,12 +623,10 @@ class LoraBank:
                 yield model
 
     @contextmanager
-    def _evaluating_head(
-        self, extras: Mapping[str, torch.Tensor], what: str
-    ) -> Iterator[torch.nn.Module]:
-        """The model in eval mode, every adapter disabled and the head holding ``extras``;
-        afterwards the head, the modes and the active adapter are restored exactly."""
-        self._check_extras(extras, what)
+    def _evaluating_head(self, extras: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+        """The model in eval mode, every adapter disabled and the head holding ``extras``
+        (checked by the caller); afterwards the head, the modes and the active adapter are
+        restored exactly."""
         head = self._original_head_parameters()
         saved_head = {name: param.detach().clone() for name, param in head.items()}
         modes = {module: module.training for module in self.model.modules()}

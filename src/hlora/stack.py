@@ -37,9 +37,9 @@ def load_run_backbone(config: RunConfig) -> Backbone:
         HloraError: The model cannot be loaded, the task is unknown, or the quantization
             cannot run here (:func:`hlora.quantization.check_supported`).
     """
-    quantized = config.model.quantization != NO_QUANTIZATION
-    device = resolve_device(config.train.device) if quantized else None
-    if device is not None:
+    device = None
+    if config.model.quantization != NO_QUANTIZATION:  # loaded on its device, so check it now
+        device = resolve_device(config.train.device)
         check_supported(config.model.quantization, device)
     return load_backbone(
         config.model.name,
