@@ -22,11 +22,15 @@ export HLORA_DATA_DIR := $(if $(HLORA_DATA_DIR),$(abspath $(HLORA_DATA_DIR)),$(i
 run: $(STAMP)
 	$(BIN)/hlora run $(ARGS)
 
-## Lint, type-check and the default test suite (everything that runs on a CPU).
+## Lint, type-check and the default test suite (everything that runs on a CPU), on
+## $(TEST_WORKERS) xdist workers of one thread each. A test file stays on one worker
+## (--dist loadfile), so the loopback deployments (tests/test_flower_deployment.py) run one at
+## a time, and so do the Ray simulations of tests/test_flower_engine.py.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/mypy
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregation.py $(ARGS)

@@ -5,7 +5,8 @@
 #   bash experiments/recipe_grid.sh [OUT] [CELL ...]
 #
 # CELL (default: mrpc-dirichlet ablation):
-#   mrpc-dirichlet, mrpc-iid, qqp-dirichlet, qqp-iid (the local QQP sample): per seed, E3
+#   mrpc-dirichlet, mrpc-iid, mrpc-iid-sgd2 (server SGD, eta 2), qqp-dirichlet, qqp-iid (the
+#     local QQP sample): per seed, E3
 #     (hlora, zeropad, flora at ranks {2, 4, 8, 16}), the centralized reference (one client with
 #     all the data, rank 16, the same passes) and E1 (fedavg and hlora, every client at rank 8);
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
@@ -32,6 +33,9 @@ for cell in "${cells[@]}"; do
   case "$cell" in
     mrpc-dirichlet) args=() ;;
     mrpc-iid) args=(--set data.partition=iid) ;;
+    # The server learning rate chosen on IID validation (recipe_search.sh iid): eta = 2.
+    mrpc-iid-sgd2) args=(--set data.partition=iid --set server.optimizer=sgd
+      --set server.learning_rate=2.0) ;;
     qqp-dirichlet) args=(--set data.task=qqp-sample) ;;
     qqp-iid) args=(--set data.task=qqp-sample --set data.partition=iid) ;;
     ablation)

@@ -1,14 +1,25 @@
-"""Shared pytest setup: test helper modules importable, GPU tests skipped without CUDA."""
+"""Shared pytest setup: test helper modules importable, GPU tests skipped without CUDA, one
+thread per xdist worker (``make test`` runs two), and the Flower tests' temporary homes."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker a core: each worker, and every process it starts (Flower's SuperNodes and
+    # ClientApps inherit the variable), computes on one thread instead of oversubscribing.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -24,8 +35,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
     """The GLUE folder ($HLORA_DATA_DIR, else ../shared/data/glue); skip when absent."""
-    import os
-
     env = os.environ.get("HLORA_DATA_DIR")
     candidates = [Path(env)] if env else []
     candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
@@ -55,3 +64,24 @@ def _offline_and_quiet(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("HLORA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hlora-cache"))
+
+
+@pytest.fixture
+def flower_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Temporary homes for Flower, Ray, uv and torch; no telemetry. Yields the folder."""
+    # Ray's socket paths must stay short: a folder directly under /tmp, not pytest's tmp_path.
+    home = Path(tempfile.mkdtemp(prefix="hlora-flwr-", dir="/tmp"))
+    for name, sub in [
+        ("FLWR_HOME", "flwr"),
+        ("RAY_TMPDIR", "ray"),
+        ("UV_CACHE_DIR", "uv"),
+        ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+    ]:
+        (home / sub).mkdir()
+        monkeypatch.setenv(name, str(home / sub))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -165,7 +165,9 @@ def test_sft_client_benchmark_compares_hlora_with_trl_on_the_same_sequences(
     assert record["speedup_vs_trl"] == pytest.approx(
         seconds["trl-sft-default"] / seconds["hlora"], rel=1e-2
     )
-    assert rows["hlora"][3] == f"{record['speedup_vs_trl']:.2f}x"
+    # The table prints the ratio to 2 decimals, the record keeps 3 (each rounded once).
+    assert rows["hlora"][3].endswith("x")
+    assert float(rows["hlora"][3][:-1]) == pytest.approx(record["speedup_vs_trl"], abs=0.0051)
     # Both sides train on the same useful tokens; padding only adds to what each processes.
     assert all(n >= record["useful_tokens"] > 0 for n in record["processed_tokens"].values())
     settings = record["settings"]

@@ -23,7 +23,6 @@ from hlora.objectives.causal_lm import IGNORE_INDEX
 from hlora.objectives.prompts import PLAIN_PROMPT, pair_instruction, render_turns
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime
-from test_flower_engine import flower_env  # noqa: F401  (the fixture, for the Flower test)
 from tiny_models import build_tiny_causal_backbone, save_tiny_causal_model, tiny_overrides
 
 PAIRS = [
