@@ -42,8 +42,8 @@ import torch
 
 from floors import sync
 from hlora.checkpoint import save_state
-from hlora.config import load_config
-from hlora.federation import build_federation, fingerprint, make_loop
+from hlora.config import fingerprint, load_config
+from hlora.federation import build_federation, make_loop
 from hlora.report import RoundProgress
 
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hlora.config import RunConfig, load_config, parse_override, to_toml
+from hlora.config import RunConfig, fingerprint, load_config, parse_override, to_toml
 from hlora.errors import ConfigError
-from hlora.federation import fingerprint
 
 
 def test_defaults_are_the_documented_main_job() -> None:

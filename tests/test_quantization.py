@@ -12,10 +12,9 @@ import torch
 from hlora import quantization
 from hlora.adapters import LoraBank
 from hlora.aggregation import LowRankDelta
-from hlora.config import TrainConfig, load_config
+from hlora.config import TrainConfig, fingerprint, load_config
 from hlora.data.glue import Example, get_task
 from hlora.errors import ConfigError, ModelError
-from hlora.federation import fingerprint
 from hlora.models import load_backbone
 from hlora.objectives import make_objective
 from hlora.protocol import TrainInstruction

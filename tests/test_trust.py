@@ -26,9 +26,9 @@ from hlora.aggregation import (
     UpdateSpec,
 )
 from hlora.checkpoint import ServerState
-from hlora.config import TrustConfig, load_config
+from hlora.config import TrustConfig, fingerprint, load_config
 from hlora.errors import ConfigError
-from hlora.federation import fingerprint, loop_settings
+from hlora.federation import loop_settings
 from hlora.protocol import RoundResult, TrainInstruction, TrainReply
 from hlora.report import MetricsLog, RoundProgress
 from hlora.server import ClientSlot, FederationError, LoopSettings, RoundLoop

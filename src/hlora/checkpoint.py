@@ -25,6 +25,9 @@ from hlora.io import write_bytes_atomic
 
 FORMAT_VERSION = 1
 
+CHECKPOINT_FILE = "checkpoint.safetensors"
+"""Name of the server's checkpoint inside a run folder."""
+
 
 @dataclass
 class ClientState:
@@ -57,6 +60,15 @@ class ServerState:
     local: dict[str, ClientState] = field(default_factory=dict)
     wall_time_s: float = 0.0
     optimizer: dict[str, Tensor] = field(default_factory=dict)
+
+    def whole_update(self) -> dict[str, LowRankDelta]:
+        """The whole update relative to the pretrained weights, layer -> ``LowRankDelta``:
+        the merged one (``flora``), else the global update; empty before the first round."""
+        if self.base_delta is not None:
+            return dict(self.base_delta)
+        if self.global_update is not None:
+            return dict(self.global_update.layers)
+        return {}
 
 
 def _put_delta(

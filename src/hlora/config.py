@@ -9,6 +9,7 @@ dataclass is built; a bad value raises :class:`hlora.errors.ConfigError` naming 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import sys
 from collections.abc import Mapping
@@ -681,3 +682,33 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def _added_later() -> dict[str, dict[str, Any]]:
+    """Settings added after run folders existed, each at the value that means "as before"."""
+    return {
+        "model": {"task_type": "seq-cls", "quantization": "none"},
+        "data": {"train_file": "", "eval_file": "", "category_field": "category"},
+        "train": {"gradient_checkpointing": False},
+        "server": {"factor_split": "balanced"},
+        "trust": dataclasses.asdict(TrustConfig()),
+    }
+
+
+def fingerprint(config: RunConfig) -> str:
+    """Hash of everything that changes results (the output section is left out).
+
+    A setting added after run folders existed counts only when it differs from its "as before"
+    value (:func:`_added_later`), so the checkpoints written before it still resume; a section
+    left empty that way is dropped.
+    """
+    body = config.to_dict()
+    body.pop("output", None)
+    for section, defaults in _added_later().items():
+        values = body.get(section, {})
+        for key, default in defaults.items():
+            if key in values and values[key] == default:
+                del values[key]
+        if section in body and not values:
+            del body[section]
+    return hashlib.sha256(repr(sorted(body.items())).encode()).hexdigest()[:16]

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 from hlora.aggregation import LowRankDelta
-from hlora.checkpoint import ServerState, load_state
-from hlora.config import CONFIG_FILE, RunConfig
+from hlora.checkpoint import CHECKPOINT_FILE, ServerState, load_state
+from hlora.config import CONFIG_FILE, RunConfig, fingerprint
 from hlora.errors import CheckpointError, ConfigError
-from hlora.federation import (
-    CHECKPOINT_FILE,
-    best_rank_factors,
-    fingerprint,
-    global_delta,
-)
 from hlora.quantization import NO_QUANTIZATION
+
+
+def rank_factors(
+    delta: Mapping[str, LowRankDelta], rank: int, scaling: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's best rank-``rank`` LoRA factors ``(A (rank, in), B (out, rank))`` of the
+    update ``delta`` (:meth:`LowRankDelta.best_rank`), for a model whose LoRA scaling is
+    ``scaling``: what an adapter of that rank holds when exported or used for generation."""
+    out = {}
+    for name, d in delta.items():
+        factors = d.best_rank(rank, scaling)
+        out[name] = (factors.A, factors.B)
+    return out
 
 
 def load_run_update(run_dir: Path) -> tuple[RunConfig, ServerState, dict[str, LowRankDelta]]:
@@ -34,7 +44,7 @@ def load_run_update(run_dir: Path) -> tuple[RunConfig, ServerState, dict[str, Lo
     state = load_state(run_dir / CHECKPOINT_FILE, fingerprint(config))
     if state.round_num == 0:
         raise CheckpointError(f"run '{run_dir}' has no finished round to export")
-    delta = global_delta(state)
+    delta = state.whole_update()
     if not delta:
         raise CheckpointError(
             f"run '{run_dir}' has no global update (strategy "
@@ -78,6 +88,6 @@ def export_run(
         model.save_pretrained(target)
         backbone.tokenizer.save_pretrained(target)
         return target
-    factors = best_rank_factors(delta, rank, bank.scaling)
+    factors = rank_factors(delta, rank, bank.scaling)
     target = Path(out) if out else run_dir / "export" / f"r{rank}"
     return bank.export_peft(rank, factors, state.extras, target)

@@ -7,7 +7,6 @@ folder is created, so a bad invocation leaves nothing half-written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -20,20 +19,14 @@ from typing import Any
 import torch
 
 from hlora.aggregation import AggregationOptions, UpdateSpec, get_strategy
-from hlora.aggregation.factored import qr_svd
-from hlora.checkpoint import ServerState, load_state
-from hlora.config import (
-    CONFIG_FILE,
-    RunConfig,
-    TrustConfig,
-    load_config,
-    to_toml,
-)
+from hlora.checkpoint import CHECKPOINT_FILE, ServerState, load_state
+from hlora.config import CONFIG_FILE, RunConfig, fingerprint, load_config, to_toml
 from hlora.data.glue import INSTRUCTIONS, TaskData, load_task
 from hlora.data.instructions import load_instruction_task
 from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
 from hlora.errors import CheckpointError, ConfigError
+from hlora.export import rank_factors
 from hlora.generation import GENERATIONS_FILE, generate_with_update
 from hlora.io import run_folder_lock, write_text_atomic
 from hlora.memory import FootprintFn, footprint_fn
@@ -51,39 +44,8 @@ from hlora.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "convergence.png"
-
-
-def _added_later() -> dict[str, dict[str, Any]]:
-    """Settings added after run folders existed, each at the value that means "as before"."""
-    return {
-        "model": {"task_type": "seq-cls", "quantization": "none"},
-        "data": {"train_file": "", "eval_file": "", "category_field": "category"},
-        "train": {"gradient_checkpointing": False},
-        "server": {"factor_split": "balanced"},
-        "trust": dataclasses.asdict(TrustConfig()),
-    }
-
-
-def fingerprint(config: RunConfig) -> str:
-    """Hash of everything that changes results (the output section is left out).
-
-    A setting added after run folders existed counts only when it differs from its "as before"
-    value (:func:`_added_later`), so the checkpoints written before it still resume; a section
-    left empty that way is dropped.
-    """
-    body = config.to_dict()
-    body.pop("output", None)
-    for section, defaults in _added_later().items():
-        values = body.get(section, {})
-        for key, default in defaults.items():
-            if key in values and values[key] == default:
-                del values[key]
-        if section in body and not values:
-            del body[section]
-    return hashlib.sha256(repr(sorted(body.items())).encode()).hexdigest()[:16]
 
 
 def assign_ranks(config: RunConfig, footprint: FootprintFn) -> list[int]:
@@ -405,33 +367,6 @@ def resume(run_dir: Path, *, progress: bool | None = None) -> RunResult:
         return finish(federation, run_dir, state)
 
 
-def global_delta(state: ServerState) -> dict[str, Any]:
-    """The whole update relative to the pretrained weights, per layer, as ``LowRankDelta``."""
-    if state.base_delta is not None:
-        return dict(state.base_delta)
-    if state.global_update is not None:
-        return dict(state.global_update.layers)
-    return {}
-
-
-def best_rank_factors(
-    delta: Any, rank: int, scaling: float
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Best rank-``rank`` LoRA factors ``(A (r, in), B (out, r))`` of each layer's update."""
-    out = {}
-    for name, d in delta.items():
-        u, s, vh = qr_svd((d.left * d.scale).unsqueeze(0), d.right.unsqueeze(0))
-        k = min(rank, s.shape[-1])
-        root = s[0, :k].clamp_min(0).sqrt() / scaling**0.5
-        b = u[0, :, :k] * root
-        a = root.unsqueeze(-1) * vh[0, :k]
-        if k < rank:
-            b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
-            a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
-        out[name] = (a.float().contiguous(), b.float().contiguous())
-    return out
-
-
 def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResult:
     """Write the summary, the plot and one peft adapter per rank used."""
     config = federation.config
@@ -506,7 +441,7 @@ def write_generations(federation: Federation, state: ServerState, path: Path) ->
     answers = generate_with_update(
         federation.runtime.bank,
         federation.backbone.tokenizer,
-        global_delta(state),
+        state.whole_update(),
         state.extras,
         prompts,
         max_new_tokens=GENERATED_TOKENS,
@@ -521,9 +456,9 @@ def write_generations(federation: Federation, state: ServerState, path: Path) ->
 def export_adapters(federation: Federation, state: ServerState, folder: Path) -> list[Path]:
     """One peft adapter folder per rank used (``folder/r{rank}``), best rank-r of the update."""
     bank = federation.runtime.bank
-    delta = global_delta(state)
+    delta = state.whole_update()
     paths = []
     for rank in sorted({c.rank for c in federation.clients}):
-        factors = best_rank_factors(delta, rank, bank.scaling)
+        factors = rank_factors(delta, rank, bank.scaling)
         paths.append(bank.export_peft(rank, factors, state.extras, folder / f"r{rank}"))
     return paths

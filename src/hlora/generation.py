@@ -78,8 +78,7 @@ def generate_from_run(
         CheckpointError: Not a run folder, no finished round, or no global update.
         ConfigError: Not a causal-LM run, or a negative rank.
     """
-    from hlora.export import load_run_update
-    from hlora.federation import best_rank_factors
+    from hlora.export import load_run_update, rank_factors
     from hlora.stack import build_stack
 
     if rank < 0:
@@ -93,7 +92,7 @@ def generate_from_run(
     stack = build_stack(config, [rank or 1], dropout=False)
     bank, tokenizer = stack.bank, stack.backbone.tokenizer
     if rank:
-        bank.set_factors(rank, best_rank_factors(delta, rank, bank.scaling))
+        bank.set_factors(rank, rank_factors(delta, rank, bank.scaling))
         bank.activate(rank)
         bank.model.eval()
         return generate_answers(bank.model, tokenizer, prompts, max_new_tokens=max_new_tokens)

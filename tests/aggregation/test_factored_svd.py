@@ -67,3 +67,29 @@ def test_auto_method_choice_and_errors() -> None:
     left, right = _factors(1, 8, 8, 6)
     with pytest.raises(ValueError, match="randomized SVD needs a target rank"):
         factored_svd(left, right, method="randomized")
+
+
+@pytest.mark.parametrize("rank", [2, 5, 9])
+def test_best_rank_factors_are_the_truncated_svd_of_an_unsorted_update(rank: int) -> None:
+    """``LowRankDelta.best_rank``: the best rank-r part of ``scale * left @ right`` (Eckart-Young,
+    against a dense fp64 SVD), whatever order its 6 components are stored in, for a client of
+    another LoRA scaling, zero-padded beyond the update's rank, with balanced factor norms."""
+    from hlora.aggregation import LowRankDelta
+
+    gen = torch.Generator().manual_seed(3)
+    left = torch.randn(12, 6, generator=gen, dtype=torch.float64)
+    right = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    delta = LowRankDelta(
+        left=left[:, [4, 0, 5, 2, 1, 3]], right=right[[4, 0, 5, 2, 1, 3]], scale=0.5
+    )
+    factors = delta.best_rank(rank, scaling=2.0)
+    assert factors.A.shape == (rank, 10) and factors.B.shape == (12, rank)
+    assert factors.A.dtype == factors.B.dtype == torch.float32
+    u, s, vh = torch.linalg.svd(0.5 * left @ right)
+    k = min(rank, 6)
+    best = u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+    got = 2.0 * factors.B.double() @ factors.A.double()
+    torch.testing.assert_close(got, best, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(factors.A[k:]) == torch.count_nonzero(factors.B[:, k:]) == 0
+    norms_a, norms_b = factors.A[:k].norm(dim=1), factors.B[:, :k].norm(dim=0)
+    torch.testing.assert_close(norms_a, norms_b, rtol=1e-4, atol=1e-6)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hlora.aggregation.factored import FACTOR_SPLITS
+from hlora.aggregation.factored import FACTOR_SPLITS, qr_svd, split_singular_values
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,22 @@ class LowRankDelta:
             left = torch.cat([left, left.new_zeros(left.shape[0], rank - k)], dim=1)
             right = torch.cat([right, right.new_zeros(rank - k, right.shape[1])], dim=0)
         return LoraFactors(A=right.clone(), B=left.clone())
+
+    def best_rank(self, rank: int, scaling: float) -> LoraFactors:
+        """The best rank-``rank`` LoRA factors of the whole update, whatever order the stored
+        components are in (a ``fedavg`` or ``flora`` update is not sorted by importance).
+
+        The update's SVD (through QR, never dense), ``S`` split as ``balanced``
+        (:func:`~hlora.aggregation.factored.split_singular_values`), then :meth:`leading`.
+
+        Returns:
+            ``LoraFactors`` in fp32 with ``A: (rank, in_features)``, ``B: (out_features, rank)``
+            and ``scaling * B @ A`` the best rank-``rank`` approximation of :meth:`dense`.
+        """
+        u, s, vh = qr_svd((self.left * self.scale).unsqueeze(0), self.right.unsqueeze(0))
+        left, right = split_singular_values(u[0], s[0], vh[0])  # (out, k), (k, in)
+        factors = LowRankDelta(left.float(), right.float()).leading(rank, scaling)
+        return LoraFactors(A=factors.A.contiguous(), B=factors.B.contiguous())
 
 
 @dataclass(frozen=True)

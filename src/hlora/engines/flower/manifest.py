@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from hlora.config import OutputConfig, RunConfig, config_from_dict, replace, to_toml
+from hlora.config import OutputConfig, RunConfig, config_from_dict, fingerprint, replace, to_toml
 from hlora.engines.flower.codec import RUN, CodecError
 from hlora.errors import ConfigError, HloraError
-from hlora.federation import fingerprint
 from hlora.models import Backbone
 from hlora.stack import load_run_backbone
 

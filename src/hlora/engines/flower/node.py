@@ -38,7 +38,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
 
-from hlora.config import RunConfig, replace
+from hlora.config import RunConfig, fingerprint, replace
 from hlora.data.files import read_own_data
 from hlora.data.glue import INSTRUCTIONS, get_task, resolve_data_dir, task_tsv_path
 from hlora.data.instructions import read_instructions
@@ -60,7 +60,7 @@ from hlora.engines.flower.manifest import (
 )
 from hlora.engines.flower.settings import DATA_MODES, OWN, SIMULATED
 from hlora.errors import ConfigError, HloraError
-from hlora.federation import client_partitions, fingerprint, load_run_task
+from hlora.federation import client_partitions, load_run_task
 from hlora.models import Backbone
 from hlora.objectives import Objective, make_objective
 from hlora.protocol import EvalReply

@@ -22,8 +22,8 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from hlora.aggregation import UpdateSpec
-from hlora.checkpoint import ServerState, load_state
-from hlora.config import CONFIG_FILE, RunConfig, load_config, to_toml
+from hlora.checkpoint import CHECKPOINT_FILE, ServerState, load_state
+from hlora.config import CONFIG_FILE, RunConfig, fingerprint, load_config, to_toml
 from hlora.data.files import read_own_data
 from hlora.data.glue import TaskData, get_task, read_task_tsv, task_tsv_path
 from hlora.engines.flower.identity import NodeDrop, NodeInfo, assign_slots, query_nodes
@@ -39,11 +39,9 @@ from hlora.engines.flower.settings import (
 from hlora.engines.flower.transport import FlowerTransport
 from hlora.errors import ConfigError
 from hlora.federation import (
-    CHECKPOINT_FILE,
     Federation,
     RunResult,
     build_federation,
-    fingerprint,
     finish,
     load_run_task,
     make_loop,
