@@ -22,11 +22,14 @@ COMMON=(--set data.validation_fraction=0.1 --set train.precision=auto --set fede
 FEDAVG=(--set federation.strategy=fedavg --set "federation.ranks=[8]")
 CENTRAL=(--set federation.strategy=centralized --set "federation.ranks=[8]")
 OLD=(--set train.lr_schedule=round --set server.optimizer=none)
+# Run lengths: 12 rounds of one local epoch (the first screens), or the main job's 16.
+PASSES_12=(--set federation.rounds=12 --set train.local_epochs=1 --set server.eval_every=3)
+PASSES_16=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
 LIN=(--set train.lr_schedule=linear)
 
 if [ "$STAGE" = screen ]; then
   # 12 passes over the data: 12 rounds of one local epoch (the main job's budget).
-  LEN=(--set federation.rounds=12 --set train.local_epochs=1 --set server.eval_every=3)
+  LEN=("${PASSES_12[@]}")
   RUNS=(
     # in the order they ran
     "fedavg-old|${FEDAVG[*]} ${OLD[*]}"
@@ -38,7 +41,7 @@ elif [ "$STAGE" = screen2 ]; then
   # After the first four: centralized learns in 3 passes what the federation has not learned
   # in 12, and the clients' losses barely move inside a round (about 11 local steps). So: more
   # and larger local steps, and server steps larger than the clients' mean progress.
-  LEN=(--set federation.rounds=12 --set train.local_epochs=1 --set server.eval_every=3)
+  LEN=("${PASSES_12[@]}")
   RUNS=(
     "fedavg-la1-bs4-lr5e-3|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=none --set train.logit_adjustment=1.0 --set train.batch_size=4 --set train.learning_rate=0.005"
     "fedavg-adam1e-2|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=adam --set server.learning_rate=0.01"
@@ -49,7 +52,7 @@ elif [ "$STAGE" = split ]; then
   # hlora's own mechanism, which no other strategy has: where S sits in the factors a client
   # starts from. Chosen on hlora (ranks {2, 4, 8, 16}) at the chosen recipe, on the validation
   # split, 3 seeds, balanced vs orthonormal-a, the main job's 16 passes.
-  LEN=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
+  LEN=("${PASSES_16[@]}")
   HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]")
   RUNS=()
   for seed in 1 2 0; do
@@ -62,7 +65,7 @@ elif [ "$STAGE" = silent ]; then
   # clients learn almost nothing, yet they hold most of the weight, so the mean progress of a
   # round shrinks. Does a server learning rate above 1 make up for it? On fedavg (rank 8), as
   # in the search, seed 1, the main job's 16 passes.
-  LEN=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
+  LEN=("${PASSES_16[@]}")
   RUNS=(
     "fedavg-la1-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1"
     "fedavg-la1-sgd3-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1 --set server.optimizer=sgd --set server.learning_rate=3.0"
@@ -71,7 +74,7 @@ elif [ "$STAGE" = iid ]; then
   # On IID partitions hlora ends about a point below `centralized` (RESULTS 0.8): ten clients of
   # a tenth of the data take a tenth of the sequential steps. Does a server learning rate above
   # 1 make up for it? On fedavg (rank 8), IID, seed 0, the main job's 16 passes.
-  LEN=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
+  LEN=("${PASSES_16[@]}")
   IID=(--set data.partition=iid)
   RUNS=(
     "fedavg-iid|${FEDAVG[*]} ${LIN[*]} ${IID[*]}"
@@ -80,7 +83,7 @@ elif [ "$STAGE" = iid ]; then
 elif [ "$STAGE" = dirichlet-sgd2 ]; then
   # Server SGD at eta = 2 helped on IID (stage 'iid'); does it under Dirichlet 0.5, the main
   # job's partition? On fedavg (rank 8), the validation split's seed-0 draw, 16 passes.
-  LEN=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
+  LEN=("${PASSES_16[@]}")
   RUNS=(
     "fedavg-la1-16p|${FEDAVG[*]} ${LIN[*]}"
     "fedavg-la1-sgd2-16p|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=sgd --set server.learning_rate=2.0"
@@ -91,7 +94,7 @@ elif [ "$STAGE" = cap ]; then
   # count a weight is computed from at an equal share (3,301 / 10 = 330, trust.max_client_examples)
   # gives the mixed clients more say. On fedavg (rank 8), the validation split's seed-1 draw,
   # 16 passes; its reference is fedavg-la1-s1 of the 'silent' stage.
-  LEN=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
+  LEN=("${PASSES_16[@]}")
   RUNS=(
     "fedavg-la1-cap330-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1 --set trust.max_client_examples=330"
   )

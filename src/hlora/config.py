@@ -687,7 +687,7 @@ def _toml_value(value: Any) -> str:
 def _added_later() -> dict[str, dict[str, Any]]:
     """Settings added after run folders existed, each at the value that means "as before"."""
     return {
-        "model": {"task_type": "seq-cls", "quantization": "none"},
+        "model": {"task_type": SEQ_CLS, "quantization": NO_QUANTIZATION},
         "data": {"train_file": "", "eval_file": "", "category_field": "category"},
         "train": {"gradient_checkpointing": False},
         "server": {"factor_split": "balanced"},
