@@ -1,5 +1,6 @@
 """Shared pytest setup: test helper modules importable, GPU tests skipped without CUDA, one
-thread per xdist worker (``make test`` runs two), and the Flower tests' temporary homes."""
+thread per xdist worker (``make test`` runs two), fixed Hypothesis examples under CI, and the
+Flower tests' temporary homes."""
 
 from __future__ import annotations
 
@@ -12,8 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# CI draws the same examples on every run, so that a run that passed here passes there; local
+# runs keep drawing new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One worker a core: each worker, and every process it starts (Flower's SuperNodes and

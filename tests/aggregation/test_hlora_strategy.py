@@ -191,11 +191,16 @@ def test_property_exact_and_optimal(
     updates = make_round(ranks, sizes=sizes, scalings=scalings, shapes=shapes, seed=seed)
     result = aggregate_hlora(updates, AggregationOptions(svd_method=method))
     dense = reference_delta(updates, "w")
-    assert float((result.layers["w"].dense() - dense).norm()) <= 1e-9 * float(dense.norm())
+    tolerance = 1e-9
+    if method == "gram":  # the module's stated bound: about eps * kappa^2 of dW's R components
+        s = torch.linalg.svdvals(dense)
+        kappa = float(s[0] / s[min(sum(ranks), s.numel()) - 1])
+        tolerance += 10 * torch.finfo(torch.float64).eps * kappa**2
+    assert float((result.layers["w"].dense() - dense).norm()) <= tolerance * float(dense.norm())
     for update in updates:
         mine = result.client_factors(update.rank, update.scaling)["w"]
         err = float((dense - update.scaling * mine.B @ mine.A).norm())
-        assert err <= optimal_error(dense, update.rank) + 1e-9 * float(dense.norm())
+        assert err <= optimal_error(dense, update.rank) + tolerance * float(dense.norm())
 
 
 @pytest.mark.parametrize("method", EXACT_METHODS)

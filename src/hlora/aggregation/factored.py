@@ -14,7 +14,10 @@ layers with the same shape (``(L, out, R)`` and ``(L, R, in)``) and all on the i
 * ``gram`` (exact up to the squaring of the condition number): eigendecompositions of the
   ``R x R`` Gram matrices ``P^T P`` and ``Q Q^T`` in fp64; every large operation is a matrix
   product. Components whose squared singular value falls below ``1e-13`` of the largest
-  (relative to fp64) are dropped as numerically zero.
+  (relative to fp64) are dropped as numerically zero. The relative Frobenius error of the
+  rebuilt ``dW`` is about ``eps64 * kappa^2``, ``kappa = S[0] / S[R-1]`` (the update's
+  condition number over its ``R`` components): 2.5e-7 at ``kappa = 1e4``, where ``qr`` stays at
+  1e-15. ``auto`` never chooses it.
 * ``randomized`` (approximate, for ``R`` close to or above ``min(out, in)``): subspace iteration
   with the operator ``x -> P (Q x)``; returns only the leading ``rank`` triplets. Cost
   ``O((out + in) R (rank + oversampling) (2 q + 2))``.
