@@ -62,6 +62,13 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("train.lr_schedule=step", "invalid value for 'train.lr_schedule': 'step' (allowed: round"),
         ("train.proximal_mu=-0.1", "invalid value for 'train.proximal_mu': -0.1"),
         ("train.logit_adjustment=11", "invalid value for 'train.logit_adjustment': 11"),
+        (
+            "train.optimizer=adam",
+            "invalid value for 'train.optimizer': 'adam' (allowed: adamw, sgd",
+        ),
+        ("train.learning_rate=2", "invalid value for 'train.learning_rate': 2 (expected a number"),
+        ("train.head_learning_rate=-1", "invalid value for 'train.head_learning_rate': -1"),
+        ("train.momentum=0.9", "'train.momentum': 0.9 (only with train.optimizer = 'sgd')"),
         ("data.validation_fraction=0.6", "invalid value for 'data.validation_fraction': 0.6"),
         ("server.optimizer=lamb", "invalid value for 'server.optimizer': 'lamb' (allowed: none"),
         ("server.learning_rate=0", "invalid value for 'server.learning_rate': 0"),
@@ -78,6 +85,18 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, (override,))
     assert message in str(info.value)
+
+
+def test_sgd_settings_are_checked_against_sgd() -> None:
+    sgd = ("train.optimizer=sgd",)
+    config = load_config(None, (*sgd, "train.learning_rate=30", "train.momentum=0.9"))
+    assert config.train.learning_rate == 30  # SGD's LoRA factors need rates above 1
+    with pytest.raises(
+        ConfigError, match=r"'train.momentum': 1 \(expected a number in \[0.0, 1.0\)"
+    ):
+        load_config(None, (*sgd, "train.momentum=1"))
+    with pytest.raises(ConfigError, match=r"'train.learning_rate': 101"):
+        load_config(None, (*sgd, "train.learning_rate=101"))
 
 
 def test_bad_files_and_override_syntax(tmp_path: Path) -> None:

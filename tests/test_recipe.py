@@ -1,5 +1,6 @@
-"""The training recipe's options: run-wide schedule, FedProx, logit adjustment, validation split,
-server-optimizer state in checkpoints, and a run with every option off equal to the old recipe."""
+"""The training recipe's options: run-wide schedule, FedProx, logit adjustment, the clients'
+optimizer and the head's rate, validation split, server-optimizer state in checkpoints, and a run
+with every option off equal to the old recipe."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from hlora.data.glue import Example, get_task
 from hlora.federation import load_run_task, resume, run
 from hlora.objectives import make_objective
 from hlora.protocol import TrainInstruction
-from hlora.runtime import ModelRuntime, label_log_prior, proximal_term
+from hlora.runtime import ModelRuntime, client_optimizer, label_log_prior, proximal_term
 from hlora.schedule import RoundSchedule
 from hlora.server import RoundLoop
 from tiny_models import build_tiny_backbone, tiny_overrides
@@ -103,6 +104,65 @@ def test_logit_adjustment_is_relative_to_the_federations_prior() -> None:
     off_rt, _ = _runtime(config)
     off = off_rt.train_client(_instruction(off_rt), skewed)
     assert off.loss == pytest.approx(plain.loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_client_sgd_steps_in_proportion_to_the_gradient_adamw_does_not(scale: float) -> None:
+    """One step on ``loss = scale * sum(w)``: SGD moves every coordinate by ``lr * scale``;
+    AdamW's first step moves it by ``lr`` whatever ``scale`` (why a near-zero-loss client
+    still sends a full-size update under AdamW)."""
+    for optimizer, expected in (("sgd", 0.1 * scale), ("adamw", 0.1)):
+        w = torch.nn.Parameter(torch.zeros(3))
+        head = torch.nn.Parameter(torch.zeros(2))
+        cfg = TrainConfig(optimizer=optimizer, learning_rate=0.1, head_learning_rate=0.01)
+        step = client_optimizer([w], [head], cfg)
+        (scale * (w.sum() + head.sum())).backward()
+        step.step()
+        assert_close(w.detach(), torch.full((3,), -expected), rtol=1e-4, atol=0)
+        head_expected = 0.01 * scale if optimizer == "sgd" else 0.01
+        assert_close(head.detach(), torch.full((2,), -head_expected), rtol=1e-4, atol=0)
+
+
+def test_sgd_momentum_is_applied() -> None:
+    w = torch.nn.Parameter(torch.zeros(1))
+    step = client_optimizer([w], [], TrainConfig(optimizer="sgd", learning_rate=1.0, momentum=0.5))
+    for _ in range(2):
+        step.zero_grad()
+        w.sum().backward()
+        step.step()
+    assert float(w) == pytest.approx(-(1.0 + 1.5))  # buffers 1, then 0.5 * 1 + 1
+
+
+@pytest.mark.parametrize("schedule", [None, _flat(0.03)])
+def test_the_heads_rate_keeps_its_ratio_to_the_schedule(schedule: RoundSchedule | None) -> None:
+    """A head rate equal to the learning rate is the single-group optimizer, bit for bit; a
+    near-zero head rate freezes the head while the factors still train."""
+
+    def reply(**train: Any) -> Any:
+        runtime, features = _runtime(
+            TrainConfig(optimizer="sgd", learning_rate=0.05, batch_size=4, **train)
+        )
+        return runtime.train_client(_instruction(runtime, schedule=schedule), features).update
+
+    one_group, two_groups = reply(), reply(head_learning_rate=0.05)
+    for name, f in one_group.factors.items():
+        assert torch.equal(f.A, two_groups.factors[name].A)
+        assert torch.equal(f.B, two_groups.factors[name].B)
+    for name, t in one_group.extras.items():
+        assert torch.equal(t, two_groups.extras[name])
+    frozen = reply(head_learning_rate=1e-12)
+    start, _ = _runtime(TrainConfig())
+    for name, t in frozen.extras.items():
+        initial = start.bank.get_extras(4)[name]
+        assert_close(t, initial, rtol=0, atol=1e-9)
+        assert not torch.allclose(one_group.extras[name], initial, atol=1e-6)
+    assert all(float(f.B.abs().sum()) > 0 for f in frozen.factors.values())  # B starts at 0
+
+
+def test_optimizer_state_bytes() -> None:
+    assert TrainConfig().adapter_bytes_per_param == 16  # weight, gradient, two AdamW moments
+    assert TrainConfig(optimizer="sgd").adapter_bytes_per_param == 8
+    assert TrainConfig(optimizer="sgd", momentum=0.9).adapter_bytes_per_param == 12
 
 
 def test_validation_split_holds_out_train_examples(glue_dir: Path) -> None:

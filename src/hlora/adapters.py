@@ -415,11 +415,17 @@ class LoraBank:
         The same Parameter objects stay in place across :meth:`set_factors` and
         :meth:`set_extras`, so an optimizer built over them stays valid.
         """
-        params: list[torch.nn.Parameter] = []
+        factors, head = self.parameter_groups(rank)
+        return factors + head
+
+    def parameter_groups(
+        self, rank: int
+    ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """:meth:`trainable_parameters` in two lists: every layer's A and B, and the head."""
+        factors: list[torch.nn.Parameter] = []
         for a, b in self._factor_parameters(rank).values():
-            params.extend((a, b))
-        params.extend(self._head_parameters(rank).values())
-        return params
+            factors.extend((a, b))
+        return factors, list(self._head_parameters(rank).values())
 
     def get_factors(self, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Reads the rank's adapter.

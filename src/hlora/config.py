@@ -37,7 +37,7 @@ TRUNCATION_EVALS: tuple[str, ...] = ("never", "final", "every")
 LR_SCHEDULES: tuple[str, ...] = ("round", "linear", "cosine", "constant")
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
 OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
-ADAPTER_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + two AdamW moments
+CLIENT_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 CONFIG_FILE = "config.toml"  # the configuration a run folder holds, as written by a run
 NORM_POLICIES: tuple[str, ...] = ("reject", "clip")  # trust.norm_policy (see hlora.trust)
 
@@ -61,15 +61,21 @@ def _non_negative_int(key: str, value: object) -> None:
 
 
 def _number(
-    key: str, value: object, *, low: float, high: float = math.inf, low_open: bool = False
+    key: str,
+    value: object,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         v = float(value)  # type: ignore[arg-type]
-        ok = (v > low if low_open else v >= low) and v <= high
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
-        bracket = "(" if low_open else "["
-        raise _fail(key, value, f"expected a number in {bracket}{low}, {high}]")
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise _fail(key, value, f"expected a number in {left}{low}, {high}{right}")
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -244,7 +250,8 @@ class FederationConfig:
             "'cycle': client k gets ranks[k % len(ranks)]; 'list': one rank per client; "
             "'memory': the largest rank in ranks whose training footprint (base weights at their "
             "dtype + the activations of a batch of train.batch_size x model.max_length tokens, "
-            "measured + 16 bytes per trained parameter: weight, gradient, two AdamW moments; "
+            "measured + weight, gradient and optimizer state per trained parameter (16 bytes "
+            "under AdamW); "
             "hlora.memory) fits the client's memory_budgets_mb"
         ),
     )
@@ -315,8 +322,26 @@ class TrainConfig:
         default=1.0, metadata=_help("passes over the client's data per round (fractions allowed)")
     )
     batch_size: int = field(default=16, metadata=_help("examples per step"))
-    learning_rate: float = field(default=2e-3, metadata=_help("AdamW learning rate"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    optimizer: str = field(
+        default="adamw",
+        metadata=_help(
+            "the clients' optimizer: 'adamw' or 'sgd' (steps in proportion to the gradient, "
+            "as in FedAvg and FedOpt; a client whose loss is already near zero barely moves)"
+        ),
+    )
+    learning_rate: float = field(default=2e-3, metadata=_help("the clients' learning rate"))
+    head_learning_rate: float = field(
+        default=0.0,
+        metadata=_help(
+            "the trained head's learning rate, following the same schedule (0: the "
+            "learning_rate); plain SGD needs a far larger rate for the LoRA factors than for "
+            "the head"
+        ),
+    )
+    momentum: float = field(
+        default=0.0, metadata=_help("SGD momentum (optimizer 'sgd' only; reset every round)")
+    )
+    weight_decay: float = field(default=0.0, metadata=_help("weight decay (decoupled for AdamW)"))
     warmup_ratio: float = field(
         default=0.1,
         metadata=_help(
@@ -367,10 +392,23 @@ class TrainConfig:
         ),
     )
 
+    @property
+    def adapter_bytes_per_param(self) -> int:
+        """Training bytes per trainable fp32 parameter: itself, its gradient, and the
+        optimizer's state (two AdamW moments, one SGD momentum buffer, or none)."""
+        moments = 2 if self.optimizer == "adamw" else (1 if self.momentum > 0 else 0)
+        return 4 * (2 + moments)
+
     def __post_init__(self) -> None:
         _number("train.local_epochs", self.local_epochs, low=0.0, low_open=True)
         _positive_int("train.batch_size", self.batch_size)
-        _number("train.learning_rate", self.learning_rate, low=0.0, low_open=True, high=1.0)
+        _choice("train.optimizer", self.optimizer, CLIENT_OPTIMIZERS)
+        high = 1.0 if self.optimizer == "adamw" else 100.0
+        _number("train.learning_rate", self.learning_rate, low=0.0, low_open=True, high=high)
+        _number("train.head_learning_rate", self.head_learning_rate, low=0.0, high=high)
+        _number("train.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        if self.momentum > 0 and self.optimizer != "sgd":
+            raise _fail("train.momentum", self.momentum, "only with train.optimizer = 'sgd'")
         _number("train.weight_decay", self.weight_decay, low=0.0)
         _number("train.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -689,7 +727,12 @@ def _added_later() -> dict[str, dict[str, Any]]:
     return {
         "model": {"task_type": SEQ_CLS, "quantization": NO_QUANTIZATION},
         "data": {"train_file": "", "eval_file": "", "category_field": "category"},
-        "train": {"gradient_checkpointing": False},
+        "train": {
+            "gradient_checkpointing": False,
+            "optimizer": "adamw",
+            "head_learning_rate": 0.0,
+            "momentum": 0.0,
+        },
         "server": {"factor_split": "balanced"},
         "trust": dataclasses.asdict(TrustConfig()),
     }

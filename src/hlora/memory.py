@@ -1,20 +1,20 @@
 """What one client needs in memory while it trains at a given rank (the ``memory`` rank rule).
 
-A client's peak is its frozen base weights, the activations autograd keeps for the backward
-pass of its largest batch, and the training state of what it trains (its LoRA factors and the
-head: weight, gradient and two AdamW moments). The first is counted from the model as loaded
-(each parameter at its own dtype). The activations are **measured, not modelled**: one forward
-pass of the training loss at ``train.batch_size`` examples of ``model.max_length`` tokens (the
-worst batch the configuration allows), on the same model, adapter, precision (bf16 autocast or
-not) and activation checkpointing as the client's own steps, counting the bytes of every
-tensor autograd saves (each storage once; the weights are the base's). A formula would have to
-know the attention kernel, the dropout masks and the MLP of each architecture; the forward pass
-knows them.
+A client's peak is its frozen base weights, the activations autograd keeps for the backward pass
+of its largest batch, and the training state of what it trains (its LoRA factors and the head:
+weight, gradient and the optimizer's state, :attr:`TrainConfig.adapter_bytes_per_param`). The
+first is counted from the model as loaded (each parameter at its own dtype). The activations are
+**measured, not modelled**: one forward pass of the training loss at ``train.batch_size``
+examples of ``model.max_length`` tokens (the worst batch the configuration allows), on the same
+model, adapter, precision (bf16 autocast or not) and activation checkpointing as the client's
+own steps, counting the bytes of every tensor autograd saves (each storage once; the weights are
+the base's). A formula would have to know the attention kernel, the dropout masks and the MLP of
+each architecture; the forward pass knows them.
 
-Not counted: the transient buffers of one operation (an attention kernel's workspace, the
-logits before the loss), the allocator's caching and, on a CPU, the Python runtime itself
-(torch and transformers imported: about 0.5 GB). ``benchmarks/memory_rule.py`` compares the
-estimate with measured peaks; docs/PERFORMANCE.md gives the error.
+Not counted: the transient buffers of one operation (an attention kernel's workspace, the logits
+before the loss), the allocator's caching and, on a CPU, the Python runtime itself (torch and
+transformers imported: about 0.5 GB). ``benchmarks/memory_rule.py`` compares the estimate with
+measured peaks; docs/PERFORMANCE.md gives the error.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from hlora.config import ADAPTER_BYTES_PER_PARAM, RunConfig
+from hlora.config import RunConfig
 from hlora.data.glue import INSTRUCTIONS, Example
 from hlora.data.instructions import InstructionExample, Message
 from hlora.runtime import ModelRuntime
@@ -40,8 +40,8 @@ class Footprint:
     Attributes:
         base_weights: The frozen model's parameters at their dtypes (its own head included).
         activations: What autograd keeps for the backward pass of one worst-case batch.
-        training_state: The weights, gradients and AdamW moments of the rank's LoRA factors and
-            of its trained copy of the head.
+        training_state: The weights, gradients and optimizer state of the rank's LoRA factors
+            and of its trained copy of the head.
     """
 
     base_weights: int
@@ -92,7 +92,8 @@ def measure_footprint(runtime: ModelRuntime, rank: int, examples: Sequence[Any])
     model = bank.model
     every_rank = {id(p) for r in bank.ranks for p in bank.trainable_parameters(r)}
     base = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in every_rank)
-    state = ADAPTER_BYTES_PER_PARAM * sum(p.numel() for p in bank.trainable_parameters(rank))
+    per_param = runtime.train_config.adapter_bytes_per_param
+    state = per_param * sum(p.numel() for p in bank.trainable_parameters(rank))
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 

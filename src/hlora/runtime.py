@@ -57,6 +57,41 @@ def proximal_term(params: Sequence[Tensor], anchors: Sequence[Tensor]) -> Tensor
     return sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))  # type: ignore[return-value]
 
 
+def client_optimizer(
+    factors: Sequence[Tensor], head: Sequence[Tensor], cfg: TrainConfig, *, fused: bool = False
+) -> torch.optim.Optimizer:
+    """The client's optimizer for one round (``train.optimizer``).
+
+    ``adamw``: steps of about the learning rate per coordinate whatever the gradient's size.
+    ``sgd``: steps in proportion to the gradient (with ``train.momentum``), as FedAvg and FedOpt
+    assume: a client whose loss is already near zero (a one-class client under the logit
+    adjustment) barely moves. The head learns at ``train.head_learning_rate`` when set, as a
+    second parameter group whose rate keeps its ratio to the first through any schedule.
+    ``fused``: AdamW's fused CUDA kernel.
+
+    Args:
+        factors: The LoRA factors ``A (r, in)`` and ``B (out, r)`` of every adapted layer.
+        head: The trained head's tensors.
+        cfg: The training settings.
+        fused: Whether to use AdamW's fused kernel.
+    """
+    groups: list[dict[str, Any]]
+    if cfg.head_learning_rate > 0:
+        groups = [
+            {"params": list(factors)},
+            {"params": list(head), "lr": cfg.head_learning_rate},
+        ]
+    else:
+        groups = [{"params": [*factors, *head]}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused
+    )
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 products natively (AVX512-BF16 or AMX), per oneDNN."""
     try:
@@ -126,7 +161,8 @@ class ModelRuntime:
     def train_client(self, instruction: TrainInstruction, features: Features) -> TrainReply:
         """Local training of one client (see :class:`TrainConfig`).
 
-        AdamW (fused on CUDA) over the active adapter's factors and head; the learning rate
+        AdamW or SGD (:func:`client_optimizer`) over the active adapter's factors and head;
+        a fresh optimizer every round; the learning rate
         follows ``instruction.schedule`` (the run-wide schedule) or, when None, a linear
         warm-up and decay inside the round; optional FedProx term and logit adjustment (see
         :class:`TrainConfig`); gradient clipping, length-grouped batches with dynamic
@@ -148,13 +184,13 @@ class ModelRuntime:
         else:
             bank.set_factors(rank, {n: (f.A, f.B) for n, f in instruction.factors.items()})
         bank.set_extras(rank, instruction.extras)
-        params = bank.trainable_parameters(rank)
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            fused=self.device.type == "cuda",
+        factor_params, head_params = bank.parameter_groups(rank)
+        params = factor_params + head_params
+        optimizer = client_optimizer(
+            factor_params, head_params, cfg, fused=self.device.type == "cuda"
         )
+        # the schedule sets the first group's rate; every group keeps its ratio to it
+        ratios = [g["lr"] / cfg.learning_rate for g in optimizer.param_groups]
         objective = self.objective
         lengths = [objective.length(f) for f in features]
         batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
@@ -188,8 +224,8 @@ class ModelRuntime:
                         break
                     if instruction.schedule is not None:
                         lr = instruction.schedule.rate(step, total_steps)
-                        for group in optimizer.param_groups:
-                            group["lr"] = lr
+                        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+                            group["lr"] = lr * ratio
                     batch = self.batch([features[i] for i in batch_idx])
                     with self.autocast():
                         loss = objective.loss(model, batch, log_prior)
