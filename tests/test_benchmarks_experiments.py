@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from hlora.adapters import LoraBank
+from hlora.config import load_config
 from tiny_models import build_tiny_backbone, save_tiny_causal_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,27 @@ def test_simulation_measure_runs_one_round_of_k_clients(
     assert row["peak_rss_mib"] >= row["rss_loaded_mib"] > 0
 
 
-@pytest.mark.slow
+def test_round_anatomy_shares_add_up_to_the_mean(tiny_bert_dir: Path, glue_dir: Path) -> None:
+    anatomy = _load("experiments/round_anatomy.py")
+    config = load_config(
+        None,
+        (
+            f"model.name={tiny_bert_dir}",
+            "model.max_length=32",
+            f"data.data_dir={glue_dir}",
+            "data.train_limit=48",
+            "federation.num_clients=3",
+            "train.batch_size=8",
+        ),
+    )
+    rows = anatomy.anatomy(config)
+    assert sorted(r.client_id for r in rows) == ["client00", "client01", "client02"]
+    assert sum(r.examples for r in rows) == 48
+    assert sum(r.share for r in rows) == pytest.approx(1.0, abs=1e-9)
+    assert all(-1 - 1e-9 <= r.cosine <= 1 + 1e-9 and r.norm > 0 for r in rows)
+    assert [r.norm for r in rows] == sorted((r.norm for r in rows), reverse=True)
+
+
 @pytest.mark.slow
 def test_memory_rule_benchmark_puts_the_estimate_beside_a_measured_peak(
     tiny_bert_dir: Path, tmp_path: Path
