@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -126,6 +126,18 @@ elif [ "$STAGE" = sgd ]; then
   RUNS=(
     "fedavg-la1-sgd10m-s1|${FEDAVG[*]} ${LIN[*]} ${SGD10M[*]} --set federation.seed=1"
     "fedavg-la1-sgd10m|${FEDAVG[*]} ${LIN[*]} ${SGD10M[*]}"
+  )
+elif [ "$STAGE" = steps ]; then
+  # RESULTS 0.7.1: under AdamW an update's size grows with the client's steps, and its weight
+  # with the same count, so the largest client counts about as n_k^2. Equal local steps for
+  # every client (21 a round: 3,301 examples / batch 16 / 10 clients, so the same 16 passes in
+  # all) leave the weight as the only measure of size. fedavg (rank 8), the validation split's
+  # seed-1 and seed-0 draws, 16 rounds; then with the weight cap of the 'cap' stage.
+  LEN=(--set federation.rounds=16 --set train.local_steps=21 --set server.eval_every=4)
+  RUNS=(
+    "fedavg-la1-steps21-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1"
+    "fedavg-la1-steps21|${FEDAVG[*]} ${LIN[*]}"
+    "fedavg-la1-steps21-cap330-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1 --set trust.max_client_examples=330"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2

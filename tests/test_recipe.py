@@ -18,6 +18,7 @@ from hlora.checkpoint import ServerState, load_state, save_state
 from hlora.config import RunConfig, TrainConfig, load_config
 from hlora.data.collate import tokenize_pairs
 from hlora.data.glue import Example, get_task
+from hlora.errors import ConfigError
 from hlora.federation import load_run_task, resume, run
 from hlora.objectives import make_objective
 from hlora.protocol import TrainInstruction
@@ -157,6 +158,16 @@ def test_the_heads_rate_keeps_its_ratio_to_the_schedule(schedule: RoundSchedule 
         assert_close(t, initial, rtol=0, atol=1e-9)
         assert not torch.allclose(one_group.extras[name], initial, atol=1e-6)
     assert all(float(f.B.abs().sum()) > 0 for f in frozen.factors.values())  # B starts at 0
+
+
+def test_local_steps_fix_every_clients_steps_whatever_its_size() -> None:
+    runtime, features = _runtime(TrainConfig(batch_size=4, local_steps=5))
+    for size in (4, 24):  # one batch a pass, and six
+        assert runtime.train_client(_instruction(runtime), features[:size]).steps == 5
+    by_epochs, _ = _runtime(TrainConfig(batch_size=4, local_epochs=1))
+    assert by_epochs.train_client(_instruction(by_epochs), features).steps == 6
+    with pytest.raises(ConfigError, match=r"'train.local_steps': -1"):
+        load_config(None, ("train.local_steps=-1",))
 
 
 def test_optimizer_state_bytes() -> None:

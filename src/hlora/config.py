@@ -321,6 +321,14 @@ class TrainConfig:
     local_epochs: float = field(
         default=1.0, metadata=_help("passes over the client's data per round (fractions allowed)")
     )
+    local_steps: int = field(
+        default=0,
+        metadata=_help(
+            "optimizer steps per round for every client, whatever its size, instead of "
+            "local_epochs (0: local_epochs decides); equal steps keep a large client's update "
+            "from outgrowing the others' (its weight n_k / n already counts its size)"
+        ),
+    )
     batch_size: int = field(default=16, metadata=_help("examples per step"))
     optimizer: str = field(
         default="adamw",
@@ -401,6 +409,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _number("train.local_epochs", self.local_epochs, low=0.0, low_open=True)
+        _non_negative_int("train.local_steps", self.local_steps)
         _positive_int("train.batch_size", self.batch_size)
         _choice("train.optimizer", self.optimizer, CLIENT_OPTIMIZERS)
         high = 1.0 if self.optimizer == "adamw" else 100.0
@@ -729,6 +738,7 @@ def _added_later() -> dict[str, dict[str, Any]]:
         "data": {"train_file": "", "eval_file": "", "category_field": "category"},
         "train": {
             "gradient_checkpointing": False,
+            "local_steps": 0,
             "optimizer": "adamw",
             "head_learning_rate": 0.0,
             "momentum": 0.0,

@@ -194,7 +194,7 @@ class ModelRuntime:
         objective = self.objective
         lengths = [objective.length(f) for f in features]
         batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
-        total_steps = max(1, math.ceil(cfg.local_epochs * batches_per_epoch))
+        total_steps = cfg.local_steps or max(1, math.ceil(cfg.local_epochs * batches_per_epoch))
         scheduler = None
         if instruction.schedule is None:  # warm-up and decay inside the round
             scheduler = get_linear_schedule_with_warmup(
