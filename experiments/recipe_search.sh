@@ -138,6 +138,9 @@ elif [ "$STAGE" = steps ]; then
     "fedavg-la1-steps21-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1"
     "fedavg-la1-steps21|${FEDAVG[*]} ${LIN[*]}"
     "fedavg-la1-steps21-cap330-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1 --set trust.max_client_examples=330"
+    # With the one-class client's update held back (the loss ends below the prior's), does the
+    # server step that helps IID federations (eta 2, stage 'iid') carry the mixed clients on?
+    "fedavg-la1-steps21-cap330-sgd2-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1 --set trust.max_client_examples=330 --set server.optimizer=sgd --set server.learning_rate=2.0"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2
