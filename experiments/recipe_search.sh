@@ -141,6 +141,8 @@ elif [ "$STAGE" = steps ]; then
     # With the one-class client's update held back (the loss ends below the prior's), does the
     # server step that helps IID federations (eta 2, stage 'iid') carry the mixed clients on?
     "fedavg-la1-steps21-cap330-sgd2-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1 --set trust.max_client_examples=330 --set server.optimizer=sgd --set server.learning_rate=2.0"
+    # and the same on seed 0's draw, where one local epoch without them is the reference
+    "fedavg-la1-steps21-cap330-sgd2|${FEDAVG[*]} ${LIN[*]} --set trust.max_client_examples=330 --set server.optimizer=sgd --set server.learning_rate=2.0"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2
