@@ -10,7 +10,8 @@ squared norm, ``w_k <d_k, mean> / ||mean||^2`` (the shares sum to 1).
         --set "federation.ranks=[8]" [--set train.optimizer=sgd ...]
 
 Loads the data and model like ``hlora run`` (``HLORA_DATA_DIR`` or ``data.data_dir``); writes
-nothing.
+nothing. Each client's update is formed densely (one fp64 copy of every adapted weight per
+client): sized for small backbones such as MiniLM, not for LLM shapes.
 """
 
 from __future__ import annotations

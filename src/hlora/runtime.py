@@ -66,7 +66,8 @@ def client_optimizer(
     ``sgd``: steps in proportion to the gradient (with ``train.momentum``), as FedAvg and FedOpt
     assume: a client whose loss is already near zero (a one-class client under the logit
     adjustment) barely moves. The head learns at ``train.head_learning_rate`` when set, as a
-    second parameter group whose rate keeps its ratio to the first through any schedule.
+    second parameter group. Every group carries ``"ratio"``, its rate over the learning rate,
+    which a schedule keeps (``group["lr"] = rate * group["ratio"]``).
     ``fused``: AdamW's fused CUDA kernel.
 
     Args:
@@ -77,12 +78,13 @@ def client_optimizer(
     """
     groups: list[dict[str, Any]]
     if cfg.head_learning_rate > 0:
+        ratio = cfg.head_learning_rate / cfg.learning_rate
         groups = [
-            {"params": list(factors)},
-            {"params": list(head), "lr": cfg.head_learning_rate},
+            {"params": list(factors), "ratio": 1.0},
+            {"params": list(head), "lr": cfg.head_learning_rate, "ratio": ratio},
         ]
     else:
-        groups = [{"params": [*factors, *head]}]
+        groups = [{"params": [*factors, *head], "ratio": 1.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -189,8 +191,6 @@ class ModelRuntime:
         optimizer = client_optimizer(
             factor_params, head_params, cfg, fused=self.device.type == "cuda"
         )
-        # the schedule sets the first group's rate; every group keeps its ratio to it
-        ratios = [g["lr"] / cfg.learning_rate for g in optimizer.param_groups]
         objective = self.objective
         lengths = [objective.length(f) for f in features]
         batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
@@ -224,8 +224,8 @@ class ModelRuntime:
                         break
                     if instruction.schedule is not None:
                         lr = instruction.schedule.rate(step, total_steps)
-                        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
-                            group["lr"] = lr * ratio
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr * group["ratio"]
                     batch = self.batch([features[i] for i in batch_idx])
                     with self.autocast():
                         loss = objective.loss(model, batch, log_prior)
