@@ -592,3 +592,28 @@ def test_aggregation_bias_leaves_fedavg_out_for_mixed_ranks() -> None:
     assert "fedavg" not in names
     assert names[-2:] == ["hlora, rank-2 truncation", "hlora, rank-4 truncation"]
     assert all(r["round"] == 3 for r in rows)
+
+
+@pytest.mark.parametrize("stage", ["participation", "fewer", "iid"])
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_sft_search_runs_the_demo_on_its_validation_split(tmp_path: Path, stage: str) -> None:
+    """Every run of a stage of experiments/sft_search.sh is a valid configuration of the demo
+    that evaluates on the held-out split, never on dev, under its own name."""
+    log = tmp_path / "calls.jsonl"
+    bin_dir = _recording_hlora(tmp_path, log)
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "HLORA": str(bin_dir / "hlora")}
+    script = str(ROOT / "experiments/sft_search.sh")
+    subprocess.run(["bash", script, str(out), stage], cwd=ROOT, check=True, env=env)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls
+    names = set()
+    for call in calls:
+        assert call[:2] == ["run", "examples/smollm2_mrpc_instruct.toml"]
+        sets = tuple(call[i + 1] for i, a in enumerate(call) if a == "--set")
+        config = load_config(ROOT / call[1], sets)
+        assert config.data.validation_fraction == 0.2
+        assert config.model.task_type == "causal-lm"
+        assert config.output.dir == str(out)
+        names.add(config.output.name)
+    assert len(names) == len(calls)

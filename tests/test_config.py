@@ -151,6 +151,16 @@ def test_every_experiment_config_is_valid() -> None:
         assert config.output.name
 
 
+def test_every_example_config_is_valid() -> None:
+    """The ready configurations users are pointed at load and keep what the docs promise."""
+    folder = Path(__file__).resolve().parents[1] / "examples"
+    demo = load_config(folder / "smollm2_mrpc_instruct.toml")
+    assert demo.model.task_type == "causal-lm" and demo.federation.strategy == "hlora"
+    assert demo.federation.num_clients == 10 and demo.federation.ranks == (2, 4, 8, 16)
+    for path in sorted(folder.glob("*.toml")):
+        load_config(path)
+
+
 def test_settings_added_later_keep_old_run_folders_resumable() -> None:
     """A run folder's config.toml written before ``server.factor_split`` and ``[trust]``
     existed (by the code of 2026-12-01) keeps the fingerprint its checkpoint was stamped
