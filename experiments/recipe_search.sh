@@ -148,23 +148,6 @@ else
   echo "unknown stage $STAGE" >&2; exit 2
 fi
 
-run_one() {
-  local name="${1%%|*}" args="${1#*|}"
-  [ -n "${ONLY:-}" ] && [ "$name" != "$ONLY" ] && return 0
-  [ -f "$OUT/$name/summary.json" ] && return 0
-  rm -rf "${OUT:?}/$name"
-  mkdir -p "$OUT"
-  # shellcheck disable=SC2086
-  OMP_NUM_THREADS=1 "$HLORA" run "${COMMON[@]}" "${LEN[@]}" $args --set "output.name=$name" \
-    > "$OUT/$name.log" 2>&1 || echo "failed: $name" >&2
-}
-export -f run_one
-export OUT HLORA ONLY
-
-running=0
-for spec in "${RUNS[@]}"; do
-  run_one "$spec" &
-  running=$((running + 1))
-  if [ "$running" -ge "$JOBS" ]; then wait -n; running=$((running - 1)); fi
-done
-wait
+BASE=("${COMMON[@]}" "${LEN[@]}")
+source "$(dirname "$0")/search_runs.sh"
+run_searches

@@ -594,26 +594,43 @@ def test_aggregation_bias_leaves_fedavg_out_for_mixed_ranks() -> None:
     assert all(r["round"] == 3 for r in rows)
 
 
-@pytest.mark.parametrize("stage", ["participation", "fewer", "iid"])
+RECIPE_STAGES = ("screen", "screen2", "split", "silent", "iid", "dirichlet-sgd2", "cap")
+SEARCHES = [
+    *(("sft_search.sh", stage, 0.2) for stage in ("participation", "fewer", "iid")),
+    *(("recipe_search.sh", stage, 0.1) for stage in (*RECIPE_STAGES, "shorter", "sgd", "steps")),
+]
+
+
+@pytest.mark.parametrize(("script", "stage", "held_out"), SEARCHES)
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_sft_search_runs_the_demo_on_its_validation_split(tmp_path: Path, stage: str) -> None:
-    """Every run of a stage of experiments/sft_search.sh is a valid configuration of the demo
-    that evaluates on the held-out split, never on dev, under its own name."""
+def test_searches_run_valid_configurations_on_their_validation_split(
+    tmp_path: Path, script: str, stage: str, held_out: float
+) -> None:
+    """Every run of a stage of a settings search is a valid configuration that evaluates on the
+    held-out split, never on dev, under its own name, with its log beside it; a second start
+    skips the finished runs."""
     log = tmp_path / "calls.jsonl"
     bin_dir = _recording_hlora(tmp_path, log)
     out = tmp_path / "out"
     env = {"PATH": "/usr/bin:/bin", "HLORA": str(bin_dir / "hlora")}
-    script = str(ROOT / "experiments/sft_search.sh")
-    subprocess.run(["bash", script, str(out), stage], cwd=ROOT, check=True, env=env)
+    command = ["bash", str(ROOT / "experiments" / script), str(out), stage]
+    subprocess.run(command, cwd=ROOT, check=True, env=env)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert calls
     names = set()
     for call in calls:
-        assert call[:2] == ["run", "examples/smollm2_mrpc_instruct.toml"]
+        assert call[0] == "run"
+        path = None if call[1] == "--set" else ROOT / call[1]
         sets = tuple(call[i + 1] for i, a in enumerate(call) if a == "--set")
-        config = load_config(ROOT / call[1], sets)
-        assert config.data.validation_fraction == 0.2
-        assert config.model.task_type == "causal-lm"
+        config = load_config(path, sets)
+        assert config.data.validation_fraction == held_out
         assert config.output.dir == str(out)
         names.add(config.output.name)
+        assert (out / f"{config.output.name}.log").read_text().startswith("trained")
     assert len(names) == len(calls)
+    for name in names:  # as if every run had finished
+        (out / name).mkdir(exist_ok=True)
+        (out / name / "summary.json").write_text("{}")
+    log.unlink()
+    subprocess.run(command, cwd=ROOT, check=True, env=env)
+    assert not log.exists()
