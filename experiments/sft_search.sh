@@ -7,7 +7,7 @@
 # same draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere)
 # and `centralized`, never on `hlora` alone.
 #
-#   bash experiments/sft_search.sh [OUT] [STAGE]     # STAGE: participation (default) | fewer | iid
+#   bash experiments/sft_search.sh [OUT] [STAGE]     # STAGE: participation (default) | fewer | iid | seed1
 #
 # The demo's CPU budget buys about 1,600 example passes over the 800 pairs. Spread over ten
 # clients at batch 8 that is 20 sequential optimizer steps per client in the whole run, against
@@ -49,6 +49,14 @@ elif [ "$STAGE" = iid ]; then
   # split. The same participation on IID partitions, which no longer swing the prior.
   RUNS=(
     "fedavg-iid-cpr3|${FEDAVG[*]} --set data.partition=iid --set federation.clients_per_round=3 --set train.local_epochs=1 --set federation.rounds=7 --set server.eval_every=1"
+  )
+elif [ "$STAGE" = seed1 ]; then
+  # Does the choice hold on another draw of the partition and of the clients drawn each round
+  # (seed 1; the held-out pairs stay the same)?
+  RUNS=(
+    "fedavg-cpr3-s1|${FEDAVG[*]} --set federation.seed=1 --set federation.clients_per_round=3 --set train.local_epochs=1 --set federation.rounds=7 --set server.eval_every=1"
+    # against all ten clients a round for half an epoch, 4 rounds (the same passes)
+    "fedavg-all-s1|${FEDAVG[*]} --set federation.seed=1 --set federation.clients_per_round=0 --set train.local_epochs=0.5 --set federation.rounds=4 --set server.eval_every=1"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2

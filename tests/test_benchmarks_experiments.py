@@ -596,7 +596,7 @@ def test_aggregation_bias_leaves_fedavg_out_for_mixed_ranks() -> None:
 
 RECIPE_STAGES = ("screen", "screen2", "split", "silent", "iid", "dirichlet-sgd2", "cap")
 SEARCHES = [
-    *(("sft_search.sh", stage, 0.2) for stage in ("participation", "fewer", "iid")),
+    *(("sft_search.sh", stage, 0.2) for stage in ("participation", "fewer", "iid", "seed1")),
     *(("recipe_search.sh", stage, 0.1) for stage in (*RECIPE_STAGES, "shorter", "sgd", "steps")),
 ]
 
