@@ -5,16 +5,16 @@
 # 0.5, batch 8, learning rate 1e-3; each run sets its participation, epochs and rounds) on a
 # held-out 20% of those pairs (data.validation_fraction = 0.2: 800 train, 200 held out, the
 # same draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere)
-# and `centralized`, never on `hlora` alone.
+# against the `centralized` reference of the earlier search, never on `hlora` alone.
 #
-#   bash experiments/sft_search.sh [OUT] [STAGE]     # STAGE: participation (default) | fewer | iid | seed1
+#   bash experiments/sft_search.sh [OUT] [STAGE]
+#   # STAGE: participation (default) | fewer | iid | seed1
 #
 # The demo's CPU budget buys about 1,600 example passes over the 800 pairs. Spread over ten
 # clients at batch 8 that is 20 sequential optimizer steps per client in the whole run, against
 # 200 for `centralized`; the federation stays at the majority answer. A round's sequential
 # steps grow when fewer clients take part in it (`federation.clients_per_round`) or when the
-# batch is smaller, for the same passes. Runs go two at a time, one CPU thread each; finished
-# runs (summary.json present) are skipped; with ONLY=NAME set, every run of the stage but NAME is.
+# batch is smaller, for the same passes. How the runs go: experiments/search_runs.sh.
 set -euo pipefail
 OUT="${1:-runs/sft-search}"
 STAGE="${2:-participation}"
@@ -23,40 +23,42 @@ JOBS="${JOBS:-2}"
 DEMO=examples/smollm2_mrpc_instruct.toml
 
 COMMON=(--set data.validation_fraction=0.2 --set server.eval_truncations=never
-  --set output.progress=false --set "output.dir=$OUT")
+  --set server.eval_every=1 --set output.progress=false --set "output.dir=$OUT")
 FEDAVG=(--set federation.strategy=fedavg --set "federation.ranks=[8]")
+# The chosen participation: 3 of 10 clients a round, one local epoch, 7 rounds.
+CPR3=(--set federation.clients_per_round=3 --set train.local_epochs=1 --set federation.rounds=7)
 
 if [ "$STAGE" = participation ]; then
   # 1,600 passes each: the budget of the demo's first form (all ten clients, 4 rounds of half
   # an epoch; majority class on this split under IID and Dirichlet partitions alike).
   RUNS=(
     # 3 of 10 clients a round, one local epoch: 240 passes and 10 sequential steps a round.
-    "fedavg-cpr3|${FEDAVG[*]} --set federation.clients_per_round=3 --set train.local_epochs=1 --set federation.rounds=7 --set server.eval_every=1"
+    "fedavg-cpr3|${FEDAVG[*]} ${CPR3[*]}"
     # 5 of 10 a round, one local epoch at batch 4: 400 passes and 20 sequential steps a round.
-    "fedavg-cpr5-bs4|${FEDAVG[*]} --set federation.clients_per_round=5 --set train.local_epochs=1 --set train.batch_size=4 --set federation.rounds=4 --set server.eval_every=1"
+    "fedavg-cpr5-bs4|${FEDAVG[*]} --set federation.clients_per_round=5 --set train.local_epochs=1 --set train.batch_size=4 --set federation.rounds=4"
   )
 elif [ "$STAGE" = fewer ]; then
   # After 'participation': 3 clients a round left the majority answer (0.705 after 7 rounds,
   # held-out loss 0.583), 5 at batch 4 barely (0.675). Fewer still: 2 a round, 10 rounds. And
   # hlora itself at 3 a round, ranks {2, 4, 8, 16}, to see it before dev (not to choose on it).
   RUNS=(
-    "fedavg-cpr2|${FEDAVG[*]} --set federation.clients_per_round=2 --set train.local_epochs=1 --set federation.rounds=10 --set server.eval_every=1"
-    "hlora-cpr3|--set federation.strategy=hlora --set federation.clients_per_round=3 --set train.local_epochs=1 --set federation.rounds=7 --set server.eval_every=1"
+    "fedavg-cpr2|${FEDAVG[*]} --set federation.clients_per_round=2 --set train.local_epochs=1 --set federation.rounds=10"
+    "hlora-cpr3|--set federation.strategy=hlora ${CPR3[*]}"
   )
 elif [ "$STAGE" = iid ]; then
   # On dev the Dirichlet demo at 3 clients a round ended at the majority class (0.686 against
   # 0.684, held-out loss at the prior's): its clients' shares are more skewed than on this
   # split. The same participation on IID partitions, which no longer swing the prior.
   RUNS=(
-    "fedavg-iid-cpr3|${FEDAVG[*]} --set data.partition=iid --set federation.clients_per_round=3 --set train.local_epochs=1 --set federation.rounds=7 --set server.eval_every=1"
+    "fedavg-iid-cpr3|${FEDAVG[*]} --set data.partition=iid ${CPR3[*]}"
   )
 elif [ "$STAGE" = seed1 ]; then
   # Does the choice hold on another draw of the partition and of the clients drawn each round
   # (seed 1; the held-out pairs stay the same)?
   RUNS=(
-    "fedavg-cpr3-s1|${FEDAVG[*]} --set federation.seed=1 --set federation.clients_per_round=3 --set train.local_epochs=1 --set federation.rounds=7 --set server.eval_every=1"
+    "fedavg-cpr3-s1|${FEDAVG[*]} --set federation.seed=1 ${CPR3[*]}"
     # against all ten clients a round for half an epoch, 4 rounds (the same passes)
-    "fedavg-all-s1|${FEDAVG[*]} --set federation.seed=1 --set federation.clients_per_round=0 --set train.local_epochs=0.5 --set federation.rounds=4 --set server.eval_every=1"
+    "fedavg-all-s1|${FEDAVG[*]} --set federation.seed=1 --set federation.clients_per_round=0 --set train.local_epochs=0.5 --set federation.rounds=4"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2
