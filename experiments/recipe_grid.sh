@@ -5,8 +5,8 @@
 #   bash experiments/recipe_grid.sh [OUT] [CELL ...]
 #
 # CELL (default: mrpc-dirichlet ablation):
-#   mrpc-dirichlet, mrpc-iid, mrpc-iid-sgd2 (server SGD, eta 2), qqp-dirichlet, qqp-iid (the
-#     local QQP sample): per seed, E3
+#   mrpc-dirichlet, mrpc-iid, mrpc-iid-sgd2 (server SGD, eta 2), qqp-dirichlet, qqp-iid,
+#     qqp-iid-sgd2 (the local QQP sample), rte-dirichlet, rte-iid, rte-iid-sgd2: per seed, E3
 #     (hlora, zeropad, flora at ranks {2, 4, 8, 16}), the centralized reference (one client with
 #     all the data, rank 16, the same passes) and E1 (fedavg and hlora, every client at rank 8);
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
@@ -38,6 +38,12 @@ for cell in "${cells[@]}"; do
       --set server.learning_rate=2.0) ;;
     qqp-dirichlet) args=(--set data.task=qqp-sample) ;;
     qqp-iid) args=(--set data.task=qqp-sample --set data.partition=iid) ;;
+    qqp-iid-sgd2) args=(--set data.task=qqp-sample --set data.partition=iid
+      --set server.optimizer=sgd --set server.learning_rate=2.0) ;;
+    rte-dirichlet) args=(--set data.task=rte) ;;
+    rte-iid) args=(--set data.task=rte --set data.partition=iid) ;;
+    rte-iid-sgd2) args=(--set data.task=rte --set data.partition=iid --set server.optimizer=sgd
+      --set server.learning_rate=2.0) ;;
     ablation)
       e3=experiments/e3_mrpc.toml
       run "$out/ablation" old-recipe "$e3" --set train.logit_adjustment=0 \

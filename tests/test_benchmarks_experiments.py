@@ -594,6 +594,54 @@ def test_aggregation_bias_leaves_fedavg_out_for_mixed_ranks() -> None:
     assert all(r["round"] == 3 for r in rows)
 
 
+RECIPE_GRID_CELLS = {  # cell -> (task, partition, server optimizer)
+    "mrpc-dirichlet": ("mrpc", "dirichlet", "none"),
+    "mrpc-iid": ("mrpc", "iid", "none"),
+    "mrpc-iid-sgd2": ("mrpc", "iid", "sgd"),
+    "qqp-dirichlet": ("qqp-sample", "dirichlet", "none"),
+    "qqp-iid": ("qqp-sample", "iid", "none"),
+    "qqp-iid-sgd2": ("qqp-sample", "iid", "sgd"),
+    "rte-dirichlet": ("rte", "dirichlet", "none"),
+    "rte-iid": ("rte", "iid", "none"),
+    "rte-iid-sgd2": ("rte", "iid", "sgd"),
+}
+
+
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("xargs") is None, reason="needs bash and xargs"
+)
+def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path: Path) -> None:
+    """Every cell of recipe_grid.sh plans E3, E1 and `centralized` per seed, on dev, at the
+    default recipe's length, with the cell's task, partition and server step."""
+    log = tmp_path / "calls.jsonl"
+    bin_dir = _recording_hlora(tmp_path, log)
+    python = bin_dir / "python"  # the script asks hlora for its rounds
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SEEDS": "0 1", "JOBS": "1"}
+    command = ["bash", str(ROOT / "experiments/recipe_grid.sh"), str(out), *RECIPE_GRID_CELLS]
+    subprocess.run(command, cwd=ROOT, check=True, env=env, capture_output=True)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    default = load_config()
+    seen: dict[str, set[tuple[str, int]]] = {cell: set() for cell in RECIPE_GRID_CELLS}
+    for call in calls:
+        sets = tuple(call[i + 1] for i, a in enumerate(call) if a == "--set")
+        config = load_config(ROOT / call[1], sets)
+        cell = Path(call[call.index("--output") + 1]).name
+        task, partition, optimizer = RECIPE_GRID_CELLS[cell]
+        assert (config.data.task, config.data.partition) == (task, partition)
+        assert config.server.optimizer == optimizer
+        assert config.server.learning_rate == (2.0 if optimizer == "sgd" else 1.0)
+        assert config.data.validation_fraction == 0  # the grid reports on dev
+        assert config.federation.rounds == default.federation.rounds
+        assert config.output.name.endswith(f"-s{config.federation.seed}")
+        seen[cell].add((config.federation.strategy, config.federation.seed))
+    runs = {"hlora", "zeropad", "flora", "fedavg", "centralized"}
+    for cell, pairs in seen.items():
+        assert pairs == {(run, seed) for run in runs for seed in (0, 1)}, cell
+
+
 RECIPE_STAGES = ("screen", "screen2", "split", "silent", "iid", "dirichlet-sgd2", "cap")
 SEARCHES = [
     *(("sft_search.sh", stage, 0.2) for stage in ("participation", "fewer", "iid", "seed1")),
