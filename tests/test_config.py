@@ -69,6 +69,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("train.learning_rate=2", "invalid value for 'train.learning_rate': 2 (expected a number"),
         ("train.head_learning_rate=-1", "invalid value for 'train.head_learning_rate': -1"),
         ("train.momentum=0.9", "'train.momentum': 0.9 (only with train.optimizer = 'sgd')"),
+        ("train.adam_epsilon=0", "invalid value for 'train.adam_epsilon': 0 (expected a number"),
         ("data.validation_fraction=0.6", "invalid value for 'data.validation_fraction': 0.6"),
         ("server.optimizer=lamb", "invalid value for 'server.optimizer': 'lamb' (allowed: none"),
         ("server.learning_rate=0", "invalid value for 'server.learning_rate': 0"),
@@ -97,6 +98,8 @@ def test_sgd_settings_are_checked_against_sgd() -> None:
         load_config(None, (*sgd, "train.momentum=1"))
     with pytest.raises(ConfigError, match=r"'train.learning_rate': 101"):
         load_config(None, (*sgd, "train.learning_rate=101"))
+    with pytest.raises(ConfigError, match=r"'train.adam_epsilon': 1e-05 \(only with train"):
+        load_config(None, (*sgd, "train.adam_epsilon=1e-5"))
 
 
 def test_bad_files_and_override_syntax(tmp_path: Path) -> None:

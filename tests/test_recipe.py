@@ -124,6 +124,17 @@ def test_client_sgd_steps_in_proportion_to_the_gradient_adamw_does_not(scale: fl
         assert_close(head.detach(), torch.full((2,), -head_expected), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_adam_epsilon_shrinks_the_steps_of_small_gradients(scale: float) -> None:
+    """AdamW's first step is ``lr * g / (|g| + eps)`` per coordinate: with eps = 1e-3 a
+    gradient of 1 still steps about the learning rate, one of 1e-3 half of it."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    step = client_optimizer([w], [], TrainConfig(learning_rate=0.1, adam_epsilon=1e-3))
+    (scale * w.sum()).backward()
+    step.step()
+    assert_close(w.detach(), torch.full((3,), -0.1 * scale / (scale + 1e-3)), rtol=1e-5, atol=0)
+
+
 def test_sgd_momentum_is_applied() -> None:
     w = torch.nn.Parameter(torch.zeros(1))
     step = client_optimizer([w], [], TrainConfig(optimizer="sgd", learning_rate=1.0, momentum=0.5))

@@ -38,6 +38,8 @@ LR_SCHEDULES: tuple[str, ...] = ("round", "linear", "cosine", "constant")
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
 OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
 CLIENT_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+_ADAM_EPSILON = 1e-8
+"""AdamW's default epsilon (torch's)."""
 CONFIG_FILE = "config.toml"  # the configuration a run folder holds, as written by a run
 NORM_POLICIES: tuple[str, ...] = ("reject", "clip")  # trust.norm_policy (see hlora.trust)
 
@@ -349,6 +351,14 @@ class TrainConfig:
     momentum: float = field(
         default=0.0, metadata=_help("SGD momentum (optimizer 'sgd' only; reset every round)")
     )
+    adam_epsilon: float = field(
+        default=_ADAM_EPSILON,
+        metadata=_help(
+            "AdamW's epsilon (optimizer 'adamw' only): a step is m / (sqrt(v) + epsilon), so a "
+            "coordinate whose gradients are far below epsilon steps in proportion to them (as "
+            "under SGD) and one far above steps about the learning rate"
+        ),
+    )
     weight_decay: float = field(default=0.0, metadata=_help("weight decay (decoupled for AdamW)"))
     warmup_ratio: float = field(
         default=0.1,
@@ -418,6 +428,11 @@ class TrainConfig:
         _number("train.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         if self.momentum > 0 and self.optimizer != "sgd":
             raise _fail("train.momentum", self.momentum, "only with train.optimizer = 'sgd'")
+        _number("train.adam_epsilon", self.adam_epsilon, low=0.0, low_open=True, high=1.0)
+        if self.adam_epsilon != _ADAM_EPSILON and self.optimizer != "adamw":
+            raise _fail(
+                "train.adam_epsilon", self.adam_epsilon, "only with train.optimizer = 'adamw'"
+            )
         _number("train.weight_decay", self.weight_decay, low=0.0)
         _number("train.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -742,6 +757,7 @@ def _added_later() -> dict[str, dict[str, Any]]:
             "optimizer": "adamw",
             "head_learning_rate": 0.0,
             "momentum": 0.0,
+            "adam_epsilon": _ADAM_EPSILON,
         },
         "server": {"factor_split": "balanced"},
         "trust": dataclasses.asdict(TrustConfig()),

@@ -62,7 +62,8 @@ def client_optimizer(
 ) -> torch.optim.Optimizer:
     """The client's optimizer for one round (``train.optimizer``).
 
-    ``adamw``: steps of about the learning rate per coordinate whatever the gradient's size.
+    ``adamw``: steps of about the learning rate per coordinate whatever the gradient's size,
+    for gradients well above ``train.adam_epsilon`` (below it, in proportion to them).
     ``sgd``: steps in proportion to the gradient (with ``train.momentum``), as FedAvg and FedOpt
     assume: a client whose loss is already near zero (a one-class client under the logit
     adjustment) barely moves. The head learns at ``train.head_learning_rate`` when set, as a
@@ -90,7 +91,11 @@ def client_optimizer(
             groups, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused
+        groups,
+        lr=cfg.learning_rate,
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+        fused=fused,
     )
 
 
