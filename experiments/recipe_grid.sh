@@ -31,19 +31,18 @@ plan="$(mktemp)"
 export GRID_PLAN="$plan"
 for cell in "${cells[@]}"; do
   case "$cell" in
-    mrpc-dirichlet) args=() ;;
-    mrpc-iid) args=(--set data.partition=iid) ;;
-    # The server learning rate chosen on IID validation (recipe_search.sh iid): eta = 2.
-    mrpc-iid-sgd2) args=(--set data.partition=iid --set server.optimizer=sgd
-      --set server.learning_rate=2.0) ;;
-    qqp-dirichlet) args=(--set data.task=qqp-sample) ;;
-    qqp-iid) args=(--set data.task=qqp-sample --set data.partition=iid) ;;
-    qqp-iid-sgd2) args=(--set data.task=qqp-sample --set data.partition=iid
-      --set server.optimizer=sgd --set server.learning_rate=2.0) ;;
-    rte-dirichlet) args=(--set data.task=rte) ;;
-    rte-iid) args=(--set data.task=rte --set data.partition=iid) ;;
-    rte-iid-sgd2) args=(--set data.task=rte --set data.partition=iid --set server.optimizer=sgd
-      --set server.learning_rate=2.0) ;;
+    mrpc-* | qqp-* | rte-*)
+      task="${cell%%-*}"
+      [[ "$task" == qqp ]] && task=qqp-sample
+      args=(--set data.task="$task")
+      case "${cell#*-}" in
+        dirichlet) ;;
+        iid) args+=(--set data.partition=iid) ;;
+        # The server learning rate chosen on IID validation (recipe_search.sh iid): eta = 2.
+        iid-sgd2) args+=(--set data.partition=iid --set server.optimizer=sgd
+          --set server.learning_rate=2.0) ;;
+        *) echo "unknown cell $cell" >&2; exit 2 ;;
+      esac ;;
     ablation)
       e3=experiments/e3_mrpc.toml
       run "$out/ablation" old-recipe "$e3" --set train.logit_adjustment=0 \

@@ -344,6 +344,11 @@ def _recording_hlora(tmp_path: Path, log: Path, fail_on: str | None = None) -> P
     return bin_dir
 
 
+def _sets(call: list[str]) -> tuple[str, ...]:
+    """The ``--set`` overrides of one recorded ``hlora`` call, in order."""
+    return tuple(call[i + 1] for i, a in enumerate(call) if a == "--set")
+
+
 def _grid_calls(tmp_path: Path, script: str) -> list[list[str]]:
     """Source experiments/grid.sh with a recording `hlora`, run SCRIPT, return each call's args."""
     log = tmp_path / "calls.jsonl"
@@ -370,7 +375,7 @@ def test_grid_runs_every_strategy_per_seed_with_later_sets_winning(tmp_path: Pat
     first = calls[0]
     assert first[:4] == ["run", "experiments/e3_mrpc.toml", "--no-progress", "--output"]
     # The cell's settings come after the common ones, the strategy last: later --set wins.
-    sets = [first[i + 1] for i, a in enumerate(first) if a == "--set"]
+    sets = list(_sets(first))
     assert sets[1:] == ["federation.seed=0", "data.task=rte", "federation.strategy=hlora"]
     assert calls[5][-2:] == ["--set", "server.eval_every=3"]  # the local reference's thinning
 
@@ -626,8 +631,7 @@ def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path
     default = load_config()
     seen: dict[str, set[tuple[str, int]]] = {cell: set() for cell in RECIPE_GRID_CELLS}
     for call in calls:
-        sets = tuple(call[i + 1] for i, a in enumerate(call) if a == "--set")
-        config = load_config(ROOT / call[1], sets)
+        config = load_config(ROOT / call[1], _sets(call))
         cell = Path(call[call.index("--output") + 1]).name
         task, partition, optimizer = RECIPE_GRID_CELLS[cell]
         assert (config.data.task, config.data.partition) == (task, partition)
@@ -669,8 +673,7 @@ def test_searches_run_valid_configurations_on_their_validation_split(
     for call in calls:
         assert call[0] == "run"
         path = None if call[1] == "--set" else ROOT / call[1]
-        sets = tuple(call[i + 1] for i, a in enumerate(call) if a == "--set")
-        config = load_config(path, sets)
+        config = load_config(path, _sets(call))
         assert config.data.validation_fraction == held_out
         assert config.output.dir == str(out)
         names.add(config.output.name)
