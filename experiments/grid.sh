@@ -1,6 +1,7 @@
 # Shared by cpu_protocol.sh and full_protocol.sh (sourced, not run): one run, and one cell of the
 # grid. The caller sets the array RUN_ARGS (arguments for every `hlora run`) and may set
-# LOCAL_ARGS (extra arguments for the `local` reference, which evaluates every client's model).
+# LOCAL_ARGS (extra arguments for the `local` reference, which evaluates every client's model)
+# and CENTRAL_ARGS (extra arguments for the `centralized` reference).
 
 # run FOLDER NAME CONFIG [--set ...]: one run, skipped when FOLDER/NAME/summary.json exists. With
 # GRID_PLAN set to a file, the run is not started but appended to that file as one command line,
@@ -59,7 +60,7 @@ grid() {
     done
     if [[ "$refs" == *" centralized "* ]]; then
       run "$folder" "e3-centralized-s$seed" experiments/e3_mrpc.toml "${s[@]}" \
-        --set federation.strategy=centralized
+        --set federation.strategy=centralized "${CENTRAL_ARGS[@]}"
     fi
     if [[ "$refs" == *" local "* ]]; then
       run "$folder" "e3-local-s$seed" experiments/e3_mrpc.toml "${s[@]}" --set federation.strategy=local \

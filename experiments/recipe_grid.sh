@@ -9,12 +9,15 @@
 #     qqp-iid-sgd2 (the local QQP sample), rte-dirichlet, rte-iid, rte-iid-sgd2: per seed, E3
 #     (hlora, zeropad, flora at ranks {2, 4, 8, 16}), the centralized reference (one client with
 #     all the data, rank 16, the same passes) and E1 (fedavg and hlora, every client at rank 8);
+#     the QQP sample's cells train 4 passes (16 rounds of a quarter epoch), and its reference at
+#     learning rate 1e-3 (both chosen on its validation split: recipe_search.sh qqp);
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
 #     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
 # SEEDS (default "0 1 2") and JOBS (default 2: runs at a time, one CPU thread each) come from the
 # environment; so may the runs of a seed: HLORA_RUNS (default "e3-hlora"), REFS (default
-# "centralized"), then REST_RUNS (default "e3-zeropad e1-fedavg e1-hlora e3-flora"). Runs are planned seed by seed, so the first seeds finish first. Finished runs
-# (summary.json) are skipped: the script can be restarted.
+# "centralized"), then REST_RUNS (default "e3-zeropad e1-fedavg e1-hlora e3-flora"). Runs are
+# planned seed by seed, so the first seeds finish first. Finished runs (summary.json) are
+# skipped: the script can be restarted.
 # Tables: python experiments/results.py OUT/CELL --cell CELL --target 0.78
 set -euo pipefail
 out="${1:-runs/recipe-grid}"
@@ -33,8 +36,12 @@ for cell in "${cells[@]}"; do
   case "$cell" in
     mrpc-* | qqp-* | rte-*)
       task="${cell%%-*}"
-      [[ "$task" == qqp ]] && task=qqp-sample
       args=(--set data.task="$task")
+      CENTRAL_ARGS=()
+      if [[ "$task" == qqp ]]; then
+        args=(--set data.task=qqp-sample --set train.local_epochs=0.25)
+        CENTRAL_ARGS=(--set train.learning_rate=1e-3)
+      fi
       case "${cell#*-}" in
         dirichlet) ;;
         iid) args+=(--set data.partition=iid) ;;
