@@ -35,13 +35,12 @@ export GRID_PLAN="$plan"
 for cell in "${cells[@]}"; do
   case "$cell" in
     mrpc-* | qqp-* | rte-*)
-      task="${cell%%-*}"
-      args=(--set data.task="$task")
-      CENTRAL_ARGS=()
-      if [[ "$task" == qqp ]]; then
-        args=(--set data.task=qqp-sample --set train.local_epochs=0.25)
-        CENTRAL_ARGS=(--set train.learning_rate=1e-3)
-      fi
+      case "${cell%%-*}" in
+        qqp) args=(--set data.task=qqp-sample --set train.local_epochs=0.25)
+          CENTRAL_ARGS=(--set train.learning_rate=1e-3) ;;
+        *) args=(--set data.task="${cell%%-*}")
+          CENTRAL_ARGS=() ;;
+      esac
       case "${cell#*-}" in
         dirichlet) ;;
         iid) args+=(--set data.partition=iid) ;;
