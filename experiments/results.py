@@ -74,6 +74,17 @@ def cell_ranks(root: Path) -> tuple[int, ...]:
     return tuple(sorted(load_config(configs[0]).federation.ranks))
 
 
+def majority_class(root: Path) -> dict[str, float]:
+    """The majority class's dev metrics (``summary.json``'s ``majority_class``) of the first
+    finished run under ``root`` that records them; empty when none does. Every run of a cell
+    evaluates on the same dev set, so any run's figure is the cell's."""
+    for summary in sorted(root.glob("*/summary.json")):
+        majority = json.loads(summary.read_text()).get("majority_class") or {}
+        if majority:
+            return {k: float(v) for k, v in majority.items()}
+    return {}
+
+
 def collect(root: Path) -> dict[str, dict[int, list[dict[str, Any]]]]:
     """Group -> seed -> round records, for every finished run folder under ``root``."""
     groups: dict[str, dict[int, list[dict[str, Any]]]] = defaultdict(dict)
@@ -124,6 +135,13 @@ def group_row(
         "train s / round (median)": f"{statistics.median(train_s):.1f}",
         "MB / round (both ways)": f"{statistics.fmean(bytes_round) / 1e6:.2f}",
     }
+
+
+def _seed_note(seeds: int, most: int) -> str:
+    """A curve label's note when its group has fewer seeds than the cell's fullest group."""
+    if seeds >= most:
+        return ""
+    return f" ({seeds} seed{'s' if seeds > 1 else ''})"
 
 
 def markdown(rows: Sequence[Mapping[str, str]]) -> str:
@@ -207,6 +225,8 @@ def main() -> None:
     if args.runs is None:
         parser.error("give a folder of runs, or --bias FILE...")
     groups = collect(args.runs)
+    majority = majority_class(args.runs)
+    most_seeds = max((len(runs) for runs in groups.values()), default=0)
     for key, (title, members) in experiments(cell_ranks(args.runs)).items():
         present = [(g, label) for g, label in members if g in groups]
         if not present:
@@ -214,13 +234,19 @@ def main() -> None:
         print(f"### {title}\n")
         print(markdown([group_row(label, groups[g], args.target) for g, label in present]))
         print()
-        curves = {label: seed_mean_records(groups[g]) for g, label in present}
+        curves = {
+            label + _seed_note(len(groups[g]), most_seeds): seed_mean_records(groups[g])
+            for g, label in present
+        }
         for metric, suffix in (("accuracy", ""), ("loss", "_loss")):
             path = plot_convergence(
                 curves,
                 metric,
                 args.plots / f"{key}_{args.cell}{suffix}.png",
                 title=f"{title} ({args.cell} dev {metric}, mean of seeds)",
+                reference_lines={"majority class": majority[metric]}
+                if metric in majority
+                else None,
             )
             print(f"![{key} {metric}](results/{path.name})\n")
     for group in ("e3-hlora", "e3-zeropad"):

@@ -290,6 +290,32 @@ def test_results_main_prints_tables_and_writes_plots(
     assert names == [f"e{i}_rte-iid{s}.png" for i in (1, 2, 3) for s in ("", "_loss")]
 
 
+def test_results_plots_show_the_majority_class_and_name_short_groups(
+    fake_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accuracy plots carry the cell's majority-class line (from a run's summary.json), the
+    loss plots none; a group with fewer seeds than the fullest says how many it averages."""
+    results = _load("experiments/results.py")
+    assert results.majority_class(fake_runs) == {}  # no run records one
+    summary = {"majority_class": {"accuracy": 0.684, "f1": 0.812}}
+    (fake_runs / "e3-hlora-s1" / "summary.json").write_text(json.dumps(summary))
+    assert results.majority_class(fake_runs) == {"accuracy": 0.684, "f1": 0.812}
+    calls: list[tuple[list[str], str, Any]] = []
+
+    def record(runs: Any, metric: str, out_path: Path, **kwargs: Any) -> Path:
+        calls.append((list(runs), metric, kwargs.get("reference_lines")))
+        return Path(out_path)
+
+    monkeypatch.setattr(results, "plot_convergence", record)
+    argv = ["results.py", str(fake_runs), "--plots", str(tmp_path / "plots"), "--cell", "c"]
+    monkeypatch.setattr(sys, "argv", argv)
+    results.main()
+    lines = {metric: line for _, metric, line in calls}
+    assert lines == {"accuracy": {"majority class": 0.684}, "loss": None}
+    labels = {label for runs, _, _ in calls for label in runs}
+    assert labels == {"fedavg (r=8) (1 seed)", "hlora, r in {2,4,8,16}", "hlora"}
+
+
 def test_results_titles_name_the_ranks_the_runs_used(
     fake_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
