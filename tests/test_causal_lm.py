@@ -492,3 +492,60 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path: Path) -> None:
         assert_close(checkpointed.update.factors[name].B, f.B, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         load_config(overrides=('train.gradient_checkpointing="yes"',))
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_instruction_tunes_exports_and_generates(
+    tmp_path: Path, glue_dir: Path
+) -> None:
+    """SmolLM2-135M-Instruct end to end as a causal LM: two clients (ranks 2 and 8) train a round
+    on MRPC pairs asked as questions; the global model is scored by answer likelihood (accuracy
+    and F1 on the 8 dev pairs, each rank's truncation too) and writes its sample answers; the
+    rank-16 export (which holds the whole update: rank <= 2 + 8) loads with peft on the base the
+    adapter names, changes the model, and answers as ``hlora generate`` does."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hlora.export import export_run
+
+    overrides = (
+        "model.name=smollm2-135m",
+        'model.task_type="causal-lm"',
+        "model.max_length=160",
+        f'data.data_dir="{glue_dir}"',
+        "data.train_limit=8",
+        "data.dev_limit=8",
+        "federation.num_clients=2",
+        "federation.rounds=1",
+        "federation.ranks=[2, 8]",
+        "train.batch_size=4",
+        "server.eval_truncations=final",
+        f'output.dir="{tmp_path / "runs"}"',
+        "output.progress=false",
+    )
+    result = run(load_config(None, overrides), progress=False)
+    final = result.summary["final"]
+    assert 0.0 <= final["accuracy"] <= 1.0 and 0.0 <= final["f1"] <= 1.0
+    assert sorted(result.summary["final_by_rank"]) == ["2", "8"]
+    samples = [json.loads(line) for line in (result.run_dir / GENERATIONS_FILE).open()]
+    assert len(samples) == 4 and all(s["expected"] in ("yes", "no") for s in samples)
+    assert all(s["answer"].strip() for s in samples)
+
+    folder = export_run(result.run_dir, rank=16)
+    base_path = PeftConfig.from_pretrained(folder).base_model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    prompt = "Do these two sentences mean the same thing? A: It rained. B: It was raining."
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    tuned = PeftModel.from_pretrained(base, folder).eval()
+    with torch.no_grad():
+        tuned_logits = tuned(input_ids=ids).logits
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-3)  # training changed it
+    answer = generate_answers(tuned, tokenizer, [prompt], max_new_tokens=6)
+    assert answer == generate_from_run(result.run_dir, [prompt], rank=16, max_new_tokens=6)
+    assert answer[0].strip()
