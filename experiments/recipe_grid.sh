@@ -10,7 +10,8 @@
 #     (hlora, zeropad, flora at ranks {2, 4, 8, 16}), the centralized reference (one client with
 #     all the data, rank 16, the same passes) and E1 (fedavg and hlora, every client at rank 8);
 #     the QQP sample's cells train 4 passes (16 rounds of a quarter epoch), and its reference at
-#     learning rate 1e-3 (both chosen on its validation split: recipe_search.sh qqp);
+#     learning rate 1e-3 (both chosen on its validation split: recipe_search.sh qqp); MRPC's
+#     reference trains at learning rate 5e-4 (recipe_search.sh central), RTE's at the recipe's;
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
 #     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
 # SEEDS (default "0 1 2") and JOBS (default 2: runs at a time, one CPU thread each) come from the
@@ -38,6 +39,8 @@ for cell in "${cells[@]}"; do
       case "${cell%%-*}" in
         qqp) args=(--set data.task=qqp-sample --set train.local_epochs=0.25)
           CENTRAL_ARGS=(--set train.learning_rate=1e-3) ;;
+        mrpc) args=(--set data.task=mrpc)
+          CENTRAL_ARGS=(--set train.learning_rate=5e-4) ;;
         *) args=(--set data.task="${cell%%-*}")
           CENTRAL_ARGS=() ;;
       esac

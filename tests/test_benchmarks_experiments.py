@@ -644,7 +644,8 @@ RECIPE_GRID_CELLS = {  # cell -> (task, partition, server optimizer)
 def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path: Path) -> None:
     """Every cell of recipe_grid.sh plans E3, E1 and `centralized` per seed, on dev, at the
     default recipe's rounds, with the cell's task, partition and server step; the QQP sample's
-    cells train a quarter epoch a round, and their reference at its own learning rate."""
+    cells train a quarter epoch a round; MRPC's and the QQP sample's references train at their
+    own learning rates."""
     log = tmp_path / "calls.jsonl"
     bin_dir = _recording_hlora(tmp_path, log)
     python = bin_dir / "python"  # the script asks hlora for its rounds
@@ -668,8 +669,11 @@ def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path
         assert config.federation.rounds == default.federation.rounds
         qqp = task == "qqp-sample"
         assert config.train.local_epochs == (0.25 if qqp else default.train.local_epochs)
-        reference = qqp and config.federation.strategy == "centralized"
-        assert config.train.learning_rate == (1e-3 if reference else default.train.learning_rate)
+        reference_rate = {"qqp-sample": 1e-3, "mrpc": 5e-4}.get(task)
+        if config.federation.strategy == "centralized" and reference_rate:
+            assert config.train.learning_rate == reference_rate
+        else:
+            assert config.train.learning_rate == default.train.learning_rate
         assert config.output.name.endswith(f"-s{config.federation.seed}")
         seen[cell].add((config.federation.strategy, config.federation.seed))
     runs = {"hlora", "zeropad", "flora", "fedavg", "centralized"}
