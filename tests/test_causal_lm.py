@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,10 +21,21 @@ from hlora.generation import GENERATIONS_FILE, generate_answers, generate_from_r
 from hlora.models import load_backbone
 from hlora.objectives import CausalLanguageModeling, make_objective
 from hlora.objectives.causal_lm import IGNORE_INDEX
-from hlora.objectives.prompts import PLAIN_PROMPT, pair_instruction, render_turns
+from hlora.objectives.prompts import (
+    PLAIN_PROMPT,
+    pair_instruction,
+    render_turns,
+    system_turns,
+    with_system,
+)
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime
-from tiny_models import build_tiny_causal_backbone, save_tiny_causal_model, tiny_overrides
+from tiny_models import (
+    TINY_CHAT_TEMPLATE,
+    build_tiny_causal_backbone,
+    save_tiny_causal_model,
+    tiny_overrides,
+)
 
 PAIRS = [
     Example("the movie was good", "the film was great", 1),
@@ -71,6 +83,51 @@ def test_a_tokenizer_without_chat_template_gets_the_plain_layout() -> None:
         if label != IGNORE_INDEX
     ]
     assert objective.tokenizer.decode(answered).replace(" ", "") == "yes</s>"
+
+
+#: A template that opens every conversation without a system turn with its own (as SmolLM2's).
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|system|>\nYou are a helpful assistant.</s>\n"
+    "{% endif %}" + TINY_CHAT_TEMPLATE
+)
+
+
+@pytest.mark.parametrize("default_system", [False, True])
+def test_system_prompt_opens_every_prompt_without_its_own(default_system: bool) -> None:
+    """'template' leaves the template's own behaviour; a text becomes a system turn; 'none' drops
+    a template's default system prompt with an empty turn, and adds nothing where there is no
+    default; an example's own system turn always wins."""
+    backbone = build_tiny_causal_backbone()
+    tok = backbone.tokenizer
+    if default_system:
+        tok.chat_template = DEFAULT_SYSTEM_TEMPLATE
+
+    def prompt_of(system_prompt: str, example: Any = PAIRS[0]) -> str:
+        objective = make_objective(backbone, get_task("mrpc"), 64, system_prompt)
+        feature = objective.train_features([example])[0]
+        start = next(i for i, y in enumerate(feature["labels"]) if y != IGNORE_INDEX)
+        return str(tok.decode(feature["input_ids"][:start])).lower()  # the tiny vocabulary
+
+    assert system_turns(tok, "template") == []
+    assert ("you are a helpful assistant" in prompt_of("template")) == default_system
+    brief = prompt_of("Answer in one word.")
+    assert brief.startswith("<|system|>") and "answer in one word." in brief
+    assert "you are a helpful assistant" not in brief
+    none = prompt_of("none")
+    assert "you are a helpful assistant" not in none
+    if default_system:
+        assert system_turns(tok, "none") == [{"role": "system", "content": ""}]
+        assert none.startswith("<|system|>") and len(none) < len(prompt_of("template"))
+    else:
+        assert system_turns(tok, "none") == [] and none == prompt_of("template")
+    own = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "Hi?"}]
+    assert with_system(own, system_turns(tok, "Answer in one word.")) == own
+    assert with_system("Hi?", []) == "Hi?"
+    plain = build_tiny_causal_backbone(chat_template=False).tokenizer
+    assert system_turns(plain, "none") == []
+    assert render_turns(plain, with_system("Hi?", system_turns(plain, "Be brief.")), "yes")[
+        0
+    ].startswith("### System:\nBe brief.")
 
 
 def test_too_long_prompts_keep_their_answer() -> None:
@@ -187,6 +244,10 @@ def test_configuration_errors() -> None:
         load_backbone("minilm", task_type="causal-lm")
     with pytest.raises(DataError, match="no instruction form"):
         pair_instruction("sst2")
+    with pytest.raises(ConfigError, match=r"data\.system_prompt.*a classifier has none"):
+        load_config(overrides=('data.system_prompt="Be brief."',))
+    with pytest.raises(ConfigError, match=r"data\.system_prompt.*expected a string"):
+        load_config(overrides=('model.task_type="causal-lm"', "data.system_prompt=3"))
 
 
 def _causal_overrides(model_dir: Path, glue_dir: Path, out: Path) -> list[str]:
@@ -208,6 +269,7 @@ def test_a_causal_lm_federation_runs_exports_and_generates(
 
     model_dir = save_tiny_causal_model(tmp_path / "tiny-causal")
     overrides = _causal_overrides(model_dir, glue_dir, tmp_path / "runs")
+    overrides.append('data.system_prompt="Answer in one word."')
     result = run(load_config(overrides=tuple(overrides)))
     records = [
         json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -241,12 +303,14 @@ def test_a_causal_lm_federation_runs_exports_and_generates(
 
     samples = [json.loads(line) for line in (result.run_dir / GENERATIONS_FILE).open()]
     assert len(samples) == 4 and all(s["expected"] in ("yes", "no") for s in samples)
-    assert "Sentence 1" in samples[0]["prompt"]
+    system = {"role": "system", "content": "Answer in one word."}
+    assert samples[0]["prompt"][0] == system and "Sentence 1" in samples[0]["prompt"][1]["content"]
     # ``hlora generate``: the whole update answers as the merged export does, rank 16 as the
-    # rank-16 adapter does (both exact here).
+    # rank-16 adapter does (both exact here), each prompt opened by the run's system prompt.
     prompts = ["the movie was good", "is it the same?"]
     whole = generate_from_run(result.run_dir, prompts, rank=0, max_new_tokens=4)
-    assert whole == generate_answers(merged, tokenizer, prompts, max_new_tokens=4)
+    asked = [[system, {"role": "user", "content": p}] for p in prompts]
+    assert whole == generate_answers(merged, tokenizer, asked, max_new_tokens=4)
     assert generate_from_run(result.run_dir, prompts, rank=16, max_new_tokens=4) == whole
     assert main(["generate", str(result.run_dir), "--prompt", prompts[0], "--rank", "2"]) == 0
     assert capsys.readouterr().out.startswith(f">>> {prompts[0]}\n")

@@ -23,7 +23,7 @@ from hlora.data.glue import INSTRUCTIONS, TASK_NAMES
 from hlora.data.partition import ALL_PARTITION_SCHEMES
 from hlora.errors import ConfigError
 from hlora.quantization import NO_QUANTIZATION, QUANTIZATIONS
-from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
+from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, SYSTEM_NONE, SYSTEM_TEMPLATE, TASK_TYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -176,6 +176,14 @@ class DataConfig:
             "'dirichlet' and 'category' split by it)"
         ),
     )
+    system_prompt: str = field(
+        default=SYSTEM_TEMPLATE,
+        metadata=_help(
+            "model.task_type 'causal-lm': the system turn of every example without one: "
+            f"'{SYSTEM_TEMPLATE}' (what the chat template adds by itself; SmolLM2's adds its "
+            f"default system prompt), '{SYSTEM_NONE}' (no system prompt), or the prompt's text"
+        ),
+    )
     data_dir: str = field(
         default="",
         metadata=_help(
@@ -227,6 +235,8 @@ class DataConfig:
                 self.eval_file,
                 "task 'instructions' needs held-out data: an eval_file or a validation_fraction",
             )
+        if not isinstance(self.system_prompt, str):
+            raise _fail("data.system_prompt", self.system_prompt, "expected a string")
         _number("data.alpha", self.alpha, low=0.0, low_open=True)
         _positive_int("data.min_client_examples", self.min_client_examples)
         _non_negative_int("data.train_limit", self.train_limit)
@@ -597,6 +607,12 @@ class RunConfig:
                 self.model.task_type,
                 "task 'instructions' trains a causal LM: use 'causal-lm'",
             )
+        if self.data.system_prompt != SYSTEM_TEMPLATE and self.model.task_type != CAUSAL_LM:
+            raise _fail(
+                "data.system_prompt",
+                self.data.system_prompt,
+                "only a causal LM ('causal-lm') reads prompts; a classifier has none",
+            )
         if self.model.quantization != NO_QUANTIZATION:
             if self.federation.strategy == "flora":
                 raise _fail(
@@ -750,7 +766,12 @@ def _added_later() -> dict[str, dict[str, Any]]:
     """Settings added after run folders existed, each at the value that means "as before"."""
     return {
         "model": {"task_type": SEQ_CLS, "quantization": NO_QUANTIZATION},
-        "data": {"train_file": "", "eval_file": "", "category_field": "category"},
+        "data": {
+            "train_file": "",
+            "eval_file": "",
+            "category_field": "category",
+            "system_prompt": SYSTEM_TEMPLATE,
+        },
         "train": {
             "gradient_checkpointing": False,
             "local_steps": 0,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from hlora.errors import ConfigError
-from hlora.objectives.prompts import Turn, generation_prompt
+from hlora.objectives.prompts import Turn, generation_prompt, system_turns, with_system
 from hlora.tasktypes import CAUSAL_LM
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -91,11 +91,14 @@ def generate_from_run(
         )
     stack = build_stack(config, [rank or 1], dropout=False)
     bank, tokenizer = stack.bank, stack.backbone.tokenizer
+    # Prompts open as the run trained them (data.system_prompt).
+    system = system_turns(tokenizer, config.data.system_prompt)
+    turns = [with_system(prompt, system) for prompt in prompts]
     if rank:
         bank.set_factors(rank, rank_factors(delta, rank, bank.scaling))
         bank.activate(rank)
         bank.model.eval()
-        return generate_answers(bank.model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        return generate_answers(bank.model, tokenizer, turns, max_new_tokens=max_new_tokens)
     return generate_with_update(
-        bank, tokenizer, delta, state.extras, prompts, max_new_tokens=max_new_tokens
+        bank, tokenizer, delta, state.extras, turns, max_new_tokens=max_new_tokens
     )

@@ -83,6 +83,11 @@ def build_stack(
         target_modules=config.model.target_modules or None,
         dropout=config.model.lora_dropout if dropout else 0.0,
     )
-    objective = make_objective(backbone, get_task(config.data.task), config.model.max_length)
+    objective = make_objective(
+        backbone,
+        get_task(config.data.task),
+        config.model.max_length,
+        config.data.system_prompt,
+    )
     runtime = ModelRuntime(bank, objective, config.train, resolve_device(config.train.device))
     return ModelStack(backbone, bank, objective, runtime)

@@ -9,3 +9,10 @@ SEQ_CLS: Final = "seq-cls"
 CAUSAL_LM: Final = "causal-lm"
 """Instruction tuning of a decoder: chat turns, next-token loss on the answer tokens."""
 TASK_TYPES: Final[tuple[str, ...]] = (SEQ_CLS, CAUSAL_LM)
+
+SYSTEM_TEMPLATE: Final = "template"
+"""``data.system_prompt``: the data's own system turns, and where there are none whatever the
+chat template adds by itself (SmolLM2's adds its default system prompt; most add nothing)."""
+SYSTEM_NONE: Final = "none"
+"""``data.system_prompt``: no system prompt (an empty system turn where the template would add
+its default, so it does not)."""

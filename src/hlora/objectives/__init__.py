@@ -17,6 +17,7 @@ from hlora.models import Backbone
 from hlora.objectives.base import BatchScore, Feature, Objective
 from hlora.objectives.causal_lm import CausalLanguageModeling
 from hlora.objectives.classification import SequenceClassification
+from hlora.tasktypes import SYSTEM_TEMPLATE
 
 __all__ = [
     "OBJECTIVES",
@@ -34,8 +35,16 @@ OBJECTIVES: Mapping[str, type[Objective]] = MappingProxyType(
 )
 
 
-def make_objective(backbone: Backbone, task: TaskInfo, max_length: int) -> Objective:
+def make_objective(
+    backbone: Backbone, task: TaskInfo, max_length: int, system_prompt: str = SYSTEM_TEMPLATE
+) -> Objective:
     """The objective of the backbone's task type, bound to its tokenizer.
+
+    Args:
+        backbone: The loaded model and tokenizer.
+        task: The task the examples come from.
+        max_length: ``model.max_length``.
+        system_prompt: ``data.system_prompt`` (causal LMs only).
 
     Raises:
         ConfigError: A task type without an objective.
@@ -46,4 +55,10 @@ def make_objective(backbone: Backbone, task: TaskInfo, max_length: int) -> Objec
         raise ConfigError(
             f"task type {backbone.task_type!r} is not one of {', '.join(OBJECTIVES)}"
         ) from None
-    return cls(backbone.tokenizer, task, architecture=backbone.architecture, max_length=max_length)
+    return cls(
+        backbone.tokenizer,
+        task,
+        architecture=backbone.architecture,
+        max_length=max_length,
+        system_prompt=system_prompt,
+    )

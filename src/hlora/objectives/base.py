@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from hlora.data.glue import Example, TaskInfo
+from hlora.tasktypes import SYSTEM_TEMPLATE
 
 Feature = dict[str, Any]
 """One tokenized example: lists of token ids and ints, cheap to cache and to send."""
@@ -48,15 +49,27 @@ class Objective(ABC):
         task: The labelled task the examples come from (its metrics and label count).
         architecture: ``"encoder"`` or ``"decoder"``.
         max_length: Most tokens of one example, special tokens included.
+        system_prompt: How causal-LM prompts open (``data.system_prompt``:
+            :func:`hlora.objectives.prompts.system_turns`); classifiers have no prompt, and the
+            configuration refuses any other value than the default for them.
     """
 
     task_type: ClassVar[str]
 
-    def __init__(self, tokenizer: Any, task: TaskInfo, *, architecture: str, max_length: int):
+    def __init__(
+        self,
+        tokenizer: Any,
+        task: TaskInfo,
+        *,
+        architecture: str,
+        max_length: int,
+        system_prompt: str = SYSTEM_TEMPLATE,
+    ):
         self.tokenizer = tokenizer
         self.task = task
         self.architecture = architecture
         self.max_length = max_length
+        self.system_prompt = system_prompt
 
     @property
     def supports_logit_adjustment(self) -> bool:

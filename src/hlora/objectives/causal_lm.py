@@ -32,7 +32,13 @@ from torch import Tensor
 from hlora.data.glue import INSTRUCTIONS, TaskInfo
 from hlora.errors import DataError
 from hlora.objectives.base import BatchScore, Feature, Objective
-from hlora.objectives.prompts import Turn, pair_instruction, render_turns
+from hlora.objectives.prompts import (
+    Turn,
+    pair_instruction,
+    render_turns,
+    system_turns,
+    with_system,
+)
 from hlora.tasktypes import CAUSAL_LM
 
 IGNORE_INDEX = -100
@@ -47,11 +53,13 @@ class CausalLanguageModeling(Objective):
 
     task_type = CAUSAL_LM
 
-    def __init__(self, tokenizer: Any, task: TaskInfo, *, architecture: str, max_length: int):
-        super().__init__(tokenizer, task, architecture=architecture, max_length=max_length)
+    def __init__(self, tokenizer: Any, task: TaskInfo, **options: Any):
+        super().__init__(tokenizer, task, **options)
+        #: What opens every prompt that has no system turn of its own (``data.system_prompt``).
+        self.system = system_turns(tokenizer, self.system_prompt)
         self.pad_id = int(tokenizer.pad_token_id)
-        if max_length < 4:
-            raise DataError(f"max_length {max_length} leaves no room for a prompt")
+        if self.max_length < 4:
+            raise DataError(f"max_length {self.max_length} leaves no room for a prompt")
         #: The GLUE task's instruction; None for free-form instructions.
         self.instruction = None if task.name == INSTRUCTIONS else pair_instruction(task.name)
         #: Token ids of each label's answer word, ``candidates[label]`` (GLUE pairs only).
@@ -103,13 +111,15 @@ class CausalLanguageModeling(Objective):
         ]
 
     def conversation(self, example: Any) -> tuple[str | list[Turn], str]:
-        """The turns before the answer, and the answer."""
+        """The turns before the answer (the system turn of ``data.system_prompt`` first where
+        they have none), and the answer."""
         if self.instruction is None:  # an InstructionExample
             turns: list[Turn] = [{"role": m.role, "content": m.content} for m in example.prompt]
-            return turns, str(example.response)
+            return with_system(turns, self.system), str(example.response)
         if not 0 <= example.label < len(self.instruction.answers):
             raise DataError(f"label {example.label} has no answer in task '{self.task.name}'")
-        return self.instruction.render(example), self.instruction.answers[example.label]
+        answer = self.instruction.answers[example.label]
+        return with_system(self.instruction.render(example), self.system), answer
 
     def _render(self, examples: Sequence[Any]) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt ids and completion ids of every example."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,8 +23,8 @@ class SequenceClassification(Objective):
 
     task_type = SEQ_CLS
 
-    def __init__(self, tokenizer: object, task: TaskInfo, *, architecture: str, max_length: int):
-        super().__init__(tokenizer, task, architecture=architecture, max_length=max_length)
+    def __init__(self, tokenizer: object, task: TaskInfo, **options: Any):
+        super().__init__(tokenizer, task, **options)
         self._collator = DynamicPaddingCollator(tokenizer)
 
     @property

@@ -24,6 +24,7 @@ from typing import Any
 
 from hlora.data.glue import Example
 from hlora.errors import DataError
+from hlora.tasktypes import SYSTEM_NONE, SYSTEM_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,45 @@ def render_turns(tokenizer: Any, turns: str | list[Turn], answer: str) -> tuple[
     if not whole.startswith(prompt):  # a template that renders the last turn differently
         return prompt, answer + eos
     return prompt, whole[len(prompt) :]
+
+
+def system_turns(tokenizer: Any, system_prompt: str) -> list[Turn]:
+    """The turns to put before a conversation that has no system turn of its own.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        system_prompt: :data:`SYSTEM_TEMPLATE`, :data:`SYSTEM_NONE`, or a system prompt's text.
+
+    Returns:
+        ``[]`` or one system turn. For :data:`SYSTEM_NONE`, an empty system turn only when the
+        chat template renders a conversation longer without one (it adds a default prompt).
+    """
+    if system_prompt == SYSTEM_TEMPLATE:
+        return []
+    if system_prompt != SYSTEM_NONE:
+        return [{"role": "system", "content": system_prompt}]
+    if not has_chat_template(tokenizer):
+        return []
+    empty: list[Turn] = [{"role": "system", "content": ""}]
+    user: list[Turn] = [{"role": "user", "content": "?"}]
+    bare = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    emptied = tokenizer.apply_chat_template(
+        empty + user, tokenize=False, add_generation_prompt=True
+    )
+    return empty if len(emptied) < len(bare) else []
+
+
+def with_system(turns: str | list[Turn], system: list[Turn]) -> str | list[Turn]:
+    """``turns`` (a user turn's text, or turns) with ``system`` before them, unless they open
+    with a system turn of their own."""
+    if not system:
+        return turns
+    listed: list[Turn] = (
+        [{"role": "user", "content": turns}] if isinstance(turns, str) else list(turns)
+    )
+    if listed and listed[0]["role"] == "system":
+        return turns
+    return [*system, *listed]
 
 
 def generation_prompt(tokenizer: Any, turns: str | list[Turn]) -> str:

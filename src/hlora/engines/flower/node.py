@@ -259,7 +259,12 @@ def partition_features(
 
 
 def _objective(config: RunConfig, backbone: Backbone) -> Objective:
-    return make_objective(backbone, get_task(config.data.task), config.model.max_length)
+    return make_objective(
+        backbone,
+        get_task(config.data.task),
+        config.model.max_length,
+        config.data.system_prompt,
+    )
 
 
 def client_runtime(
