@@ -687,7 +687,10 @@ RECIPE_STAGES = (
     "mrpc-lr",
 )  # fmt: skip
 SEARCHES = [
-    *(("sft_search.sh", stage, 0.2) for stage in ("participation", "fewer", "iid", "seed1")),
+    *(
+        ("sft_search.sh", stage, 0.2)
+        for stage in ("participation", "fewer", "iid", "seed1", "system")
+    ),
     *(("recipe_search.sh", stage, 0.1) for stage in RECIPE_STAGES),
 ]
 
