@@ -645,7 +645,7 @@ def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path
     """Every cell of recipe_grid.sh plans E3, E1 and `centralized` per seed, on dev, at the
     default recipe's rounds, with the cell's task, partition and server step; the QQP sample's
     cells train a quarter epoch a round; MRPC's and the QQP sample's references train at their
-    own learning rates."""
+    own learning rates, and so do the QQP sample's federations under label skew."""
     log = tmp_path / "calls.jsonl"
     bin_dir = _recording_hlora(tmp_path, log)
     python = bin_dir / "python"  # the script asks hlora for its rounds
@@ -672,6 +672,8 @@ def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path
         reference_rate = {"qqp-sample": 1e-3, "mrpc": 5e-4}.get(task)
         if config.federation.strategy == "centralized" and reference_rate:
             assert config.train.learning_rate == reference_rate
+        elif qqp and partition == "dirichlet":
+            assert config.train.learning_rate == 4e-3
         else:
             assert config.train.learning_rate == default.train.learning_rate
         assert config.output.name.endswith(f"-s{config.federation.seed}")
