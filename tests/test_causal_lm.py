@@ -476,6 +476,33 @@ def test_a_node_s_own_instruction_file_is_tokenized_and_cached_whole(tmp_path: P
     assert isinstance(again[0]["labels"], list) and isinstance(again[0]["class_label"], int)
 
 
+def test_a_node_s_cached_features_follow_its_system_prompt(tmp_path: Path) -> None:
+    """Features cached under one system prompt are never read back under another."""
+    from hlora.engines.flower.node import NodeData, node_features
+
+    data = _write_instructions(tmp_path / "mine.jsonl")
+    backbone = build_tiny_causal_backbone()
+    node = NodeData("own", own_data=str(data), cache_dir=str(tmp_path / "cache"))
+
+    def features(system_prompt: str) -> list[dict]:
+        config = load_config(
+            overrides=(
+                'model.task_type="causal-lm"',
+                'data.task="instructions"',
+                f'data.train_file="{data}"',
+                "data.validation_fraction=0.2",
+                "model.max_length=64",
+                f'data.system_prompt="{system_prompt}"',
+            )
+        )
+        return node_features(config, backbone, node)
+
+    plain = features("template")
+    brief = features("Answer in one word.")
+    assert brief != plain and len(list((tmp_path / "cache").rglob("*.npz"))) == 2
+    assert features("template") == plain
+
+
 def test_a_hub_dataset_fails_at_once_when_the_hub_is_off(tmp_path: Path) -> None:
     """``hub:NAME`` goes to the hub loader, which refuses before any network call offline."""
     from hlora.federation import load_run_task

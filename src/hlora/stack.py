@@ -83,11 +83,16 @@ def build_stack(
         target_modules=config.model.target_modules or None,
         dropout=config.model.lora_dropout if dropout else 0.0,
     )
-    objective = make_objective(
+    objective = run_objective(config, backbone)
+    runtime = ModelRuntime(bank, objective, config.train, resolve_device(config.train.device))
+    return ModelStack(backbone, bank, objective, runtime)
+
+
+def run_objective(config: RunConfig, backbone: Backbone) -> Objective:
+    """The objective of a run's task on its backbone (its length and system prompt)."""
+    return make_objective(
         backbone,
         get_task(config.data.task),
         config.model.max_length,
         config.data.system_prompt,
     )
-    runtime = ModelRuntime(bank, objective, config.train, resolve_device(config.train.device))
-    return ModelStack(backbone, bank, objective, runtime)

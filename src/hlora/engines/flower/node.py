@@ -62,10 +62,9 @@ from hlora.engines.flower.settings import DATA_MODES, OWN, SIMULATED
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import client_partitions, load_run_task
 from hlora.models import Backbone
-from hlora.objectives import Objective, make_objective
 from hlora.protocol import EvalReply
 from hlora.runtime import Features, ModelRuntime
-from hlora.stack import build_stack, load_run_backbone
+from hlora.stack import build_stack, load_run_backbone, run_objective
 
 _RUNTIMES: dict[tuple[str, ...], tuple[ModelRuntime, Backbone]] = {}
 _PARTITIONS: dict[tuple[str, ...], Features] = {}
@@ -158,7 +157,7 @@ def own_features(config: RunConfig, backbone: Backbone, path: str) -> Features:
         mine: tuple[Any, ...] = read_instructions(path, category_field=config.data.category_field)
     else:
         mine = read_own_data(path, config.data.task).train
-    return _objective(config, backbone).train_features(mine)
+    return run_objective(config, backbone).train_features(mine)
 
 
 def held_out_examples(config: RunConfig, data: NodeData) -> tuple[Any, ...]:
@@ -204,6 +203,7 @@ def node_features(config: RunConfig, backbone: Backbone, data: NodeData) -> Feat
         f"max_length={config.model.max_length}",
         f"architecture={backbone.architecture}",
         f"task_type={config.model.task_type}",
+        f"system_prompt={config.data.system_prompt}",
     ]
     if data.mode == OWN:
         files = own_data_files(data.own_data, config.data.task)
@@ -255,16 +255,7 @@ def partition_features(
     task = load_run_task(config)
     parts = client_partitions(config, task, num_partitions)
     mine = [task.train[i] for i in parts[partition_id]]
-    return _objective(config, backbone).train_features(mine)
-
-
-def _objective(config: RunConfig, backbone: Backbone) -> Objective:
-    return make_objective(
-        backbone,
-        get_task(config.data.task),
-        config.model.max_length,
-        config.data.system_prompt,
-    )
+    return run_objective(config, backbone).train_features(mine)
 
 
 def client_runtime(
