@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from hlora.adapters import LoraBank
 from hlora.cli import main
-from hlora.config import TrainConfig, load_config
+from hlora.config import RunConfig, TrainConfig, load_config
 from hlora.data.glue import Example, get_task
 from hlora.errors import CheckpointError, ConfigError, DataError, ModelError
 from hlora.federation import run
@@ -444,21 +444,27 @@ def test_instruction_configuration_errors(overrides: tuple[str, ...], message: s
         load_config(overrides=overrides)
 
 
-def test_a_node_s_own_instruction_file_is_tokenized_and_cached_whole(tmp_path: Path) -> None:
-    from hlora.data.instructions import read_instructions
-    from hlora.engines.flower.features import cached_features
-    from hlora.engines.flower.node import own_data_files, own_features
-
-    data = _write_instructions(tmp_path / "mine.jsonl")
-    config = load_config(
+def _own_instructions_config(data: Path, *extra: str) -> RunConfig:
+    """A causal-LM run on the instruction file ``data``, 20 % held out, 64 tokens."""
+    return load_config(
         overrides=(
             'model.task_type="causal-lm"',
             'data.task="instructions"',
             f'data.train_file="{data}"',
             "data.validation_fraction=0.2",
             "model.max_length=64",
+            *extra,
         )
     )
+
+
+def test_a_node_s_own_instruction_file_is_tokenized_and_cached_whole(tmp_path: Path) -> None:
+    from hlora.data.instructions import read_instructions
+    from hlora.engines.flower.features import cached_features
+    from hlora.engines.flower.node import own_data_files, own_features
+
+    data = _write_instructions(tmp_path / "mine.jsonl")
+    config = _own_instructions_config(data)
     backbone = build_tiny_causal_backbone()
     features = own_features(config, backbone, str(data))
     objective = make_objective(backbone, get_task("instructions"), 64)
@@ -485,16 +491,7 @@ def test_a_node_s_cached_features_follow_its_system_prompt(tmp_path: Path) -> No
     node = NodeData("own", own_data=str(data), cache_dir=str(tmp_path / "cache"))
 
     def features(system_prompt: str) -> list[dict]:
-        config = load_config(
-            overrides=(
-                'model.task_type="causal-lm"',
-                'data.task="instructions"',
-                f'data.train_file="{data}"',
-                "data.validation_fraction=0.2",
-                "model.max_length=64",
-                f'data.system_prompt="{system_prompt}"',
-            )
-        )
+        config = _own_instructions_config(data, f'data.system_prompt="{system_prompt}"')
         return node_features(config, backbone, node)
 
     plain = features("template")
