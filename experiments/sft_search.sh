@@ -64,7 +64,8 @@ elif [ "$STAGE" = system ]; then
   # SmolLM2's chat template opens every prompt with its default system prompt, 16 of an MRPC
   # example's 114 tokens. Without it (data.system_prompt = "none") the same passes cost about
   # 14 % less: does the model learn as well without it? The chosen participation on both draws
-  # (seeds 0 and 1); the references are fedavg-cpr3 and fedavg-cpr3-s1.
+  # (seeds 0 and 1); the references are fedavg-cpr3 and fedavg-cpr3-s1. Seed 0's draw ended
+  # 3 points higher without it, seed 1's level (loss 0.648 against 0.624): the demo took it.
   RUNS=(
     "fedavg-cpr3-nosys|${FEDAVG[*]} ${CPR3[*]} --set data.system_prompt=none"
     "fedavg-cpr3-s1-nosys|${FEDAVG[*]} --set federation.seed=1 ${CPR3[*]} --set data.system_prompt=none"
