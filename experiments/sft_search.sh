@@ -22,8 +22,10 @@ HLORA="${HLORA:-.venv/bin/hlora}"
 JOBS="${JOBS:-2}"
 DEMO=examples/smollm2_mrpc_instruct.toml
 
+# The demo now drops SmolLM2's default system prompt (stage 'system'); the search ran with it.
 COMMON=(--set data.validation_fraction=0.2 --set server.eval_truncations=never
-  --set server.eval_every=1 --set output.progress=false --set "output.dir=$OUT")
+  --set server.eval_every=1 --set data.system_prompt=template --set output.progress=false
+  --set "output.dir=$OUT")
 FEDAVG=(--set federation.strategy=fedavg --set "federation.ranks=[8]")
 # The chosen participation: 3 of 10 clients a round, one local epoch, 7 rounds.
 CPR3=(--set federation.clients_per_round=3 --set train.local_epochs=1 --set federation.rounds=7)
