@@ -26,6 +26,9 @@ OLD=(--set train.lr_schedule=round --set server.optimizer=none)
 PASSES_12=(--set federation.rounds=12 --set train.local_epochs=1 --set server.eval_every=3)
 PASSES_16=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
 LIN=(--set train.lr_schedule=linear)
+IID=(--set data.partition=iid)
+# The server step chosen for IID partitions (stage 'iid'): SGD at eta 2.
+SGD2=(--set server.optimizer=sgd --set server.learning_rate=2.0)
 
 if [ "$STAGE" = screen ]; then
   # 12 passes over the data: 12 rounds of one local epoch (the main job's budget).
@@ -75,10 +78,9 @@ elif [ "$STAGE" = iid ]; then
   # a tenth of the data take a tenth of the sequential steps. Does a server learning rate above
   # 1 make up for it? On fedavg (rank 8), IID, seed 0, the main job's 16 passes.
   LEN=("${PASSES_16[@]}")
-  IID=(--set data.partition=iid)
   RUNS=(
     "fedavg-iid|${FEDAVG[*]} ${LIN[*]} ${IID[*]}"
-    "fedavg-iid-sgd2|${FEDAVG[*]} ${LIN[*]} ${IID[*]} --set server.optimizer=sgd --set server.learning_rate=2.0"
+    "fedavg-iid-sgd2|${FEDAVG[*]} ${LIN[*]} ${IID[*]} ${SGD2[*]}"
   )
 elif [ "$STAGE" = dirichlet-sgd2 ]; then
   # Server SGD at eta = 2 helped on IID (stage 'iid'); does it under Dirichlet 0.5, the main
@@ -86,7 +88,7 @@ elif [ "$STAGE" = dirichlet-sgd2 ]; then
   LEN=("${PASSES_16[@]}")
   RUNS=(
     "fedavg-la1-16p|${FEDAVG[*]} ${LIN[*]}"
-    "fedavg-la1-sgd2-16p|${FEDAVG[*]} ${LIN[*]} --set server.optimizer=sgd --set server.learning_rate=2.0"
+    "fedavg-la1-sgd2-16p|${FEDAVG[*]} ${LIN[*]} ${SGD2[*]}"
   )
 elif [ "$STAGE" = cap ]; then
   # Seed 1 again (RESULTS 0.7): most examples sit on nearly one-class clients, which learn
@@ -140,9 +142,9 @@ elif [ "$STAGE" = steps ]; then
     "fedavg-la1-steps21-cap330-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1 --set trust.max_client_examples=330"
     # With the one-class client's update held back (the loss ends below the prior's), does the
     # server step that helps IID federations (eta 2, stage 'iid') carry the mixed clients on?
-    "fedavg-la1-steps21-cap330-sgd2-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1 --set trust.max_client_examples=330 --set server.optimizer=sgd --set server.learning_rate=2.0"
+    "fedavg-la1-steps21-cap330-sgd2-s1|${FEDAVG[*]} ${LIN[*]} --set federation.seed=1 --set trust.max_client_examples=330 ${SGD2[*]}"
     # and the same on seed 0's draw, where one local epoch without them is the reference
-    "fedavg-la1-steps21-cap330-sgd2|${FEDAVG[*]} ${LIN[*]} --set trust.max_client_examples=330 --set server.optimizer=sgd --set server.learning_rate=2.0"
+    "fedavg-la1-steps21-cap330-sgd2|${FEDAVG[*]} ${LIN[*]} --set trust.max_client_examples=330 ${SGD2[*]}"
   )
 elif [ "$STAGE" = epsilon ]; then
   # RESULTS 0.7.1 again: AdamW steps about the learning rate per coordinate whatever the
@@ -208,12 +210,11 @@ elif [ "$STAGE" = mrpc-lr ]; then
   # step (reference fedavg-iid-sgd2 of 'iid'); then the reference's own rate one step below the
   # smallest tried ('central' chose 5e-4, its edge).
   LEN=("${PASSES_16[@]}")
-  SGD2=(--set data.partition=iid --set server.optimizer=sgd --set server.learning_rate=2.0)
   RUNS=(
     "fedavg-la1-16p-lr4e-3|${FEDAVG[*]} ${LIN[*]} --set train.learning_rate=4e-3"
-    "fedavg-iid-sgd2-lr4e-3|${FEDAVG[*]} ${LIN[*]} ${SGD2[*]} --set train.learning_rate=4e-3"
+    "fedavg-iid-sgd2-lr4e-3|${FEDAVG[*]} ${LIN[*]} ${IID[*]} ${SGD2[*]} --set train.learning_rate=4e-3"
     "fedavg-la1-16p-lr1e-3|${FEDAVG[*]} ${LIN[*]} --set train.learning_rate=1e-3"
-    "fedavg-iid-sgd2-lr1e-3|${FEDAVG[*]} ${LIN[*]} ${SGD2[*]} --set train.learning_rate=1e-3"
+    "fedavg-iid-sgd2-lr1e-3|${FEDAVG[*]} ${LIN[*]} ${IID[*]} ${SGD2[*]} --set train.learning_rate=1e-3"
     "central-16p-lr2.5e-4|${CENTRAL[*]} ${LIN[*]} --set train.learning_rate=2.5e-4"
   )
 elif [ "$STAGE" = iid2 ]; then
@@ -223,7 +224,6 @@ elif [ "$STAGE" = iid2 ]; then
   # mean update, as eta 2's). fedavg (rank 8), IID, 16 passes; the reference is fedavg-iid-sgd2.
   # Neither beat it (eta 3 stayed at the majority class; FedAvgM ended 1.3 points lower).
   LEN=("${PASSES_16[@]}")
-  IID=(--set data.partition=iid)
   RUNS=(
     "fedavg-iid-sgd3|${FEDAVG[*]} ${LIN[*]} ${IID[*]} --set server.optimizer=sgd --set server.learning_rate=3.0"
     "fedavg-iid-avgm0.5|${FEDAVG[*]} ${LIN[*]} ${IID[*]} --set server.optimizer=avgm --set server.learning_rate=1.0 --set server.momentum=0.5"

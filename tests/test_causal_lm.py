@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -102,9 +101,9 @@ def test_system_prompt_opens_every_prompt_without_its_own(default_system: bool) 
     if default_system:
         tok.chat_template = DEFAULT_SYSTEM_TEMPLATE
 
-    def prompt_of(system_prompt: str, example: Any = PAIRS[0]) -> str:
+    def prompt_of(system_prompt: str) -> str:
         objective = make_objective(backbone, get_task("mrpc"), 64, system_prompt)
-        feature = objective.train_features([example])[0]
+        feature = objective.train_features(PAIRS[:1])[0]
         start = next(i for i, y in enumerate(feature["labels"]) if y != IGNORE_INDEX)
         return str(tok.decode(feature["input_ids"][:start])).lower()  # the tiny vocabulary
 
