@@ -686,7 +686,7 @@ def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path
 RECIPE_STAGES = (
     "screen", "screen2", "split", "silent", "iid", "dirichlet-sgd2",
     "cap", "shorter", "sgd", "steps", "epsilon", "qqp", "qqp2", "central",
-    "mrpc-lr", "iid2",
+    "mrpc-lr", "iid2", "babu",
 )  # fmt: skip
 SEARCHES = [
     *(

@@ -19,7 +19,7 @@ from hlora.config import RunConfig, TrainConfig, load_config
 from hlora.data.collate import tokenize_pairs
 from hlora.data.glue import Example, get_task
 from hlora.errors import ConfigError
-from hlora.federation import load_run_task, resume, run
+from hlora.federation import build_federation, load_run_task, resume, run
 from hlora.objectives import make_objective
 from hlora.protocol import TrainInstruction
 from hlora.runtime import ModelRuntime, client_optimizer, label_log_prior, proximal_term
@@ -169,6 +169,67 @@ def test_the_heads_rate_keeps_its_ratio_to_the_schedule(schedule: RoundSchedule 
         assert_close(t, initial, rtol=0, atol=1e-9)
         assert not torch.allclose(one_group.extras[name], initial, atol=1e-6)
     assert all(float(f.B.abs().sum()) > 0 for f in frozen.factors.values())  # B starts at 0
+
+
+def test_a_frozen_head_goes_back_as_it_came_while_the_factors_train() -> None:
+    runtime, features = _runtime(TrainConfig(batch_size=4, freeze_head=True))
+    instruction = _instruction(runtime)
+    reply = runtime.train_client(instruction, features).update
+    for name, head in reply.extras.items():
+        assert torch.equal(head, instruction.extras[name])
+    assert all(float(f.B.abs().sum()) > 0 for f in reply.factors.values())  # B starts at 0
+    trained, _ = _runtime(TrainConfig(batch_size=4))
+    moved = trained.train_client(_instruction(trained), features).update
+    assert any(not torch.equal(t, instruction.extras[n]) for n, t in moved.extras.items())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("train.freeze_head=1",), "'train.freeze_head': 1 (true or false)"),
+        (
+            ("train.freeze_head=true", "train.head_learning_rate=0.01"),
+            "'train.head_learning_rate': 0.01 (a frozen head",
+        ),
+        (
+            ("train.freeze_head=true", 'model.task_type="causal-lm"', 'model.name="smollm2-135m"'),
+            "'train.freeze_head': True (only a sequence classifier",
+        ),
+    ],
+)
+def test_bad_frozen_head_settings_name_the_key(overrides: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_frozen_head_stays_the_global_head_under_a_server_optimizer(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """The server keeps its head bit for bit (even when a client sends another one back), and
+    the factors still learn; without the option the head moves."""
+    heads = {}
+    for frozen in (True, False):
+        overrides = tiny_overrides(
+            tiny_bert_dir,
+            glue_dir,
+            tmp_path,
+            **{
+                "train.freeze_head": str(frozen).lower(),
+                "server.optimizer": '"adam"',
+                "server.learning_rate": 0.01,
+                "output.name": f'"frozen-{frozen}"',
+            },
+        )
+        config = load_config(None, tuple(overrides))
+        initial = build_federation(config).initial_extras
+        result = run(config, progress=False)
+        state = load_state(result.run_dir / "checkpoint.safetensors")
+        assert state.global_update is not None and state.global_update.layers
+        heads[frozen] = [torch.equal(state.extras[n], t) for n, t in initial.items()]
+    assert heads[True] and all(heads[True])
+    assert not any(heads[False])
 
 
 def test_local_steps_fix_every_clients_steps_whatever_its_size() -> None:

@@ -358,6 +358,14 @@ class TrainConfig:
             "the head"
         ),
     )
+    freeze_head: bool = field(
+        default=False,
+        metadata=_help(
+            "keep the classifier's head at its seeded initialisation for the whole run (as in "
+            "FedBABU): clients train only the LoRA factors and the server keeps the head, so a "
+            "label-skewed client cannot pull the shared head toward its own classes"
+        ),
+    )
     momentum: float = field(
         default=0.0, metadata=_help("SGD momentum (optimizer 'sgd' only; reset every round)")
     )
@@ -435,6 +443,14 @@ class TrainConfig:
         high = 1.0 if self.optimizer == "adamw" else 100.0
         _number("train.learning_rate", self.learning_rate, low=0.0, low_open=True, high=high)
         _number("train.head_learning_rate", self.head_learning_rate, low=0.0, high=high)
+        if not isinstance(self.freeze_head, bool):
+            raise _fail("train.freeze_head", self.freeze_head, "true or false")
+        if self.freeze_head and self.head_learning_rate > 0:
+            raise _fail(
+                "train.head_learning_rate",
+                self.head_learning_rate,
+                "a frozen head (train.freeze_head = true) has no learning rate: use 0",
+            )
         _number("train.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         if self.momentum > 0 and self.optimizer != "sgd":
             raise _fail("train.momentum", self.momentum, "only with train.optimizer = 'sgd'")
@@ -613,6 +629,13 @@ class RunConfig:
                 self.data.system_prompt,
                 "only a causal LM ('causal-lm') reads prompts; a classifier has none",
             )
+        if self.train.freeze_head and self.model.task_type != SEQ_CLS:
+            raise _fail(
+                "train.freeze_head",
+                self.train.freeze_head,
+                "only a sequence classifier ('seq-cls') trains a head; a causal LM's output "
+                "layer is always frozen",
+            )
         if self.model.quantization != NO_QUANTIZATION:
             if self.federation.strategy == "flora":
                 raise _fail(
@@ -777,6 +800,7 @@ def _added_later() -> dict[str, dict[str, Any]]:
             "local_steps": 0,
             "optimizer": "adamw",
             "head_learning_rate": 0.0,
+            "freeze_head": False,
             "momentum": 0.0,
             "adam_epsilon": _ADAM_EPSILON,
         },

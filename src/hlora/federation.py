@@ -231,6 +231,7 @@ def loop_settings(config: RunConfig) -> LoopSettings:
         learning_rate=config.train.learning_rate,
         warmup_ratio=config.train.warmup_ratio,
         server_optimizer=optimizer,
+        freeze_head=config.train.freeze_head,
         trust=TrustPolicy(
             max_client_examples=config.trust.max_client_examples,
             norm_bound=config.trust.update_norm_bound,

@@ -192,6 +192,10 @@ class ModelRuntime:
             bank.set_factors(rank, {n: (f.A, f.B) for n, f in instruction.factors.items()})
         bank.set_extras(rank, instruction.extras)
         factor_params, head_params = bank.parameter_groups(rank)
+        if cfg.freeze_head:  # the head goes back as it came (the server keeps its own)
+            for param in head_params:
+                param.requires_grad_(False)
+            head_params = []
         params = factor_params + head_params
         optimizer = client_optimizer(
             factor_params, head_params, cfg, fused=self.device.type == "cuda"

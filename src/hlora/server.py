@@ -95,6 +95,7 @@ class LoopSettings:
     warmup_ratio: float = 0.0
     server_optimizer: ServerOptimizer | None = None  # None: the global update is the aggregate
     label_prior: tuple[float, ...] | None = None  # sent when clients adjust their logits
+    freeze_head: bool = False  # the global head stays as it is (train.freeze_head)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # checks on replies (hlora.trust)
     evaluation: str = SERVER_EVAL  # one of EVALUATIONS
     metric_names: tuple[str, ...] = ()  # of a federated evaluation (the task's)
@@ -306,6 +307,8 @@ class RoundLoop:
             if self.settings.server_optimizer is not None:
                 aggregate, opt_state = self.server_step(state, aggregate, kept)
                 new_state = replace(new_state, optimizer=opt_state)
+            if self.settings.freeze_head:  # whatever the clients sent back
+                aggregate = replace(aggregate, extras=dict(state.extras))
             new_state = replace(new_state, global_update=aggregate, extras=dict(aggregate.extras))
             if aggregate.merge_into_base:
                 new_state = replace(
