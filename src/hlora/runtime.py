@@ -168,7 +168,8 @@ class ModelRuntime:
     def train_client(self, instruction: TrainInstruction, features: Features) -> TrainReply:
         """Local training of one client (see :class:`TrainConfig`).
 
-        AdamW or SGD (:func:`client_optimizer`) over the active adapter's factors and head;
+        AdamW or SGD (:func:`client_optimizer`) over the active adapter's factors and head (the
+        factors alone with ``train.freeze_head``);
         a fresh optimizer every round; the learning rate
         follows ``instruction.schedule`` (the run-wide schedule) or, when None, a linear
         warm-up and decay inside the round; optional FedProx term and logit adjustment (see
