@@ -4,6 +4,7 @@ with every option off equal to the old recipe."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -205,10 +206,18 @@ def test_bad_frozen_head_settings_name_the_key(overrides: tuple[str, ...], messa
 
 @pytest.mark.slow
 def test_a_frozen_head_stays_the_global_head_under_a_server_optimizer(
-    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server keeps its head bit for bit (even when a client sends another one back), and
     the factors still learn; without the option the head moves."""
+    honest = ModelRuntime.train_client
+
+    def another_head(self: ModelRuntime, instruction: TrainInstruction, features: Any) -> Any:
+        reply = honest(self, instruction, features)
+        moved = {n: t + 1.0 for n, t in reply.update.extras.items()}
+        return dataclasses.replace(reply, update=dataclasses.replace(reply.update, extras=moved))
+
+    monkeypatch.setattr(ModelRuntime, "train_client", another_head)
     heads = {}
     for frozen in (True, False):
         overrides = tiny_overrides(
