@@ -205,8 +205,13 @@ def test_bad_frozen_head_settings_name_the_key(overrides: tuple[str, ...], messa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adam", "yogi", "avgm"])
 def test_a_frozen_head_stays_the_global_head_under_a_server_optimizer(
-    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    optimizer: str,
+    tiny_bert_dir: Path,
+    glue_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The server keeps its head bit for bit (even when a client sends another one back), and
     the factors still learn; without the option the head moves."""
@@ -226,7 +231,7 @@ def test_a_frozen_head_stays_the_global_head_under_a_server_optimizer(
             tmp_path,
             **{
                 "train.freeze_head": str(frozen).lower(),
-                "server.optimizer": '"adam"',
+                "server.optimizer": f'"{optimizer}"',
                 "server.learning_rate": 0.01,
                 "output.name": f'"frozen-{frozen}"',
             },

@@ -304,11 +304,11 @@ class RoundLoop:
             kept = updates
         else:
             aggregate, kept = self.aggregate(updates, dropped)
+            if self.settings.freeze_head:  # whatever the clients sent back; a server step
+                aggregate = replace(aggregate, extras=dict(state.extras))  # then moves it by 0
             if self.settings.server_optimizer is not None:
                 aggregate, opt_state = self.server_step(state, aggregate, kept)
                 new_state = replace(new_state, optimizer=opt_state)
-            if self.settings.freeze_head:  # whatever the clients sent back
-                aggregate = replace(aggregate, extras=dict(state.extras))
             new_state = replace(new_state, global_update=aggregate, extras=dict(aggregate.extras))
             if aggregate.merge_into_base:
                 new_state = replace(
