@@ -45,25 +45,38 @@ run_plan() {
 # grid FOLDER "SEEDS" [--set ...]: for each seed, the federated runs named in GRID_RUNS (default
 # all five: e3-hlora, e1-fedavg, e1-hlora, e3-zeropad, e3-flora; E1 is fedavg and hlora at rank 8,
 # E3 hlora, zeropad and flora at ranks {2, 4, 8, 16}, E2 reuses e1-hlora and e3-hlora), then the
-# references named in GRID_REFS (default "centralized local").
+# references named in GRID_REFS (default "centralized local"). Every run starts from
+# experiments/e1_mrpc.toml or e3_mrpc.toml, or from GRID_CONFIG with the experiment's ranks set.
 grid() {
   local folder="$1" seeds="$2"; shift 2
   local seed job runs=" ${GRID_RUNS-e3-hlora e1-fedavg e1-hlora e3-zeropad e3-flora} "
   local refs=" ${GRID_REFS-centralized local} "
+  # config_of E1|E3: the config file and the --set of one experiment's runs
+  config_of() {
+    if [[ -z "${GRID_CONFIG:-}" ]]; then
+      cfg=("experiments/${1}_mrpc.toml")
+    elif [[ "$1" == e1 ]]; then
+      cfg=("$GRID_CONFIG" --set "federation.ranks=[8]")
+    else
+      cfg=("$GRID_CONFIG" --set "federation.ranks=[2,4,8,16]")
+    fi
+  }
+  local cfg=()
   for seed in $seeds; do
     local s=(--set federation.seed="$seed" "$@")
     for job in e3-hlora e1-fedavg e1-hlora e3-zeropad e3-flora; do
       if [[ "$runs" == *" $job "* ]]; then
-        run "$folder" "$job-s$seed" "experiments/${job%%-*}_mrpc.toml" "${s[@]}" \
-          --set federation.strategy="${job#*-}"
+        config_of "${job%%-*}"
+        run "$folder" "$job-s$seed" "${cfg[@]}" "${s[@]}" --set federation.strategy="${job#*-}"
       fi
     done
+    config_of e3
     if [[ "$refs" == *" centralized "* ]]; then
-      run "$folder" "e3-centralized-s$seed" experiments/e3_mrpc.toml "${s[@]}" \
+      run "$folder" "e3-centralized-s$seed" "${cfg[@]}" "${s[@]}" \
         --set federation.strategy=centralized "${CENTRAL_ARGS[@]}"
     fi
     if [[ "$refs" == *" local "* ]]; then
-      run "$folder" "e3-local-s$seed" experiments/e3_mrpc.toml "${s[@]}" --set federation.strategy=local \
+      run "$folder" "e3-local-s$seed" "${cfg[@]}" "${s[@]}" --set federation.strategy=local \
         "${LOCAL_ARGS[@]}"
     fi
   done

@@ -13,6 +13,11 @@
 #     learning rate 1e-3 and its Dirichlet cell's federations at 4e-3 (chosen on its validation
 #     split: recipe_search.sh qqp, qqp2); MRPC's
 #     reference trains at learning rate 5e-4 (recipe_search.sh central), RTE's at the recipe's;
+#   sft-mrpc-dirichlet: the same runs for instruction tuning, each one the demo
+#     (examples/smollm2_mrpc_instruct.toml: SmolLM2-135M, MRPC as instructions, 10 clients, 3 a
+#     round, Dirichlet 0.5) with its strategy and ranks; `centralized` trains 0.3 of an epoch a
+#     round, the passes of three clients' local epochs, and `local` is evaluated after the last
+#     round only (each evaluation scores ten models);
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
 #     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
 # SEEDS (default "0 1 2") and JOBS (default 2: runs at a time, one CPU thread each) come from the
@@ -34,8 +39,17 @@ RUN_ARGS=(--no-progress --data-dir "$data" --set federation.rounds="$rounds")
 export OMP_NUM_THREADS=1
 plan="$(mktemp)"
 export GRID_PLAN="$plan"
+demo=examples/smollm2_mrpc_instruct.toml
 for cell in "${cells[@]}"; do
+  config=""
+  LOCAL_ARGS=()
   case "$cell" in
+    sft-mrpc-dirichlet)
+      config="$demo"
+      demo_rounds="$(python -c "from hlora.config import load_config; print(load_config('$demo').federation.rounds)")"
+      args=(--set federation.rounds="$demo_rounds")
+      CENTRAL_ARGS=(--set train.local_epochs=0.3)
+      LOCAL_ARGS=(--set server.eval_every="$demo_rounds") ;;
     mrpc-* | qqp-* | rte-*)
       case "${cell%%-*}" in
         qqp) args=(--set data.task=qqp-sample --set train.local_epochs=0.25)
@@ -68,9 +82,10 @@ for cell in "${cells[@]}"; do
     *) echo "unknown cell $cell" >&2; exit 2 ;;
   esac
   for seed in ${SEEDS:-0 1 2}; do
-    GRID_REFS="${REFS-centralized}" GRID_RUNS="${HLORA_RUNS-e3-hlora}" grid "$out/$cell" "$seed" \
-      "${args[@]}"
-    GRID_REFS="" GRID_RUNS="${REST_RUNS-e3-zeropad e1-fedavg e1-hlora e3-flora}" \
+    GRID_CONFIG="$config" GRID_REFS="${REFS-centralized}" GRID_RUNS="${HLORA_RUNS-e3-hlora}" \
+      grid "$out/$cell" "$seed" "${args[@]}"
+    GRID_CONFIG="$config" GRID_REFS="" \
+      GRID_RUNS="${REST_RUNS-e3-zeropad e1-fedavg e1-hlora e3-flora}" \
       grid "$out/$cell" "$seed" "${args[@]}"
   done
 done

@@ -683,6 +683,53 @@ def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path
         assert pairs == {(run, seed) for run in runs for seed in (0, 1)}, cell
 
 
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("xargs") is None, reason="needs bash and xargs"
+)
+def test_recipe_grid_sft_cell_runs_the_demo_per_strategy_at_its_own_length(tmp_path: Path) -> None:
+    """The instruction-tuning cell runs the demo's configuration, on dev, at the demo's rounds,
+    with each experiment's ranks; `centralized` trains the passes of three clients' local
+    epochs a round at rank 16, and `local` is evaluated after its last round only."""
+    log = tmp_path / "calls.jsonl"
+    bin_dir = _recording_hlora(tmp_path, log)
+    python = bin_dir / "python"
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SEEDS": "0",
+        "JOBS": "1",
+        "REFS": "centralized local",
+    }
+    command = ["bash", str(ROOT / "experiments/recipe_grid.sh"), str(tmp_path / "out")]
+    subprocess.run([*command, "sft-mrpc-dirichlet"], cwd=ROOT, check=True, env=env)
+    demo = load_config(ROOT / "examples/smollm2_mrpc_instruct.toml")
+    assert demo.federation.clients_per_round == 3 and demo.federation.num_clients == 10
+    runs = {}
+    for line in log.read_text().splitlines():
+        call = json.loads(line)
+        assert call[1] == "examples/smollm2_mrpc_instruct.toml"
+        config = load_config(ROOT / call[1], _sets(call))
+        runs[config.output.name] = config
+        assert config.model == demo.model and config.data == demo.data  # dev, the demo's data
+        assert config.federation.rounds == demo.federation.rounds
+        assert config.federation.clients_per_round == 3
+    assert sorted(runs) == sorted(
+        f"{run}-s0"
+        for run in ("e3-hlora", "e3-zeropad", "e3-flora", "e1-fedavg", "e1-hlora",
+                    "e3-centralized", "e3-local")
+    )  # fmt: skip
+    for name, config in runs.items():
+        ranks = (8,) if name.startswith("e1-") else (2, 4, 8, 16)
+        assert config.federation.ranks == ranks, name
+        assert config.federation.strategy == name.split("-")[1]
+        central = config.federation.strategy == "centralized"
+        assert config.train.local_epochs == (0.3 if central else demo.train.local_epochs)
+        local = config.federation.strategy == "local"
+        every = demo.federation.rounds if local else demo.server.eval_every
+        assert config.server.eval_every == every, name
+
+
 RECIPE_STAGES = (
     "screen", "screen2", "split", "silent", "iid", "dirichlet-sgd2",
     "cap", "shorter", "sgd", "steps", "epsilon", "qqp", "qqp2", "central",
