@@ -16,7 +16,7 @@
 #   sft-mrpc-dirichlet: the same runs for instruction tuning, each one the demo
 #     (examples/smollm2_mrpc_instruct.toml: SmolLM2-135M, MRPC as instructions, 10 clients, 3 a
 #     round, Dirichlet 0.5) with its strategy and ranks; `centralized` trains 0.3 of an epoch a
-#     round, the passes of three clients' local epochs, and `local` is evaluated after the last
+#     round, the passes of the three drawn clients' local epochs, and `local` is evaluated after the last
 #     round only (each evaluation scores ten models);
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
 #     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
@@ -46,9 +46,12 @@ for cell in "${cells[@]}"; do
   case "$cell" in
     sft-mrpc-dirichlet)
       config="$demo"
-      demo_rounds="$(python -c "from hlora.config import load_config; print(load_config('$demo').federation.rounds)")"
+      read -r demo_rounds central_epochs < <(python -c "from hlora.config import load_config
+c = load_config('$demo'); f = c.federation
+print(f.rounds, c.train.local_epochs * f.clients_per_round / f.num_clients)")
       args=(--set federation.rounds="$demo_rounds")
-      CENTRAL_ARGS=(--set train.local_epochs=0.3)
+      # the passes of the drawn clients' local epochs
+      CENTRAL_ARGS=(--set train.local_epochs="$central_epochs")
       LOCAL_ARGS=(--set server.eval_every="$demo_rounds") ;;
     mrpc-* | qqp-* | rte-*)
       case "${cell%%-*}" in
