@@ -15,9 +15,9 @@
 #     reference trains at learning rate 5e-4 (recipe_search.sh central), RTE's at the recipe's;
 #   sft-mrpc-dirichlet: the same runs for instruction tuning, each one the demo
 #     (examples/smollm2_mrpc_instruct.toml: SmolLM2-135M, MRPC as instructions, 10 clients, 3 a
-#     round, Dirichlet 0.5) with its strategy and ranks; `centralized` trains 0.3 of an epoch a
-#     round, the passes of the three drawn clients' local epochs, and `local` is evaluated after the last
-#     round only (each evaluation scores ten models);
+#     round, Dirichlet 0.5) with its strategy and ranks; `centralized` trains the drawn clients'
+#     share of the local epochs each round (0.3 of an epoch for the demo), and `local` is
+#     evaluated after the last round only (each evaluation scores ten models);
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
 #     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
 # SEEDS (default "0 1 2") and JOBS (default 2: runs at a time, one CPU thread each) come from the
