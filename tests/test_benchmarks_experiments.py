@@ -12,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -132,6 +133,88 @@ def test_round_anatomy_shares_add_up_to_the_mean(tiny_bert_dir: Path, glue_dir: 
     assert sum(r.share for r in rows) == pytest.approx(1.0, abs=1e-9)
     assert all(-1 - 1e-9 <= r.cosine <= 1 + 1e-9 and r.norm > 0 for r in rows)
     assert [r.norm for r in rows] == sorted((r.norm for r in rows), reverse=True)
+
+
+def test_scaffold_probe_corrections_are_the_gradients_of_the_linear_term() -> None:
+    probe = _load("experiments/scaffold_probe.py")
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(5, 7, generator=gen)
+    a = torch.randn(3, 7, generator=gen, requires_grad=True)
+    b = torch.randn(5, 3, generator=gen, requires_grad=True)
+    (c * (0.5 * b @ a)).sum().backward()
+    grad_a, grad_b = probe.factor_corrections(c, a, b, 0.5)
+    assert a.grad is not None and b.grad is not None
+    torch.testing.assert_close(grad_a, a.grad)
+    torch.testing.assert_close(grad_b, b.grad)
+
+
+def test_scaffold_probe_control_variates_are_fixed_within_a_round() -> None:
+    probe = _load("experiments/scaffold_probe.py")
+    state = probe.ControlVariates()
+    state.start(1)
+    assert state.correction("a") == {}
+    state.pending.append(("a", 1, {"w": torch.tensor([4.0])}, 4))
+    state.pending.append(("b", 3, {"w": torch.tensor([8.0])}, 4))
+    assert state.correction("b") == {}  # reports count from the next round on
+    state.start(2)  # c = 1/4 * 4 + 3/4 * 8 = 7
+    torch.testing.assert_close(state.correction("a")["w"], torch.tensor([3.0]))
+    torch.testing.assert_close(state.correction("b")["w"], torch.tensor([-1.0]))
+    state.pending.append(("a", 1, {"w": torch.tensor([0.0])}, 4))
+    state.start(3)  # a's c_k replaced: c = 3/4 * 8 = 6
+    torch.testing.assert_close(state.correction("a")["w"], torch.tensor([6.0]))
+
+
+def test_scaffold_probe_measures_the_gradient_of_the_dense_update(
+    tiny_bert_dir: Path, glue_dir: Path
+) -> None:
+    probe = _load("experiments/scaffold_probe.py")
+    from hlora.federation import build_federation, make_loop
+    from hlora.report import RoundProgress
+    from hlora.runtime import ModelRuntime
+
+    config = load_config(
+        None,
+        (
+            f"model.name={tiny_bert_dir}",
+            "model.max_length=32",
+            f"data.data_dir={glue_dir}",
+            "data.train_limit=48",
+            "federation.num_clients=3",
+            "train.batch_size=8",
+            "train.local_steps=1",
+            "train.precision=fp32",
+            "model.lora_dropout=0",  # the probe's dense term sees the layer's input undropped
+        ),
+    )
+    federation = build_federation(config)
+    bank = federation.runtime.bank
+    state = probe.ControlVariates()
+    train = probe.scaffold_train(ModelRuntime.train_client, state, 48)
+    captured: dict[str, torch.Tensor] = {}
+    slot = federation.clients[0]
+    factors = bank._factor_parameters(slot.rank)
+    handles = [
+        b.register_hook(lambda g, n=name: captured.setdefault(n, g.detach().clone()))
+        for name, (_, b) in factors.items()
+    ]
+    with tempfile.TemporaryDirectory() as folder, RoundProgress(1, enabled=False) as bar:
+        loop = make_loop(federation, Path(folder), bar)
+        instruction = loop.instruction(loop.initial_state(), slot.client_id, 1)
+        # round 1 starts from the fresh LoRA init: A random, B zero
+        a_start = {
+            n: a for n, (a, _) in bank.init_factors(slot.rank, instruction.init_seed).items()
+        }
+        train(federation.runtime, instruction, federation.train_features[slot.client_id])
+    for handle in handles:
+        handle.remove()
+    ((cid, examples, variates, total),) = state.pending
+    assert (cid, examples, total) == (slot.client_id, slot.num_examples, 48)
+    # One step from B = 0: dL/dB = s G A^T, with G = dL/d(dW) the probe's c_k of the layer.
+    for name, grad_b in captured.items():
+        expected = instruction.scaling * variates[name] @ a_start[name].T
+        torch.testing.assert_close(grad_b, expected, rtol=1e-4, atol=1e-7)
+    assert any(float(variates[n].abs().max()) > 0 for n in captured)
+    assert any(k.startswith("head:") for k in variates)
 
 
 @pytest.mark.slow
