@@ -44,8 +44,6 @@ class ControlVariates:
 
     def __init__(self) -> None:
         self.clients: dict[str, Variates] = {}
-        self.total = 0.0
-        self.sizes: dict[str, int] = {}
         self.mean: Variates = {}
         self.pending: list[tuple[str, int, Variates, int]] = []
         self.round = 0
