@@ -82,16 +82,26 @@ def anatomy(config: RunConfig) -> list[ClientRow]:
     return sorted(rows, key=lambda r: -r.norm)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """A script's optional TOML file and its ``--set KEY=VALUE`` overrides."""
     parser.add_argument("config", nargs="?", default=None, help="a TOML file (default: none)")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
-    args = parser.parse_args()
+
+
+def config_from(args: argparse.Namespace) -> RunConfig:
+    """The configuration of :func:`add_config_arguments`' arguments, with the data folder from
+    ``HLORA_DATA_DIR`` unless an override names one, as ``hlora run`` does."""
     overrides = list(args.overrides)
     data_dir = os.environ.get("HLORA_DATA_DIR")
     if data_dir and not any(o.startswith("data.data_dir") for o in overrides):
         overrides.append(f"data.data_dir={data_dir}")
-    rows = anatomy(load_config(args.config, tuple(overrides)))
+    return load_config(args.config, tuple(overrides))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    rows = anatomy(config_from(parser.parse_args()))
     print(
         "| client | examples | positive share | round-1 loss | ||s B A|| | cosine to the mean "
         "| share of the mean |"

@@ -22,17 +22,16 @@ for MiniLM, not for LLM shapes. Clients start at ``c_k = 0`` (round 1 is plain t
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from round_anatomy import add_config_arguments, config_from
 from torch import Tensor
 
 import hlora.federation as fed_module
-from hlora.config import load_config
 from hlora.protocol import TrainInstruction, TrainReply
 from hlora.runtime import ModelRuntime
 
@@ -168,14 +167,9 @@ def scaffold_train(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="the run folder to write")
-    parser.add_argument("config", nargs="?", default=None, help="a TOML file (default: none)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    add_config_arguments(parser)
     args = parser.parse_args()
-    overrides = list(args.overrides)
-    data_dir = os.environ.get("HLORA_DATA_DIR")
-    if data_dir and not any(o.startswith("data.data_dir") for o in overrides):
-        overrides.append(f"data.data_dir={data_dir}")
-    config = load_config(args.config, tuple(overrides))
+    config = config_from(args)
     state = ControlVariates()
     # n (every client's examples) comes from the partition the run builds
     build = fed_module.build_federation

@@ -114,9 +114,9 @@ def test_simulation_measure_runs_one_round_of_k_clients(
     assert row["peak_rss_mib"] >= row["rss_loaded_mib"] > 0
 
 
-def test_round_anatomy_shares_add_up_to_the_mean(tiny_bert_dir: Path, glue_dir: Path) -> None:
-    anatomy = _load("experiments/round_anatomy.py")
-    config = load_config(
+def _three_clients(tiny_bert_dir: Path, glue_dir: Path, *overrides: str) -> Any:
+    """A federation of 3 clients over 48 MRPC pairs on the tiny BERT, batch 8."""
+    return load_config(
         None,
         (
             f"model.name={tiny_bert_dir}",
@@ -125,8 +125,14 @@ def test_round_anatomy_shares_add_up_to_the_mean(tiny_bert_dir: Path, glue_dir: 
             "data.train_limit=48",
             "federation.num_clients=3",
             "train.batch_size=8",
+            *overrides,
         ),
     )
+
+
+def test_round_anatomy_shares_add_up_to_the_mean(tiny_bert_dir: Path, glue_dir: Path) -> None:
+    anatomy = _load("experiments/round_anatomy.py")
+    config = _three_clients(tiny_bert_dir, glue_dir)
     rows = anatomy.anatomy(config)
     assert sorted(r.client_id for r in rows) == ["client00", "client01", "client02"]
     assert sum(r.examples for r in rows) == 48
@@ -172,19 +178,12 @@ def test_scaffold_probe_measures_the_gradient_of_the_dense_update(
     from hlora.report import RoundProgress
     from hlora.runtime import ModelRuntime
 
-    config = load_config(
-        None,
-        (
-            f"model.name={tiny_bert_dir}",
-            "model.max_length=32",
-            f"data.data_dir={glue_dir}",
-            "data.train_limit=48",
-            "federation.num_clients=3",
-            "train.batch_size=8",
-            "train.local_steps=1",
-            "train.precision=fp32",
-            "model.lora_dropout=0",  # the probe's dense term sees the layer's input undropped
-        ),
+    config = _three_clients(
+        tiny_bert_dir,
+        glue_dir,
+        "train.local_steps=1",
+        "train.precision=fp32",
+        "model.lora_dropout=0",  # the probe's dense term sees the layer's input undropped
     )
     federation = build_federation(config)
     bank = federation.runtime.bank
