@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -227,6 +227,20 @@ elif [ "$STAGE" = iid2 ]; then
   RUNS=(
     "fedavg-iid-sgd3|${FEDAVG[*]} ${LIN[*]} ${IID[*]} --set server.optimizer=sgd --set server.learning_rate=3.0"
     "fedavg-iid-avgm0.5|${FEDAVG[*]} ${LIN[*]} ${IID[*]} --set server.optimizer=avgm --set server.learning_rate=1.0 --set server.momentum=0.5"
+  )
+elif [ "$STAGE" = global-rank ]; then
+  # Under a server optimizer hlora's global update keeps whatever the round's aggregate holds
+  # beyond the largest client rank, adding it at eta every round, and no client ever receives
+  # it (RESULTS 0.9): on dev each rank's truncation ended above the global model in every IID
+  # run with SGD at eta 2 (0.8.1). server.global_rank = 16 (the largest client rank) trims it
+  # every round. The mechanism exists only in hlora's space, so it is compared on hlora
+  # (ranks {2, 4, 8, 16}, the cell's settings: IID, SGD eta 2, 16 passes), seed 0's draw,
+  # with and without, as the split stage compared hlora's factor split.
+  LEN=("${PASSES_16[@]}")
+  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
+  RUNS=(
+    "hlora-iid-sgd2|${HET[*]} ${LIN[*]} ${IID[*]} ${SGD2[*]}"
+    "hlora-iid-sgd2-gr16|${HET[*]} ${LIN[*]} ${IID[*]} ${SGD2[*]} --set server.global_rank=16"
   )
 elif [ "$STAGE" = babu ]; then
   # Under Dirichlet 0.5 the federation fails on seed 1's draw (RESULTS 0.7, 0.7.1): clients of
