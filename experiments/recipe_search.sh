@@ -231,7 +231,7 @@ elif [ "$STAGE" = iid2 ]; then
 elif [ "$STAGE" = global-rank ]; then
   # Under a server optimizer hlora's global update keeps whatever the round's aggregate holds
   # beyond the largest client rank, adding it at eta every round, and no client ever receives
-  # it (RESULTS 0.9): on dev each rank's truncation ended above the global model in every IID
+  # it: on dev each rank's truncation ended above the global model in every IID
   # run with SGD at eta 2 (0.8.1). server.global_rank = 16 (the largest client rank) trims it
   # every round. The mechanism exists only in hlora's space, so it is compared on hlora
   # (ranks {2, 4, 8, 16}, the cell's settings: IID, SGD eta 2, 16 passes), seed 0's draw,
