@@ -41,10 +41,11 @@ Variates = dict[str, Tensor]
 class ControlVariates:
     """Every client's ``c_k`` and the federation's ``c`` (dense; layer or head name -> tensor)."""
 
-    def __init__(self) -> None:
+    def __init__(self, federation_examples: int) -> None:
+        self.federation_examples = federation_examples  # n: every client's examples
         self.clients: dict[str, Variates] = {}
         self.mean: Variates = {}
-        self.pending: list[tuple[str, int, Variates, int]] = []
+        self.pending: list[tuple[str, int, Variates]] = []
         self.round = 0
 
     def start(self, round_num: int) -> None:
@@ -60,10 +61,10 @@ class ControlVariates:
         own = self.clients.get(client_id, {})
         return {n: c - own.get(n, torch.zeros_like(c)) for n, c in self.mean.items()}
 
-    def report(self, client_id: str, examples: int, variates: Variates, federation: int) -> None:
-        """Replaces a client's ``c_k``; ``c`` weighs each client ``n_k / federation``."""
+    def report(self, client_id: str, examples: int, variates: Variates) -> None:
+        """Replaces a client's ``c_k``; ``c`` weighs each client ``n_k / n``."""
         old = self.clients.get(client_id, {})
-        weight = examples / federation
+        weight = examples / self.federation_examples
         for name, value in variates.items():
             previous = old.get(name, torch.zeros_like(value))
             self.mean[name] = self.mean.get(name, torch.zeros_like(value)) + weight * (
@@ -72,33 +73,37 @@ class ControlVariates:
         self.clients[client_id] = variates
 
 
-def factor_corrections(c: Tensor, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """The gradients of ``<c, s B A>`` with respect to ``A (r, in)`` and ``B (out, r)``.
+def correction_of_a(c: Tensor, b: Tensor, scale: float) -> Tensor:
+    """The gradient of ``<c, s B A>`` with respect to ``A``: ``s B^T c``, ``(r, in)``, float32.
+
+    Args:
+        c: The correction ``c - c_k`` of one layer, ``(out, in)``.
+        b: The client's ``B``, ``(out, r)``.
+        scale: The LoRA scaling ``s``.
+    """
+    return scale * b.detach().float().T @ c
+
+
+def correction_of_b(c: Tensor, a: Tensor, scale: float) -> Tensor:
+    """The gradient of ``<c, s B A>`` with respect to ``B``: ``s c A^T``, ``(out, r)``, float32.
 
     Args:
         c: The correction ``c - c_k`` of one layer, ``(out, in)``.
         a: The client's ``A``, ``(r, in)``.
-        b: The client's ``B``, ``(out, r)``.
         scale: The LoRA scaling ``s``.
-
-    Returns:
-        ``(s B^T c, s c A^T)``: shapes ``(r, in)`` and ``(out, r)``, float32.
     """
-    a32, b32 = a.detach().float(), b.detach().float()
-    return scale * b32.T @ c, scale * c @ a32.T
+    return scale * c @ a.detach().float().T
 
 
 def scaffold_train(
     original: Callable[[ModelRuntime, TrainInstruction, Any], TrainReply],
     state: ControlVariates,
-    federation_examples: int,
 ) -> Callable[[ModelRuntime, TrainInstruction, Any], TrainReply]:
     """``ModelRuntime.train_client`` with SCAFFOLD's corrections and ``c_k`` measured."""
 
     def train(self: ModelRuntime, instruction: TrainInstruction, features: Any) -> TrainReply:
         bank = self.bank
         rank = instruction.rank
-        bank.activate(rank)
         state.start(instruction.round_num)
         correction = state.correction(instruction.client_id)
         layers = bank._layers  # a probe: the bank's adapted modules
@@ -120,11 +125,11 @@ def scaffold_train(
             if name in correction:
                 c = correction[name].to(a.device)
 
-                def fix_b(g: Tensor, c: Tensor = c, a: Tensor = a, b: Tensor = b) -> Tensor:
-                    return g + factor_corrections(c, a, b, scale)[1].to(g.dtype)
+                def fix_b(g: Tensor, c: Tensor = c, a: Tensor = a) -> Tensor:
+                    return g + correction_of_b(c, a, scale).to(g.dtype)
 
-                def fix_a(g: Tensor, c: Tensor = c, a: Tensor = a, b: Tensor = b) -> Tensor:
-                    return g + factor_corrections(c, a, b, scale)[0].to(g.dtype)
+                def fix_a(g: Tensor, c: Tensor = c, b: Tensor = b) -> Tensor:
+                    return g + correction_of_a(c, b, scale).to(g.dtype)
 
                 handles.append(b.register_hook(fix_b))
                 handles.append(a.register_hook(fix_a))
@@ -149,9 +154,7 @@ def scaffold_train(
             variates[name] = (grad / steps) if grad is not None else torch.zeros_like(probe)
         for name, total in head_sums.items():
             variates[f"head:{name}"] = total / steps
-        state.pending.append(
-            (instruction.client_id, reply.update.num_examples, variates, federation_examples)
-        )
+        state.pending.append((instruction.client_id, reply.update.num_examples, variates))
         norm_c = sum(float(v.pow(2).sum()) for k, v in variates.items() if ":" not in k) ** 0.5
         norm_corr = sum(float(v.pow(2).sum()) for k, v in correction.items() if ":" not in k) ** 0.5
         print(
@@ -170,15 +173,13 @@ def main() -> None:
     add_config_arguments(parser)
     args = parser.parse_args()
     config = config_from(args)
-    state = ControlVariates()
-    # n (every client's examples) comes from the partition the run builds
     build = fed_module.build_federation
 
-    def build_and_patch(cfg: Any) -> Any:
+    def build_and_patch(cfg: Any) -> Any:  # n (every client's examples) needs the partition
         fed = build(cfg)
-        total = sum(slot.num_examples for slot in fed.clients)
+        state = ControlVariates(sum(slot.num_examples for slot in fed.clients))
         ModelRuntime.train_client = scaffold_train(  # type: ignore[method-assign]
-            ModelRuntime.train_client, state, total
+            ModelRuntime.train_client, state
         )
         return fed
 

@@ -148,7 +148,7 @@ def test_scaffold_probe_corrections_are_the_gradients_of_the_linear_term() -> No
     a = torch.randn(3, 7, generator=gen, requires_grad=True)
     b = torch.randn(5, 3, generator=gen, requires_grad=True)
     (c * (0.5 * b @ a)).sum().backward()
-    grad_a, grad_b = probe.factor_corrections(c, a, b, 0.5)
+    grad_a, grad_b = probe.correction_of_a(c, b, 0.5), probe.correction_of_b(c, a, 0.5)
     assert a.grad is not None and b.grad is not None
     torch.testing.assert_close(grad_a, a.grad)
     torch.testing.assert_close(grad_b, b.grad)
@@ -156,16 +156,16 @@ def test_scaffold_probe_corrections_are_the_gradients_of_the_linear_term() -> No
 
 def test_scaffold_probe_control_variates_are_fixed_within_a_round() -> None:
     probe = _load("experiments/scaffold_probe.py")
-    state = probe.ControlVariates()
+    state = probe.ControlVariates(4)
     state.start(1)
     assert state.correction("a") == {}
-    state.pending.append(("a", 1, {"w": torch.tensor([4.0])}, 4))
-    state.pending.append(("b", 3, {"w": torch.tensor([8.0])}, 4))
+    state.pending.append(("a", 1, {"w": torch.tensor([4.0])}))
+    state.pending.append(("b", 3, {"w": torch.tensor([8.0])}))
     assert state.correction("b") == {}  # reports count from the next round on
     state.start(2)  # c = 1/4 * 4 + 3/4 * 8 = 7
     torch.testing.assert_close(state.correction("a")["w"], torch.tensor([3.0]))
     torch.testing.assert_close(state.correction("b")["w"], torch.tensor([-1.0]))
-    state.pending.append(("a", 1, {"w": torch.tensor([0.0])}, 4))
+    state.pending.append(("a", 1, {"w": torch.tensor([0.0])}))
     state.start(3)  # a's c_k replaced: c = 3/4 * 8 = 6
     torch.testing.assert_close(state.correction("a")["w"], torch.tensor([6.0]))
 
@@ -187,8 +187,8 @@ def test_scaffold_probe_measures_the_gradient_of_the_dense_update(
     )
     federation = build_federation(config)
     bank = federation.runtime.bank
-    state = probe.ControlVariates()
-    train = probe.scaffold_train(ModelRuntime.train_client, state, 48)
+    state = probe.ControlVariates(48)
+    train = probe.scaffold_train(ModelRuntime.train_client, state)
     captured: dict[str, torch.Tensor] = {}
     slot = federation.clients[0]
     factors = bank._factor_parameters(slot.rank)
@@ -206,8 +206,8 @@ def test_scaffold_probe_measures_the_gradient_of_the_dense_update(
         train(federation.runtime, instruction, federation.train_features[slot.client_id])
     for handle in handles:
         handle.remove()
-    ((cid, examples, variates, total),) = state.pending
-    assert (cid, examples, total) == (slot.client_id, slot.num_examples, 48)
+    ((cid, examples, variates),) = state.pending
+    assert (cid, examples) == (slot.client_id, slot.num_examples)
     # One step from B = 0: dL/dB = s G A^T, with G = dL/d(dW) the probe's c_k of the layer.
     for name, grad_b in captured.items():
         expected = instruction.scaling * variates[name] @ a_start[name].T
