@@ -8,7 +8,7 @@
 # against the `centralized` reference of the earlier search, never on `hlora` alone.
 #
 #   bash experiments/sft_search.sh [OUT] [STAGE]
-#   # STAGE: participation (default) | fewer | iid | seed1 | system | longer
+#   # STAGE: participation (default) | fewer | iid | seed1 | system | longer | momentum
 #
 # The demo's CPU budget buys about 1,600 example passes over the 800 pairs. Spread over ten
 # clients at batch 8 that is 20 sequential optimizer steps per client in the whole run, against
@@ -82,6 +82,18 @@ elif [ "$STAGE" = longer ]; then
   RUNS=(
     "fedavg-cpr3-nosys-r9|${FEDAVG[*]} ${CPR3_9[*]} --set data.system_prompt=none"
     "fedavg-cpr3-s1-nosys-r9|${FEDAVG[*]} --set federation.seed=1 ${CPR3_9[*]} --set data.system_prompt=none"
+  )
+elif [ "$STAGE" = momentum ]; then
+  # On dev the 9-round demo leaves the majority answer on one seed of three: each round's
+  # three drawn clients move the answer's bias more than its reading of the pair. Server
+  # momentum (FedAvgM) averages the pseudo-gradient over consecutive rounds' draws; at eta 0.5
+  # and beta 0.5 its steady-state step equals the plain aggregate's (eta / (1 - beta) = 1), so
+  # only the smoothing changes. The references are fedavg-cpr3-nosys-r9 and -s1-nosys-r9.
+  CPR3_9=(--set federation.clients_per_round=3 --set train.local_epochs=1 --set federation.rounds=9)
+  AVGM=(--set server.optimizer=avgm --set server.learning_rate=0.5 --set server.momentum=0.5)
+  RUNS=(
+    "fedavg-cpr3-nosys-r9-avgm|${FEDAVG[*]} ${CPR3_9[*]} --set data.system_prompt=none ${AVGM[*]}"
+    "fedavg-cpr3-s1-nosys-r9-avgm|${FEDAVG[*]} --set federation.seed=1 ${CPR3_9[*]} --set data.system_prompt=none ${AVGM[*]}"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2

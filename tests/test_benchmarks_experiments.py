@@ -820,7 +820,7 @@ RECIPE_STAGES = (
 SEARCHES = [
     *(
         ("sft_search.sh", stage, 0.2)
-        for stage in ("participation", "fewer", "iid", "seed1", "system", "longer")
+        for stage in ("participation", "fewer", "iid", "seed1", "system", "longer", "momentum")
     ),
     *(("recipe_search.sh", stage, 0.1) for stage in RECIPE_STAGES),
 ]
