@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -270,6 +270,21 @@ elif [ "$STAGE" = babu ]; then
     "fedavg-la0-babu|${FEDAVG[*]} ${LIN[*]} ${BABU[*]} --set train.logit_adjustment=0"
     "central-16p-lr5e-4-babu|${CENTRAL[*]} ${LIN[*]} ${BABU[*]} --set train.learning_rate=5e-4"
   )
+elif [ "$STAGE" = keep ]; then
+  # Without a server optimizer hlora's new global update is the round's aggregate of what the
+  # clients sent back, and each client started from its rank-r_k truncation: the components
+  # beyond a client's rank are erased from its contribution every round, so the update's
+  # energy collapses onto rank 2 (RESULTS 0.3, 0.6). Server SGD at eta 1 steps the previous
+  # global update by the clients' mean progress instead, so nothing is erased (for clients of
+  # one rank, as in the fedavg search, the two are the same rule). A probe of the collapse on
+  # hlora (ranks {2, 4, 8, 16}) at the chosen recipe, 3 draws; the references are the split
+  # stage's hlora-balanced-sS runs.
+  LEN=("${PASSES_16[@]}")
+  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
+  RUNS=()
+  for seed in 1 0 2; do
+    RUNS+=("hlora-keep-s$seed|${HET[*]} ${LIN[*]} --set server.optimizer=sgd --set server.learning_rate=1.0 --set federation.seed=$seed")
+  done
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi
