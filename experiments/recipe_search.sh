@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -286,6 +286,14 @@ elif [ "$STAGE" = keep ]; then
   for seed in 1 0 2; do
     RUNS+=("hlora-keep-s$seed|${HET[*]} ${LIN[*]} --set server.optimizer=sgd --set server.learning_rate=1.0 --set federation.seed=$seed")
   done
+elif [ "$STAGE" = ccvr ]; then
+  # Is the skewed federation's failure in its head or in its features? The head recalibrated
+  # from the clients' per-class feature moments (CCVR), and a centralized linear probe as its
+  # ceiling, measured after the run by experiments/ccvr_probe.py on fedavg (rank 8) at the
+  # recipe, 16 passes, on the three draws: fedavg-la1-16p (stage dirichlet-sgd2, seed 0),
+  # fedavg-la1-s1 (stage silent) and this stage's seed 2.
+  LEN=("${PASSES_16[@]}")
+  RUNS=("fedavg-la1-s2|${FEDAVG[*]} ${LIN[*]} --set federation.seed=2")
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi

@@ -418,3 +418,51 @@ def test_a_bad_evaluation_reply_is_rejected_naming_the_client(edit, message: str
 def test_a_free_form_evaluation_counts_no_examples() -> None:
     with pytest.raises(InvalidUpdateError, match="add up to 9, not 0"):
         decode_eval_reply(_eval_reply(), "client01", 2, 9, counted=False)
+
+
+def _moments_reply() -> RecordDict:
+    from hlora.calibration import ClassMoments
+    from hlora.engines.flower.codec import encode_moments_reply
+    from hlora.protocol import MomentsReply
+
+    x = torch.randn(9, 3, generator=torch.Generator().manual_seed(0))
+    moments = ClassMoments.of(x, torch.tensor([0, 1, 1] * 3), 2)
+    return encode_moments_reply(MomentsReply("client01", moments, 0.25))
+
+
+def test_moments_reply_round_trip_is_bit_exact() -> None:
+    from hlora.engines.flower.codec import decode_moments_reply
+
+    sent = _moments_reply()
+    got = decode_moments_reply(_through_message(sent), "client01")
+    again = decode_moments_reply(sent, "client01")
+    assert got.client_id == "client01" and got.seconds == 0.25
+    for name in ("count", "mean", "cov"):
+        value = getattr(got.moments, name)
+        assert value.dtype == torch.float64 and torch.equal(value, getattr(again.moments, name))
+    assert got.moments.count.tolist() == [3.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.__delitem__("hlora.moments"), "malformed moments: message has no"),
+        (lambda c: c.__delitem__("hlora.moments-arrays"), "malformed moments: message has no"),
+        (lambda c: c["hlora.moments"].__setitem__("client-id", "client07"), "is for client"),
+        (lambda c: c["hlora.moments"].__setitem__("seconds", "soon"), "seconds"),
+        (
+            lambda c: c.__setitem__(
+                "hlora.moments-arrays", tensors_to_record({"count": torch.ones(2)})
+            ),
+            "moments without mean, cov",
+        ),
+    ],
+)
+def test_a_malformed_moments_reply_is_rejected_naming_the_client(edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    from hlora.engines.flower.codec import decode_moments_reply
+
+    content = _moments_reply()
+    edit(content)
+    with pytest.raises(InvalidUpdateError, match=message) as err:
+        decode_moments_reply(content, "client01")
+    assert err.value.client_id == "client01"

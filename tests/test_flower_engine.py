@@ -250,6 +250,56 @@ def test_a_federated_evaluation_asks_the_nodes_with_held_out_data_and_checks_the
     assert {m.metadata.message_type for m in grid.sent} == {MessageType.EVALUATE}
 
 
+def _moments_ok(message: Message) -> Message:
+    from hlora.calibration import ClassMoments
+    from hlora.engines.flower.codec import decode_eval_instruction, encode_moments_reply
+    from hlora.protocol import MomentsReply
+
+    ins = decode_eval_instruction(message.content)  # the global model, as for an evaluation
+    assert set(ins.layers) == {"layer"} and torch.equal(ins.extras["head"], torch.zeros(2))
+    x = torch.arange(12.0).reshape(4, 3)
+    moments = ClassMoments.of(x, torch.tensor([0, 1, 0, 1]), 2)
+    return Message(
+        encode_moments_reply(MomentsReply(ins.client_id, moments, 0.1)), reply_to=message
+    )
+
+
+def _moments_malformed(message: Message) -> Message:
+    reply = _moments_ok(message)
+    del reply.content["hlora.moments-arrays"]
+    return reply
+
+
+def test_feature_moments_travel_as_a_query_and_failures_keep_their_reasons(
+    task_identity: None,
+) -> None:
+    from hlora.aggregation import LowRankDelta
+    from hlora.engines.flower.transport import MOMENTS_MESSAGE, FlowerTransport
+    from hlora.protocol import EvalInstruction
+
+    grid = FakeGrid({10: _moments_ok, 11: _train_error, 12: lambda m: None, 13: _moments_malformed})
+    transport = FlowerTransport(
+        grid,  # type: ignore[arg-type]
+        {f"client{k:02d}": 10 + k for k in range(4)},
+        timeout=5,
+    )
+    layers = {"layer": LowRankDelta(torch.ones(6, 3), torch.ones(3, 5), 0.5)}
+    instructions = [
+        EvalInstruction(f"client{k:02d}", 2, layers, {"head": torch.zeros(2)}) for k in range(4)
+    ]
+    replies, failures = transport.feature_moments(instructions)
+    assert [r.client_id for r in replies] == ["client00"]
+    assert replies[0].moments.count.tolist() == [2.0, 2.0]
+    assert {f.client_id: f.reason for f in failures} == {
+        "client01": "node 11: error 1: boom",
+        "client02": "node 12: no reply within 5 s",
+        "client03": "node 13: malformed moments: message has no 'hlora.moments-arrays' record "
+        "(has: ['hlora.moments'])",
+    }
+    assert MOMENTS_MESSAGE == "query.moments"
+    assert {m.metadata.message_type for m in grid.sent} == {MOMENTS_MESSAGE}
+
+
 def _query_answer(partition: int, rank: int = 0, memory_mb: float = 0.0) -> Callable:
     def answer(message: Message) -> Message:
         info = ConfigRecord(
@@ -625,13 +675,23 @@ def test_cli_engine_option_dispatches_to_the_simulation(
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["hlora", "flora"])
+@pytest.mark.parametrize(("strategy", "calibration"), [("hlora", "none"), ("flora", "ccvr")])
 def test_flower_simulation_matches_inprocess(
-    strategy: str, tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flower_env: Path
+    strategy: str,
+    calibration: str,
+    tiny_bert_dir: Path,
+    glue_dir: Path,
+    tmp_path: Path,
+    flower_env: Path,
 ) -> None:
     from hlora.engines.flower.simulation import run_flower_simulation
 
-    config = tiny_config(tiny_bert_dir, glue_dir, tmp_path, **{"federation.strategy": strategy})
+    config = tiny_config(
+        tiny_bert_dir,
+        glue_dir,
+        tmp_path,
+        **{"federation.strategy": strategy, "server.head_calibration": f'"{calibration}"'},
+    )
     reference = run(replace(config, output={"name": "inprocess"}), progress=False)
     flower = run_flower_simulation(
         replace(config, output={"name": "flower"}),
@@ -677,6 +737,14 @@ def test_flower_simulation_matches_inprocess(
         )
         assert overall["accuracy"] == b["eval"]["accuracy"] and overall["f1"] == b["eval"]["f1"]
         assert math.isclose(overall["loss"], b["eval"]["loss"], rel_tol=1e-4, abs_tol=1e-5)
+    if calibration != "none":  # the nodes' moments recalibrated the head as in-process ones do
+        for records in (ref, got):
+            done = records[-1]["head_calibration"]
+            assert done["applied"] and done["clients"] == 3 and done["failed"] == []
+        assert (
+            got[-1]["head_calibration"]["eval_uncalibrated"]["accuracy"]
+            == (ref[-1]["head_calibration"]["eval_uncalibrated"]["accuracy"])
+        )
     assert (flower.run_dir / "summary.json").is_file()
     assert sorted(p.name for p in (flower.run_dir / "adapters").glob("r*")) == ["r2", "r4"]
 

@@ -379,6 +379,25 @@ class LoraBank:
         update, so it is evaluated with the update in factored form (:meth:`evaluating`)."""
         return any(is_quantized(_base_weight(layer)) for layer in self._layers.values())
 
+    def head_linear(self) -> tuple[str, torch.nn.Linear]:
+        """The head's final linear layer, the one that writes the logits: its canonical prefix
+        among :meth:`extra_names` (``"classifier"`` for BERT, ``"classifier.out_proj"`` for
+        RoBERTa, ``"score"`` for Llama) and its module in the original head, which holds the
+        head while :meth:`evaluating`.
+
+        Raises:
+            ModelError: A model without a head (a causal LM), or a head whose last layer is not
+                a ``torch.nn.Linear``.
+        """
+        last: tuple[str, torch.nn.Linear] | None = None
+        for head, wrapper in self._heads.items():
+            for name, module in _original_module(wrapper).named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    last = (f"{head}.{name}" if name else head, module)
+        if last is None:
+            raise ModelError("this model has no linear classifier head to calibrate")
+        return last
+
     def extra_names(self) -> tuple[str, ...]:
         """Canonical names of the other trainable tensors: the head's parameters.
 

@@ -58,6 +58,10 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
     for rank, values in (summary.get("final_by_rank") or {}).items():
         shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "loss")
         print(f"  rank-{rank} clients' truncation: {shown}")
+    before = (summary.get("head_calibration") or {}).get("eval_uncalibrated") or {}
+    if before:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in before.items() if k != "loss")
+        print(f"  before the head's calibration: {shown}")
     majority = summary.get("majority_class") or {}
     if majority:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in majority.items())

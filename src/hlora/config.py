@@ -38,6 +38,7 @@ LR_SCHEDULES: tuple[str, ...] = ("round", "linear", "cosine", "constant")
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
 OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
 CLIENT_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+HEAD_CALIBRATIONS: tuple[str, ...] = ("none", "ccvr")  # server.head_calibration (hlora.calibration)
 _ADAM_EPSILON = 1e-8
 """AdamW's default epsilon (torch's)."""
 CONFIG_FILE = "config.toml"  # the configuration a run folder holds, as written by a run
@@ -536,7 +537,23 @@ class ServerConfig:
         metadata=_help("rank budget of factored optimizer state and of a factored global update"),
     )
 
+    head_calibration: str = field(
+        default="none",
+        metadata=_help(
+            "after the last round: 'none', or 'ccvr' (every client sends the per-class mean and "
+            "covariance of the features entering the classifier's last layer under the final "
+            "model; the server refits that layer on features sampled from them; "
+            "hlora/calibration.py)"
+        ),
+    )
+    calibration_samples: float = field(
+        default=10.0,
+        metadata=_help("virtual features 'ccvr' samples per training example (0.1 to 100)"),
+    )
+
     def __post_init__(self) -> None:
+        _choice("server.head_calibration", self.head_calibration, HEAD_CALIBRATIONS)
+        _number("server.calibration_samples", self.calibration_samples, low=0.1, high=100.0)
         _choice("server.optimizer", self.optimizer, SERVER_OPTIMIZERS)
         _number("server.learning_rate", self.learning_rate, low=0.0, low_open=True, high=100.0)
         _number("server.momentum", self.momentum, low=0.0, high=0.999)
@@ -629,6 +646,19 @@ class RunConfig:
                 self.data.system_prompt,
                 "only a causal LM ('causal-lm') reads prompts; a classifier has none",
             )
+        if self.server.head_calibration != "none":
+            if self.model.task_type != SEQ_CLS:
+                raise _fail(
+                    "server.head_calibration",
+                    self.server.head_calibration,
+                    "only a sequence classifier ('seq-cls') has a head to calibrate",
+                )
+            if self.federation.strategy == "local":
+                raise _fail(
+                    "server.head_calibration",
+                    self.server.head_calibration,
+                    "the 'local' reference has no global model whose head could be calibrated",
+                )
         if self.train.freeze_head and self.model.task_type != SEQ_CLS:
             raise _fail(
                 "train.freeze_head",
@@ -804,7 +834,11 @@ def _added_later() -> dict[str, dict[str, Any]]:
             "momentum": 0.0,
             "adam_epsilon": _ADAM_EPSILON,
         },
-        "server": {"factor_split": "balanced"},
+        "server": {
+            "factor_split": "balanced",
+            "head_calibration": "none",
+            "calibration_samples": 10.0,
+        },
         "trust": dataclasses.asdict(TrustConfig()),
     }
 

@@ -181,6 +181,8 @@ def build_federation(config: RunConfig) -> Federation:
         ClientSlot(cid, rank, len(part)) for cid, rank, part in zip(ids, ranks, parts, strict=True)
     ]
     features = {cid: [train_all[i] for i in part] for cid, part in zip(ids, parts, strict=True)}
+    if config.server.head_calibration != "none":  # a head it cannot calibrate fails now
+        runtime.feature_moments({}, bank.get_extras(bank.ranks[0]), train_all[:1], 1)
     shapes = bank.layer_shapes()
     first_rank = bank.ranks[0]
     extras = bank.get_extras(first_rank)
@@ -232,6 +234,8 @@ def loop_settings(config: RunConfig) -> LoopSettings:
         warmup_ratio=config.train.warmup_ratio,
         server_optimizer=optimizer,
         freeze_head=config.train.freeze_head,
+        head_calibration=srv.head_calibration,
+        calibration_samples=srv.calibration_samples,
         trust=TrustPolicy(
             max_client_examples=config.trust.max_client_examples,
             norm_bound=config.trust.update_norm_bound,
@@ -271,10 +275,21 @@ def make_loop(
         )
 
     if transport is None:
-        transport = InProcessTransport(runtime, federation.train_features, progress.client_done)
+        transport = InProcessTransport(
+            runtime,
+            federation.train_features,
+            progress.client_done,
+            batch_size=config.server.eval_batch_size,
+        )
     settings = dataclasses.replace(
         loop_settings(config), evaluation=evaluation, metric_names=tuple(metric_names)
     )
+    if config.server.head_calibration != "none":
+        settings = dataclasses.replace(
+            settings,
+            head_linear=runtime.bank.head_linear()[0],
+            num_labels=federation.task.task.num_labels,
+        )
     if config.train.logit_adjustment > 0 and runtime.objective.supports_logit_adjustment:
         labels = [e.label for e in federation.task.train]
         prior = label_log_prior(labels, federation.task.task.num_labels).exp()
@@ -399,6 +414,14 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
             "run_dir": str(run_dir),
         }
     )
+    calibration = next((r["head_calibration"] for r in records if "head_calibration" in r), None)
+    if calibration is not None:
+        summary["head_calibration"] = calibration
+        if calibration.get("applied"):
+            summary["headline"] += (
+                f"; its head recalibrated after the last round ({calibration['method']}: "
+                "head_calibration.eval_uncalibrated holds the model before)"
+            )
     write_json(run_dir / SUMMARY_FILE, summary)
     headline = federation.task.task.metrics[0]
     plot_convergence(

@@ -13,6 +13,7 @@ from typing import Protocol
 from torch import Tensor
 
 from hlora.aggregation import ClientUpdate, LoraFactors, LowRankDelta
+from hlora.calibration import ClassMoments
 from hlora.metrics import EvalCounts
 from hlora.schedule import RoundSchedule
 
@@ -104,6 +105,23 @@ class EvalReply:
 
 
 @dataclass(frozen=True)
+class MomentsReply:
+    """A client's per-class feature moments under the final global model, for the head's
+    calibration (``server.head_calibration``; :mod:`hlora.calibration`).
+
+    Attributes:
+        client_id: The client.
+        moments: Its class counts ``(C,)``, means ``(C, d)`` and covariances ``(C, d, d)`` of
+            the features entering the head's final linear layer, on its training examples.
+        seconds: Time the pass took on the client.
+    """
+
+    client_id: str
+    moments: ClassMoments
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ClientFailure:
     """A client that did not deliver an update this round (error, timeout, disconnect)."""
 
@@ -132,6 +150,17 @@ class EvaluatingTransport(Transport, Protocol):
         self, instructions: Sequence[EvalInstruction]
     ) -> tuple[list[EvalReply], list[ClientFailure]]:
         """Each node's evaluation, and a failure (with its reason) for each that gave none."""
+        ...
+
+
+class CalibratingTransport(Transport, Protocol):
+    """A transport whose clients also report their feature moments for the head's calibration."""
+
+    def feature_moments(
+        self, instructions: Sequence[EvalInstruction]
+    ) -> tuple[list[MomentsReply], list[ClientFailure]]:
+        """Each client's moments under the instruction's model (its training examples), and a
+        failure (with its reason) for each that gave none."""
         ...
 
 

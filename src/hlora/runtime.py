@@ -20,8 +20,10 @@ from transformers import get_linear_schedule_with_warmup
 
 from hlora.adapters import LoraBank
 from hlora.aggregation import ClientUpdate, LoraFactors, LowRankDelta
+from hlora.calibration import ClassMoments
 from hlora.config import TrainConfig
 from hlora.data.collate import length_grouped_batches
+from hlora.errors import ModelError
 from hlora.metrics import EvalCounts, metrics_of
 from hlora.objectives import Objective
 from hlora.protocol import TrainInstruction, TrainReply
@@ -335,6 +337,72 @@ class ModelRuntime:
                 preds.extend(scored.preds)
                 labels.extend(scored.labels)
         return EvalCounts.of(preds, labels, self.objective.task.num_labels, total_loss, count)
+
+    def feature_moments(
+        self,
+        deltas: Mapping[str, LowRankDelta],
+        extras: Mapping[str, Tensor],
+        features: Features,
+        batch_size: int,
+        *,
+        base_version: int = 0,
+        base_delta: Mapping[str, LowRankDelta] | None = None,
+    ) -> ClassMoments:
+        """Per-class moments of :meth:`head_features`: what a client sends for the head's
+        calibration (:mod:`hlora.calibration`). Arguments as :meth:`head_features`."""
+        rows, labels = self.head_features(
+            deltas, extras, features, batch_size, base_version=base_version, base_delta=base_delta
+        )
+        return ClassMoments.of(rows, labels, self.objective.task.num_labels)
+
+    def head_features(
+        self,
+        deltas: Mapping[str, LowRankDelta],
+        extras: Mapping[str, Tensor],
+        features: Features,
+        batch_size: int,
+        *,
+        base_version: int = 0,
+        base_delta: Mapping[str, LowRankDelta] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The features entering the head's final linear layer
+        (:meth:`hlora.adapters.LoraBank.head_linear`) under the model ``W0 + base_delta +
+        deltas`` with head ``extras`` (arguments as :meth:`evaluate`), for each of ``features``.
+
+        Returns:
+            Features ``(n, d)`` float32 and labels ``(n,)`` int64, in length-grouped order.
+
+        Raises:
+            ModelError: A model without a linear head, or one whose head reads more than one
+                feature vector per example (a decoder's score layer reads every position).
+        """
+        _, linear = self.bank.head_linear()
+        rows: list[Tensor] = []
+        labels: list[int] = []
+
+        def capture(_module: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
+            rows.append(args[0].detach().float().cpu())
+
+        self.sync_base(base_version, base_delta)
+        lengths = [self.objective.length(f) for f in features]
+        order = length_grouped_batches(lengths, batch_size, shuffle=False, seed=0)
+        handle = linear.register_forward_pre_hook(capture)
+        try:
+            with self.bank.evaluating(deltas, extras) as model, torch.no_grad():
+                for batch_idx in order:
+                    batch = self.batch([features[i] for i in batch_idx])
+                    with self.autocast():
+                        self.objective.score(model, batch)
+                    labels.extend(self.objective.label(features[i]) for i in batch_idx)
+        finally:
+            handle.remove()
+        if any(r.dim() != 2 for r in rows):
+            raise ModelError(
+                "head calibration needs a head that reads one feature vector per example "
+                "(BERT- or RoBERTa-style classifiers); this model's head reads every position"
+            )
+        stacked = torch.cat(rows) if rows else torch.zeros(0, linear.in_features)
+        return stacked, torch.tensor(labels, dtype=torch.long)
 
     def batch(self, features: Features) -> dict[str, Tensor]:
         """Collated ``features`` on this runtime's device."""

@@ -34,10 +34,12 @@ from hlora.aggregation import (
 )
 from hlora.aggregation.factored import qr_svd, split_singular_values
 from hlora.aggregation.spectrum import energy_beyond
+from hlora.calibration import calibrated_head, check_moments
 from hlora.checkpoint import ClientState, ServerState, save_state
 from hlora.errors import HloraError
 from hlora.metrics import EvalCounts, metrics_of
 from hlora.protocol import (
+    CalibratingTransport,
     EvalInstruction,
     EvaluatingTransport,
     RoundResult,
@@ -99,6 +101,10 @@ class LoopSettings:
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # checks on replies (hlora.trust)
     evaluation: str = SERVER_EVAL  # one of EVALUATIONS
     metric_names: tuple[str, ...] = ()  # of a federated evaluation (the task's)
+    head_calibration: str = "none"  # after the last round: none | ccvr (hlora.calibration)
+    calibration_samples: float = 10.0  # virtual features per training example (ccvr)
+    head_linear: str = ""  # the head's final linear layer: its prefix among the extras' names
+    num_labels: int = 0  # the task's classes (ccvr)
 
 
 def _seed(*parts: int) -> int:
@@ -325,6 +331,10 @@ class RoundLoop:
                 logger.error("round %d: aggregate rejected, state kept: %s", round_num, rejected)
                 new_state = replace(state, round_num=round_num)
                 kept = []
+        final = round_num == self.settings.rounds
+        calibration = None
+        if final and self.settings.head_calibration != "none" and rejected is None:
+            new_state, calibration = self.calibrate_head(new_state, round_num)
         kept_ids = {u.client_id for u in kept}
         clients_record = []
         for cid in chosen:
@@ -363,12 +373,13 @@ class RoundLoop:
         }
         if rejected is not None:
             record["aggregate_rejected"] = rejected
+        if calibration is not None:
+            record["head_calibration"] = calibration
         if instructions and instructions[0].schedule is not None:
             record["learning_rate"] = list(instructions[0].schedule.bounds())
         spectrum = self.spectrum(new_state)
         if spectrum:
             record["energy_beyond_rank"] = spectrum
-        final = round_num == self.settings.rounds
         if final or round_num % self.settings.eval_every == 0:
             eval_start = time.perf_counter()
             if self.settings.evaluation != FEDERATED_EVAL:
@@ -386,6 +397,78 @@ class RoundLoop:
                     record["eval"] = {k: overall[k] for k in overall if k not in _COUNT_KEYS}
             record["eval_time_s"] = time.perf_counter() - eval_start
         record["wall_time_s"] = new_state.wall_time_s
+        return new_state, record
+
+    def calibrate_head(
+        self, state: ServerState, round_num: int
+    ) -> tuple[ServerState, dict[str, Any]]:
+        """Recalibrate the global head from the clients' feature moments (CCVR; see
+        :mod:`hlora.calibration`), after the last round.
+
+        Every client gets the global model and answers with its per-class moments; each reply is
+        checked (:func:`hlora.calibration.check_moments`: shapes, finiteness, symmetric
+        covariances, class counts adding up to the count accepted when it joined) and a bad one
+        is left out with its reason. With fewer than ``min_clients`` good replies the head stays
+        as aggregated.
+
+        Returns:
+            The state with the new head, and the record: ``method``, ``applied``, ``clients``,
+            ``failed``, ``virtual_examples`` (when applied), ``reason`` (when not), and
+            ``eval_uncalibrated`` (the server's evaluation of the head before, when the server
+            evaluates).
+        """
+        s = self.settings
+        record: dict[str, Any] = {"method": s.head_calibration}
+        if s.evaluation != FEDERATED_EVAL:
+            record["eval_uncalibrated"] = self.evaluate_global(state)
+        transport: CalibratingTransport = self.transport  # type: ignore[assignment]
+        g = state.global_update
+        layers = {} if g is None else dict(g.layers)
+        instructions = [
+            EvalInstruction(
+                cid, round_num, layers, state.extras, state.base_version, state.base_delta
+            )
+            for cid in self.order
+        ]
+        replies, failures = transport.feature_moments(instructions)
+        failed = [{"client_id": f.client_id, "reason": f.reason} for f in failures]
+        by_client = {r.client_id: r for r in replies}
+        dim = self.spec.extras[f"{s.head_linear}.weight"][1]
+        parts = []
+        for cid in self.order:  # a fixed order: the pooled moments reproduce
+            reply = by_client.get(cid)
+            if reply is None:
+                continue
+            reason = check_moments(reply.moments, s.num_labels, dim, self.clients[cid].num_examples)
+            if reason is not None:
+                failed.append({"client_id": cid, "reason": reason})
+                continue
+            parts.append(reply.moments)
+        for f in failed:
+            self.progress.log(f"{f['client_id']} left out of the head's calibration: {f['reason']}")
+        record.update({"clients": len(parts), "failed": failed})
+        if len(parts) < s.min_clients:
+            record.update(
+                applied=False,
+                reason=f"{len(parts)} clients sent usable moments, fewer than "
+                f"federation.min_clients = {s.min_clients}: the head stays as aggregated",
+            )
+            logger.warning("head calibration skipped: %s", record["reason"])
+            return state, record
+        head, virtual = calibrated_head(
+            parts,
+            state.extras,
+            s.head_linear,
+            per_example=s.calibration_samples,
+            seed=_seed(s.seed, round_num, 11),
+        )
+        if not all(bool(torch.isfinite(t).all()) for t in head.values()):
+            record.update(applied=False, reason="the refitted head is not finite: not taken")
+            return state, record
+        record.update(applied=True, virtual_examples=virtual)
+        new_state = replace(state, extras=head)
+        if g is not None:
+            new_state = replace(new_state, global_update=replace(g, extras=head))
         return new_state, record
 
     def server_step(

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from hlora.errors import HloraError
-from hlora.protocol import ClientFailure, RoundResult, TrainInstruction, TrainReply
+from hlora.protocol import (
+    ClientFailure,
+    EvalInstruction,
+    MomentsReply,
+    RoundResult,
+    TrainInstruction,
+    TrainReply,
+)
 from hlora.runtime import Features, ModelRuntime
 
 logger = logging.getLogger(__name__)
@@ -21,6 +29,7 @@ class InProcessTransport:
         runtime: The shared model.
         features: Client id -> its tokenized training examples.
         on_client_done: Called as ``(client_id, rank, loss)`` after each client (progress).
+        batch_size: Examples per forward pass of :meth:`feature_moments`.
     """
 
     def __init__(
@@ -28,10 +37,12 @@ class InProcessTransport:
         runtime: ModelRuntime,
         features: Mapping[str, Features],
         on_client_done: Callable[[str, int, float | None], None] | None = None,
+        batch_size: int = 64,
     ) -> None:
         self.runtime = runtime
         self.features = features
         self.on_client_done = on_client_done
+        self.batch_size = batch_size
 
     def run_round(self, instructions: Sequence[TrainInstruction]) -> RoundResult:
         """Train every instructed client.
@@ -58,3 +69,23 @@ class InProcessTransport:
             if self.on_client_done:
                 self.on_client_done(instruction.client_id, instruction.rank, reply.loss)
         return RoundResult(replies=replies, failures=failures)
+
+    def feature_moments(
+        self, instructions: Sequence[EvalInstruction]
+    ) -> tuple[list[MomentsReply], list[ClientFailure]]:
+        """Every instructed client's feature moments on its training examples (see
+        :meth:`ModelRuntime.feature_moments`); an error fails every client alike, so it
+        propagates."""
+        replies = []
+        for i in instructions:
+            start = time.perf_counter()
+            moments = self.runtime.feature_moments(
+                i.layers,
+                i.extras,
+                self.features[i.client_id],
+                self.batch_size,
+                base_version=i.base_version,
+                base_delta=i.base_delta,
+            )
+            replies.append(MomentsReply(i.client_id, moments, time.perf_counter() - start))
+        return replies, []

@@ -90,6 +90,12 @@ def make_client_app(
             msg, lambda: node.node_info(local(context), node_config(context), msg.content)
         )
 
+    @app.query("moments")
+    def moments(msg: Message, context: Context) -> Message:
+        """Per-class feature moments of this node's training data under the final global
+        model, for the head's calibration (``server.head_calibration``)."""
+        return _timed(msg, lambda: node.moments(local(context), node_config(context), msg.content))
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """One round of local training on this node's data (errors go back as errors)."""

@@ -33,6 +33,12 @@ EVALUATE reply (node -> server)::
                                        (row-major [true][predicted] counts), loss-sum,
                                        loss-count, seconds
 
+QUERY "moments" (server -> node: the final global model, for the head's calibration): as an
+EVALUATE message. Its reply (node -> server)::
+
+    "hlora.moments"         ConfigRecord  client-id, seconds
+    "hlora.moments-arrays"  ArrayRecord   "count" (C,), "mean" (C, d), "cov" (C, d, d)
+
 QUERY (server -> node), and beside the instruction in every TRAIN and EVALUATE message::
 
     "hlora.run"          ConfigRecord  config (TOML), model-sha256, model-is-folder,
@@ -69,9 +75,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from hlora.aggregation import ClientUpdate, InvalidUpdateError, LoraFactors, LowRankDelta
+from hlora.calibration import ClassMoments
 from hlora.errors import HloraError
 from hlora.metrics import EvalCounts
-from hlora.protocol import EvalInstruction, EvalReply, TrainInstruction, TrainReply
+from hlora.protocol import EvalInstruction, EvalReply, MomentsReply, TrainInstruction, TrainReply
 from hlora.schedule import RoundSchedule
 
 INSTRUCTION = "hlora.instruction"
@@ -83,6 +90,8 @@ BASE_DELTA = "hlora.base-delta"
 EVALUATE = "hlora.evaluate"
 MODEL = "hlora.model"
 EVAL_REPLY = "hlora.eval"
+MOMENTS = "hlora.moments"
+MOMENTS_ARRAYS = "hlora.moments-arrays"
 NODE_INFO = "hlora.node"
 """The QUERY reply's ConfigRecord (see :func:`hlora.engines.flower.node.node_info`)."""
 RUN = "hlora.run"
@@ -573,6 +582,42 @@ def decode_eval_reply(
         )
     confusion = tuple(tuple(flat[i * labels : (i + 1) * labels]) for i in range(labels))
     return EvalReply(client_id, examples, EvalCounts(confusion, loss_sum, loss_count), seconds)
+
+
+def encode_moments_reply(reply: MomentsReply) -> RecordDict:
+    """A :class:`MomentsReply` as message content (see the module docstring)."""
+    m = reply.moments
+    return RecordDict(
+        {
+            MOMENTS: ConfigRecord({"client-id": reply.client_id, "seconds": float(reply.seconds)}),
+            MOMENTS_ARRAYS: tensors_to_record({"count": m.count, "mean": m.mean, "cov": m.cov}),
+        }
+    )
+
+
+def decode_moments_reply(content: RecordDict, client_id: str) -> MomentsReply:
+    """Inverse of :func:`encode_moments_reply`. What the moments hold (shapes, finiteness,
+    class counts) is checked by the round loop (:func:`hlora.calibration.check_moments`),
+    whatever the engine.
+
+    Raises:
+        InvalidUpdateError: Naming ``client_id``: a missing record, key or tensor, a reply for
+            another client, unreadable arrays.
+    """
+    try:
+        cfg = _get(content, MOMENTS, ConfigRecord)
+        sender = _value(cfg, "client-id", str)
+        if sender != client_id:
+            raise CodecError(f"reply is for client {sender!r}")
+        seconds = float(_value(cfg, "seconds", (int, float)))
+        tensors = record_to_tensors(_get(content, MOMENTS_ARRAYS, ArrayRecord))
+        missing = [k for k in ("count", "mean", "cov") if k not in tensors]
+        if missing:
+            raise CodecError(f"moments without {', '.join(missing)}")
+    except CodecError as err:
+        raise InvalidUpdateError(client_id, f"malformed moments: {err}") from err
+    moments = ClassMoments(tensors["count"], tensors["mean"], tensors["cov"])
+    return MomentsReply(client_id, moments, seconds)
 
 
 def content_bytes(content: RecordDict) -> int:

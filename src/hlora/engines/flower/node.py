@@ -48,6 +48,7 @@ from hlora.engines.flower.codec import (
     decode_eval_instruction,
     decode_instruction,
     encode_eval_reply,
+    encode_moments_reply,
     encode_reply,
 )
 from hlora.engines.flower.features import cached_features, features_key, resolve_cache_dir
@@ -62,7 +63,7 @@ from hlora.engines.flower.settings import DATA_MODES, OWN, SIMULATED
 from hlora.errors import ConfigError, HloraError
 from hlora.federation import client_partitions, load_run_task
 from hlora.models import Backbone
-from hlora.protocol import EvalReply
+from hlora.protocol import EvalReply, MomentsReply
 from hlora.runtime import Features, ModelRuntime
 from hlora.stack import build_stack, load_run_backbone, run_objective
 
@@ -468,3 +469,27 @@ def evaluate(local: RunConfig | None, node: Mapping[str, Any], content: RecordDi
     )
     reply = EvalReply(instruction.client_id, len(held_out), counts, time.perf_counter() - start)
     return encode_eval_reply(reply)
+
+
+def moments(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict) -> RecordDict:
+    """The ``query.moments`` answer: per-class moments of the features entering the head's
+    final linear layer, under the message's global model, on this node's training examples
+    (:meth:`~hlora.runtime.ModelRuntime.feature_moments`).
+
+    Raises:
+        HloraError: A malformed message, bad data, or a model without a calibratable head.
+    """
+    start = time.perf_counter()
+    instruction = decode_eval_instruction(content)
+    config, _ = run_config(local, node, content)
+    runtime, features, _ = node_setup(config, node)
+    m = runtime.feature_moments(
+        instruction.layers,
+        instruction.extras,
+        features,
+        config.server.eval_batch_size,
+        base_version=instruction.base_version,
+        base_delta=instruction.base_delta,
+    )
+    reply = MomentsReply(instruction.client_id, m, time.perf_counter() - start)
+    return encode_moments_reply(reply)

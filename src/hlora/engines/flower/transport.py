@@ -20,6 +20,7 @@ from hlora.engines.flower.codec import (
     RUN,
     content_bytes,
     decode_eval_reply,
+    decode_moments_reply,
     decode_reply,
     encode_eval_instruction,
     encode_instruction,
@@ -29,12 +30,16 @@ from hlora.protocol import (
     ClientFailure,
     EvalInstruction,
     EvalReply,
+    MomentsReply,
     RoundResult,
     TrainInstruction,
     TrainReply,
 )
 
 logger = logging.getLogger(__name__)
+
+MOMENTS_MESSAGE = f"{MessageType.QUERY}.moments"
+"""The message type asking a node for its feature moments (the head's calibration)."""
 
 REFUSED = (
     "the SuperLink did not take the message: the node is not registered with it "
@@ -221,6 +226,31 @@ class FlowerTransport:
                     failure = ClientFailure(cid, f"node {node}: {err.reason}")
             if failure is not None:
                 logger.warning("client %s (node %d) not evaluated: %s", cid, node, failure.reason)
+                failures.append(failure)
+        return replies, failures
+
+    def feature_moments(
+        self, instructions: Sequence[EvalInstruction]
+    ) -> tuple[list[MomentsReply], list[ClientFailure]]:
+        """A ``query.moments`` message (the final global model) to every node; their per-class
+        feature moments for the head's calibration. A node that does not answer in time,
+        answers with an error or with a malformed reply is reported as a failure with its
+        reason; what the moments hold is checked by the round loop."""
+        contents = [(i.client_id, i.round_num, encode_eval_instruction(i)) for i in instructions]
+        answers = self._exchange(contents, MOMENTS_MESSAGE)
+        replies: list[MomentsReply] = []
+        failures: list[ClientFailure] = []
+        for instruction, answer in zip(instructions, answers, strict=True):
+            cid = instruction.client_id
+            node = self.node_of[cid]
+            failure = self._failed(cid, node, answer)
+            if failure is None and answer is not None:
+                try:
+                    replies.append(decode_moments_reply(answer.content, cid))
+                except InvalidUpdateError as err:
+                    failure = ClientFailure(cid, f"node {node}: {err.reason}")
+            if failure is not None:
+                logger.warning("client %s (node %d) sent no moments: %s", cid, node, failure.reason)
                 failures.append(failure)
         return replies, failures
 
