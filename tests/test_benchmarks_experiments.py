@@ -141,6 +141,26 @@ def test_round_anatomy_shares_add_up_to_the_mean(tiny_bert_dir: Path, glue_dir: 
     assert [r.norm for r in rows] == sorted((r.norm for r in rows), reverse=True)
 
 
+def test_ccvr_probe_recalibrates_a_finished_run_as_the_option_does(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    from hlora.federation import run
+    from tiny_models import tiny_overrides
+
+    def finished(name: str, *extra: str) -> Path:
+        overrides = tiny_overrides(tiny_bert_dir, glue_dir, tmp_path / name)
+        config = load_config(None, (*overrides, "federation.rounds=1", *extra))
+        return run(config, progress=False).run_dir
+
+    plain = finished("plain")
+    calibrated = finished("ccvr", 'server.head_calibration="ccvr"')
+    rows = _load("experiments/ccvr_probe.py").probe(plain, 10.0)
+    record = json.loads((calibrated / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows["global"] == record["head_calibration"]["eval_uncalibrated"]
+    assert rows["ccvr"] == record["eval"]  # the same moments, draws and fit as the option's
+    assert set(rows["probe"]) == {"accuracy", "f1", "loss"}
+
+
 def test_scaffold_probe_corrections_are_the_gradients_of_the_linear_term() -> None:
     probe = _load("experiments/scaffold_probe.py")
     gen = torch.Generator().manual_seed(0)

@@ -5,8 +5,10 @@ replies, screen them (:mod:`hlora.trust`: the example count accepted at join tim
 scaling and precision, an optional norm bound), validate and aggregate them with the chosen
 strategy (a client whose update fails a check is dropped with a logged reason), check the new
 global state for non-finite values (a bad one is not taken: the round keeps the old state and
-records why), evaluate the global model, append a metrics record and checkpoint the state. The
-in-process engine and the Flower engine both drive this loop.
+records why), after the last round optionally refit the global head from the clients' feature
+moments (``server.head_calibration``; :mod:`hlora.calibration`), evaluate the global model,
+append a metrics record and checkpoint the state. The in-process engine and the Flower engine
+both drive this loop.
 """
 
 from __future__ import annotations
@@ -166,6 +168,13 @@ class RoundLoop:
             raise FederationError(
                 "a federated evaluation needs a global model and a transport whose clients "
                 "evaluate it (the Flower engine)"
+            )
+        if settings.head_calibration != "none" and (
+            settings.mode == "local" or not hasattr(transport, "feature_moments")
+        ):
+            raise FederationError(
+                "the head's calibration needs a global model and a transport whose clients "
+                "report their feature moments (both engines' do)"
             )
 
     def initial_state(self) -> ServerState:
