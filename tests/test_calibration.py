@@ -326,3 +326,25 @@ def test_bad_moments_are_left_out_and_too_few_keep_the_head(
     assert calibration["applied"] is False and calibration["clients"] == 0
     assert "fewer than federation.min_clients" in calibration["reason"]
     assert record["eval"] == calibration["eval_uncalibrated"]
+
+
+def test_a_transport_that_cannot_report_moments_is_refused_before_any_round(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    from hlora.federation import build_federation, make_loop
+    from hlora.report import RoundProgress
+    from hlora.server import FederationError
+
+    class TrainOnly:
+        def run_round(self, instructions):  # type: ignore[no-untyped-def]
+            raise AssertionError("no round may start")
+
+    overrides = tiny_overrides(
+        tiny_bert_dir, glue_dir, tmp_path, **{"server.head_calibration": '"ccvr"'}
+    )
+    federation = build_federation(load_config(None, tuple(overrides)))
+    with (
+        RoundProgress(2, enabled=False) as bar,
+        pytest.raises(FederationError, match="transport whose clients report their feature"),
+    ):
+        make_loop(federation, tmp_path, bar, TrainOnly())  # type: ignore[arg-type]
