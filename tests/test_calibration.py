@@ -84,6 +84,19 @@ def test_virtual_features_follow_the_class_counts_and_moments() -> None:
     assert not torch.equal(x, other)
 
 
+def test_a_class_of_fewer_examples_than_dimensions_samples_in_its_own_span() -> None:
+    x = torch.tensor([[1.0, 0, 0, 0, 0], [3.0, 2, 0, 0, 0], [0, 0, 0, 0, 5]], dtype=torch.float64)
+    m = ClassMoments.of(x, torch.tensor([0, 0, 1]), 2)  # class 0: rank-1 covariance; class 1: 0
+    v, y = virtual_features(m, 100.0, seed=0)
+    first, second = v[y == 0].double(), v[y == 1].double()
+    assert first.shape == (200, 5) and second.shape == (100, 5)
+    # class 0 varies along (1, 1, 0, 0, 0) only; class 1 (one example) is its mean, repeated
+    offset = first - torch.tensor([2.0, 1, 0, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(offset[:, 0], offset[:, 1], rtol=0, atol=1e-5)
+    assert offset[:, 2:].abs().max() < 1e-5 and offset[:, 0].std() > 0.5
+    torch.testing.assert_close(second, x[2].expand(100, 5), rtol=0, atol=1e-6)
+
+
 def test_fit_linear_finds_the_separator_and_its_optimum() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.cat([torch.randn(200, 4, generator=gen) + 2, torch.randn(200, 4, generator=gen) - 2])
@@ -158,6 +171,16 @@ def _good_moments() -> ClassMoments:
         (
             lambda m: dataclasses.replace(m, cov=m.cov - 10 * torch.eye(4)),
             "non-negative diagonal",
+        ),
+        (  # symmetric with a positive diagonal, yet no covariance: [[1, 2], [2, 1]] blocks
+            lambda m: dataclasses.replace(
+                m,
+                cov=torch.tensor([[1.0, 2, 0, 0], [2, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+                .double()
+                .expand(2, 4, 4)
+                .clone(),
+            ),
+            "positive semi-definite",
         ),
     ],
 )

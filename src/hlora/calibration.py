@@ -33,9 +33,6 @@ from torch import Tensor
 
 CALIBRATION_L2 = 1e-3
 """Weight of ``l2 / 2 * ||W||^2`` in the head's refit."""
-CHOLESKY_RIDGE = 1e-6
-"""Added to a class covariance's diagonal before sampling (a class of fewer examples than
-feature dimensions has a singular covariance)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +101,8 @@ def check_moments(m: ClassMoments, num_classes: int, dim: int, num_examples: int
         return "covariances must be symmetric"
     if bool((torch.diagonal(cov, dim1=1, dim2=2) < -1e-6 * scale).any()):
         return "covariances must have a non-negative diagonal"
+    if bool((torch.linalg.eigvalsh(0.5 * (cov + cov.transpose(1, 2))) < -1e-6 * scale).any()):
+        return "covariances must be positive semi-definite"
     return None
 
 
@@ -142,16 +141,18 @@ def virtual_features(m: ClassMoments, per_example: float, seed: int) -> tuple[Te
     """
     gen = torch.Generator().manual_seed(seed)
     d = m.dim
-    ridge = CHOLESKY_RIDGE * torch.eye(d, dtype=torch.float64)
     rows: list[Tensor] = []
     labels: list[Tensor] = []
     for c in range(m.count.shape[0]):
         n = round(per_example * float(m.count[c]))
         if n == 0:
             continue
-        chol = torch.linalg.cholesky(m.cov[c].double() + ridge)  # (d, d), lower
+        # cov = V diag(lam) V^T; a class of fewer examples than dimensions has zero (or, by
+        # rounding, slightly negative) eigenvalues: clamped, so the square root always exists
+        lam, vecs = torch.linalg.eigh(m.cov[c].double())
+        root = vecs * lam.clamp(min=0).sqrt()  # (d, d): root @ root.T = cov
         z = torch.randn(n, d, generator=gen, dtype=torch.float64)
-        rows.append((m.mean[c].double() + z @ chol.T).float())
+        rows.append((m.mean[c].double() + z @ root.T).float())
         labels.append(torch.full((n,), c, dtype=torch.long))
     if not rows:
         raise ValueError("no virtual features: every class count rounds to zero")
