@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -25,7 +25,7 @@ from hlora.config import TrainConfig
 from hlora.data.collate import length_grouped_batches
 from hlora.errors import ModelError
 from hlora.metrics import EvalCounts, metrics_of
-from hlora.objectives import Objective
+from hlora.objectives import BatchScore, Objective
 from hlora.protocol import TrainInstruction, TrainReply
 
 logger = logging.getLogger(__name__)
@@ -320,11 +320,32 @@ class ModelRuntime:
         """The confusion counts and loss sums of ``W0 + base_delta + deltas`` with head
         ``extras`` on ``features`` (arguments as :meth:`evaluate`); what a node sends back in a
         federated evaluation."""
-        self.sync_base(base_version, base_delta)
         preds: list[int] = []
         labels: list[int] = []
         total_loss = 0.0
         count = 0
+        for _, scored in self._scored_batches(
+            deltas, extras, features, batch_size, base_version, base_delta
+        ):
+            total_loss += scored.loss_sum
+            count += scored.loss_count
+            preds.extend(scored.preds)
+            labels.extend(scored.labels)
+        return EvalCounts.of(preds, labels, self.objective.task.num_labels, total_loss, count)
+
+    def _scored_batches(
+        self,
+        deltas: Mapping[str, LowRankDelta],
+        extras: Mapping[str, Tensor],
+        features: Features,
+        batch_size: int,
+        base_version: int,
+        base_delta: Mapping[str, LowRankDelta] | None,
+    ) -> Iterator[tuple[list[int], BatchScore]]:
+        """Each length-grouped batch of ``features`` (its indices) scored by the model ``W0 +
+        base_delta + deltas`` with head ``extras``, without gradients (consume it whole: the
+        model holds the update until the last batch)."""
+        self.sync_base(base_version, base_delta)
         lengths = [self.objective.length(f) for f in features]
         order = length_grouped_batches(lengths, batch_size, shuffle=False, seed=0)
         with self.bank.evaluating(deltas, extras) as model, torch.no_grad():
@@ -332,11 +353,7 @@ class ModelRuntime:
                 batch = self.batch([features[i] for i in batch_idx])
                 with self.autocast():
                     scored = self.objective.score(model, batch)
-                total_loss += scored.loss_sum
-                count += scored.loss_count
-                preds.extend(scored.preds)
-                labels.extend(scored.labels)
-        return EvalCounts.of(preds, labels, self.objective.task.num_labels, total_loss, count)
+                yield batch_idx, scored
 
     def feature_moments(
         self,
@@ -383,17 +400,12 @@ class ModelRuntime:
         def capture(_module: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
             rows.append(args[0].detach().float().cpu())
 
-        self.sync_base(base_version, base_delta)
-        lengths = [self.objective.length(f) for f in features]
-        order = length_grouped_batches(lengths, batch_size, shuffle=False, seed=0)
         handle = linear.register_forward_pre_hook(capture)
         try:
-            with self.bank.evaluating(deltas, extras) as model, torch.no_grad():
-                for batch_idx in order:
-                    batch = self.batch([features[i] for i in batch_idx])
-                    with self.autocast():
-                        self.objective.score(model, batch)
-                    labels.extend(self.objective.label(features[i]) for i in batch_idx)
+            for batch_idx, _ in self._scored_batches(
+                deltas, extras, features, batch_size, base_version, base_delta
+            ):
+                labels.extend(self.objective.label(features[i]) for i in batch_idx)
         finally:
             handle.remove()
         if any(r.dim() != 2 for r in rows):

@@ -408,6 +408,18 @@ class RoundLoop:
         record["wall_time_s"] = new_state.wall_time_s
         return new_state, record
 
+    def global_model(self, state: ServerState, round_num: int) -> list[EvalInstruction]:
+        """The global model of ``state`` for every client, in factored form (never a dense
+        matrix): what a federated evaluation and the head's calibration send."""
+        g = state.global_update
+        layers = {} if g is None else dict(g.layers)
+        return [
+            EvalInstruction(
+                cid, round_num, layers, state.extras, state.base_version, state.base_delta
+            )
+            for cid in self.order
+        ]
+
     def calibrate_head(
         self, state: ServerState, round_num: int
     ) -> tuple[ServerState, dict[str, Any]]:
@@ -432,14 +444,7 @@ class RoundLoop:
             record["eval_uncalibrated"] = self.evaluate_global(state)
         transport: CalibratingTransport = self.transport  # type: ignore[assignment]
         g = state.global_update
-        layers = {} if g is None else dict(g.layers)
-        instructions = [
-            EvalInstruction(
-                cid, round_num, layers, state.extras, state.base_version, state.base_delta
-            )
-            for cid in self.order
-        ]
-        replies, failures = transport.feature_moments(instructions)
+        replies, failures = transport.feature_moments(self.global_model(state, round_num))
         failed = [{"client_id": f.client_id, "reason": f.reason} for f in failures]
         by_client = {r.client_id: r for r in replies}
         dim = self.spec.extras[f"{s.head_linear}.weight"][1]
@@ -559,15 +564,7 @@ class RoundLoop:
             "clients": {client_id: metrics + num_examples}, "failed": [{client_id, reason}]}``.
         """
         transport: EvaluatingTransport = self.transport  # type: ignore[assignment]
-        g = state.global_update
-        layers = {} if g is None else dict(g.layers)
-        instructions = [
-            EvalInstruction(
-                cid, round_num, layers, state.extras, state.base_version, state.base_delta
-            )
-            for cid in self.order
-        ]
-        replies, failures = transport.evaluate_round(instructions)
+        replies, failures = transport.evaluate_round(self.global_model(state, round_num))
         names = self.settings.metric_names
         by_client = {r.client_id: r for r in replies}
         clients: dict[str, Any] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
@@ -37,6 +38,8 @@ from hlora.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+
+_Reply = TypeVar("_Reply", EvalReply, MomentsReply)
 
 MOMENTS_MESSAGE = f"{MessageType.QUERY}.moments"
 """The message type asking a node for its feature moments (the head's calibration)."""
@@ -203,31 +206,12 @@ class FlowerTransport:
         in the run: only this evaluation goes without it).
         """
         asked = [i for i in instructions if self.held_out.get(i.client_id, 0) > 0]
-        contents = [(i.client_id, i.round_num, encode_eval_instruction(i)) for i in asked]
-        answers = self._exchange(contents, MessageType.EVALUATE)
-        replies: list[EvalReply] = []
-        failures: list[ClientFailure] = []
-        for instruction, answer in zip(asked, answers, strict=True):
-            cid = instruction.client_id
-            node = self.node_of[cid]
-            failure = self._failed(cid, node, answer)
-            if failure is None and answer is not None:
-                try:
-                    replies.append(
-                        decode_eval_reply(
-                            answer.content,
-                            cid,
-                            self.num_labels,
-                            self.held_out[cid],
-                            self.counted,
-                        )
-                    )
-                except InvalidUpdateError as err:
-                    failure = ClientFailure(cid, f"node {node}: {err.reason}")
-            if failure is not None:
-                logger.warning("client %s (node %d) not evaluated: %s", cid, node, failure.reason)
-                failures.append(failure)
-        return replies, failures
+
+        def decode(content: RecordDict, cid: str) -> EvalReply:
+            held_out = self.held_out[cid]
+            return decode_eval_reply(content, cid, self.num_labels, held_out, self.counted)
+
+        return self._ask(asked, MessageType.EVALUATE, decode, "not evaluated")
 
     def feature_moments(
         self, instructions: Sequence[EvalInstruction]
@@ -236,9 +220,21 @@ class FlowerTransport:
         feature moments for the head's calibration. A node that does not answer in time,
         answers with an error or with a malformed reply is reported as a failure with its
         reason; what the moments hold is checked by the round loop."""
+        return self._ask(instructions, MOMENTS_MESSAGE, decode_moments_reply, "sent no moments")
+
+    def _ask(
+        self,
+        instructions: Sequence[EvalInstruction],
+        message_type: str,
+        decode: Callable[[RecordDict, str], _Reply],
+        missing: str,
+    ) -> tuple[list[_Reply], list[ClientFailure]]:
+        """The global model to each instructed node as a ``message_type`` message; each reply
+        decoded (``decode(content, client_id)``, which raises ``InvalidUpdateError``), and a
+        failure with its reason (logged as ``missing``) for each node without a good one."""
         contents = [(i.client_id, i.round_num, encode_eval_instruction(i)) for i in instructions]
-        answers = self._exchange(contents, MOMENTS_MESSAGE)
-        replies: list[MomentsReply] = []
+        answers = self._exchange(contents, message_type)
+        replies: list[_Reply] = []
         failures: list[ClientFailure] = []
         for instruction, answer in zip(instructions, answers, strict=True):
             cid = instruction.client_id
@@ -246,11 +242,11 @@ class FlowerTransport:
             failure = self._failed(cid, node, answer)
             if failure is None and answer is not None:
                 try:
-                    replies.append(decode_moments_reply(answer.content, cid))
+                    replies.append(decode(answer.content, cid))
                 except InvalidUpdateError as err:
                     failure = ClientFailure(cid, f"node {node}: {err.reason}")
             if failure is not None:
-                logger.warning("client %s (node %d) sent no moments: %s", cid, node, failure.reason)
+                logger.warning("client %s (node %d) %s: %s", cid, node, missing, failure.reason)
                 failures.append(failure)
         return replies, failures
 
