@@ -224,6 +224,58 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_examples(
     assert all(torch.isfinite(f.A).all() for f in reply.update.factors.values())
 
 
+def test_a_node_sends_the_moments_of_its_own_examples(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, fresh_node: None
+) -> None:
+    from hlora.engines.flower.codec import decode_moments_reply, encode_eval_instruction
+    from hlora.protocol import EvalInstruction
+
+    config = _config(tiny_bert_dir, glue_dir, tmp_path)
+    manifest = RunManifest.of(config, model_sha256(config))
+    own = write_jsonl(tmp_path / "mine.jsonl", ROWS)
+    node = {"own-data": str(own), "model-dir": str(tiny_bert_dir)}
+    content = RecordDict({RUN: manifest.to_record()})
+    runtime = node_task.node_setup(node_task.run_config(None, node, content)[0], node)[0]
+
+    def ask(client_id: str, node_config: dict) -> RecordDict:
+        message = encode_eval_instruction(
+            EvalInstruction(client_id, 2, {}, runtime.bank.get_extras(2))
+        )
+        message[RUN] = manifest.to_record()
+        return node_task.moments(None, node_config, message)
+
+    reply = decode_moments_reply(ask("client03", node), "client03")
+    assert reply.moments.count.tolist() == [2.0, 3.0]  # the file's labels, nobody else's
+    assert reply.moments.mean.shape == (2, 32) and reply.moments.cov.shape == (2, 32, 32)
+
+
+def test_a_simulated_partition_sends_moments_only_for_its_own_client(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    from hlora.engines.flower.codec import decode_moments_reply, encode_eval_instruction
+    from hlora.errors import HloraError
+    from hlora.protocol import EvalInstruction
+
+    config = _config(tiny_bert_dir, glue_dir, tmp_path)
+    manifest = RunManifest.of(config, model_sha256(config))
+    node = {"partition-id": 1, "num-partitions": 3, "model-dir": str(tiny_bert_dir)}
+    node["data-dir"] = str(glue_dir)
+    content = RecordDict({RUN: manifest.to_record()})
+    runtime, features, _ = node_task.node_setup(node_task.run_config(None, node, content)[0], node)
+
+    def ask(client_id: str) -> RecordDict:
+        message = encode_eval_instruction(
+            EvalInstruction(client_id, 2, {}, runtime.bank.get_extras(2))
+        )
+        message[RUN] = manifest.to_record()
+        return node_task.moments(None, node, message)
+
+    reply = decode_moments_reply(ask("client01"), "client01")
+    assert int(reply.moments.count.sum()) == len(features)
+    with pytest.raises(HloraError, match="partition-id 1 got client00's message"):
+        ask("client00")
+
+
 def test_a_node_with_a_bad_file_refuses_in_one_line_naming_file_and_line(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, fresh_node: None
 ) -> None:

@@ -437,11 +437,14 @@ def train(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict)
     instruction = decode_instruction(content)
     config, _ = run_config(local, node, content)
     runtime, features, data = node_setup(config, node)
-    if data.mode == SIMULATED and instruction.client_id != f"client{data.partition_id:02d}":
-        raise HloraError(
-            f"node with partition-id {data.partition_id} got {instruction.client_id}'s instruction"
-        )
+    _check_client(data, instruction.client_id)
     return encode_reply(runtime.train_client(instruction, features))
+
+
+def _check_client(data: NodeData, client_id: str) -> None:
+    """A node on a simulated partition serves only ``client{partition-id:02d}``."""
+    if data.mode == SIMULATED and client_id != f"client{data.partition_id:02d}":
+        raise HloraError(f"node with partition-id {data.partition_id} got {client_id}'s message")
 
 
 def evaluate(local: RunConfig | None, node: Mapping[str, Any], content: RecordDict) -> RecordDict:
@@ -482,7 +485,8 @@ def moments(local: RunConfig | None, node: Mapping[str, Any], content: RecordDic
     start = time.perf_counter()
     instruction = decode_eval_instruction(content)
     config, _ = run_config(local, node, content)
-    runtime, features, _ = node_setup(config, node)
+    runtime, features, data = node_setup(config, node)
+    _check_client(data, instruction.client_id)
     m = runtime.feature_moments(
         instruction.layers,
         instruction.extras,
