@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -294,6 +294,19 @@ elif [ "$STAGE" = ccvr ]; then
   # fedavg-la1-s1 (stage silent) and this stage's seed 2.
   LEN=("${PASSES_16[@]}")
   RUNS=("fedavg-la1-s2|${FEDAVG[*]} ${LIN[*]} --set federation.seed=2")
+elif [ "$STAGE" = decorr ]; then
+  # A remedy on the body: FedDecorr's penalty on the correlations between the dimensions of the
+  # features entering the classifier (train.decorrelation), which Shi et al. propose against the
+  # collapse of a label-skewed client's features; fedavg (rank 8) at the recipe, 16 passes, on
+  # the three draws (without it: fedavg-la1-16p, fedavg-la1-s1, fedavg-la1-s2, stage ccvr).
+  # beta 2 first on every draw, then 0.5.
+  LEN=("${PASSES_16[@]}")
+  RUNS=()
+  for beta in 2 0.5; do
+    for seed in 1 0 2; do
+      RUNS+=("fedavg-decorr$beta-s$seed|${FEDAVG[*]} ${LIN[*]} --set train.decorrelation=$beta --set federation.seed=$seed")
+    done
+  done
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi

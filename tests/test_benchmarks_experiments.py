@@ -835,7 +835,7 @@ def test_recipe_grid_sft_cell_runs_the_demo_per_strategy_at_its_own_length(tmp_p
 RECIPE_STAGES = (
     "screen", "screen2", "split", "silent", "iid", "dirichlet-sgd2",
     "cap", "shorter", "sgd", "steps", "epsilon", "qqp", "qqp2", "central",
-    "mrpc-lr", "iid2", "babu", "global-rank", "keep", "ccvr",
+    "mrpc-lr", "iid2", "babu", "global-rank", "keep", "ccvr", "decorr",
 )  # fmt: skip
 SEARCHES = [
     *(

@@ -675,10 +675,13 @@ def test_cli_engine_option_dispatches_to_the_simulation(
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("strategy", "calibration"), [("hlora", "none"), ("flora", "ccvr")])
+@pytest.mark.parametrize(
+    ("strategy", "calibration", "decorrelation"), [("hlora", "none", 0.0), ("flora", "ccvr", 1.0)]
+)
 def test_flower_simulation_matches_inprocess(
     strategy: str,
     calibration: str,
+    decorrelation: float,
     tiny_bert_dir: Path,
     glue_dir: Path,
     tmp_path: Path,
@@ -690,7 +693,11 @@ def test_flower_simulation_matches_inprocess(
         tiny_bert_dir,
         glue_dir,
         tmp_path,
-        **{"federation.strategy": strategy, "server.head_calibration": f'"{calibration}"'},
+        **{
+            "federation.strategy": strategy,
+            "server.head_calibration": f'"{calibration}"',
+            "train.decorrelation": decorrelation,
+        },
     )
     reference = run(replace(config, output={"name": "inprocess"}), progress=False)
     flower = run_flower_simulation(

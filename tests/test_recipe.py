@@ -16,17 +16,23 @@ from torch.testing import assert_close
 
 from hlora.adapters import LoraBank
 from hlora.checkpoint import ServerState, load_state, save_state
-from hlora.config import RunConfig, TrainConfig, load_config
-from hlora.data.collate import tokenize_pairs
+from hlora.config import RunConfig, TrainConfig, fingerprint, load_config
+from hlora.data.collate import length_grouped_batches, tokenize_pairs
 from hlora.data.glue import Example, get_task
-from hlora.errors import ConfigError
+from hlora.errors import ConfigError, ModelError
 from hlora.federation import build_federation, load_run_task, resume, run
 from hlora.objectives import make_objective
 from hlora.protocol import TrainInstruction
-from hlora.runtime import ModelRuntime, client_optimizer, label_log_prior, proximal_term
+from hlora.runtime import (
+    ModelRuntime,
+    client_optimizer,
+    decorrelation_penalty,
+    label_log_prior,
+    proximal_term,
+)
 from hlora.schedule import RoundSchedule
 from hlora.server import RoundLoop
-from tiny_models import build_tiny_backbone, tiny_overrides
+from tiny_models import build_tiny_backbone, build_tiny_llama_backbone, tiny_overrides
 
 GOLDEN = Path(__file__).parent / "options_off_golden.json"
 WORDS = ["good movie", "bad film", "the plot was great", "awful acting", "i loved it", "boring"]
@@ -77,6 +83,103 @@ def test_proximal_term_holds_the_client_near_its_start() -> None:
     assert _moved(held, features) < 0.5 * _moved(free, features)
     a = [torch.ones(2, 3), torch.zeros(4)]
     assert float(proximal_term([a[0] * 3, a[1] + 2], a)) == pytest.approx(6 * 4 + 4 * 4)
+
+
+def test_decorrelation_penalty_measures_correlation_between_dimensions() -> None:
+    t = torch.linspace(-1, 1, 8)
+    together = torch.stack([t, 3 * t + 1, -2 * t], dim=1)  # every pair correlated +-1
+    assert float(decorrelation_penalty(together)) == pytest.approx(1.0, abs=1e-4)
+    signs = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float)
+    assert float(decorrelation_penalty(signs)) == pytest.approx(0.0, abs=1e-6)  # orthogonal
+    half = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0], [1.0, 1.0]])
+    z = (half - half.mean(0)) / half.std(0, unbiased=False)
+    k01 = float((z[:, 0] * z[:, 1]).mean())
+    assert float(decorrelation_penalty(half)) == pytest.approx(k01**2, rel=1e-4)
+    assert float(decorrelation_penalty(torch.randn(1, 4))) == 0.0  # one example
+    constant = torch.cat([torch.ones(6, 1), torch.randn(6, 2)], dim=1).requires_grad_()
+    decorrelation_penalty(constant).backward()  # a constant dimension stays finite
+    assert constant.grad is not None and bool(torch.isfinite(constant.grad).all())
+    # the scale of a dimension does not matter, only its correlation with the others
+    x = torch.randn(16, 5)
+    scaled = x * torch.tensor([1.0, 10.0, 2.0, 3.0, 1.0])
+    assert_close(decorrelation_penalty(scaled), decorrelation_penalty(x), rtol=1e-3, atol=0)
+    tiny = x * 1e-4  # nor does the features' overall scale
+    assert_close(decorrelation_penalty(tiny), decorrelation_penalty(x), rtol=1e-5, atol=0)
+
+
+def test_decorrelation_adds_its_penalty_on_the_trained_heads_features() -> None:
+    """One SGD step on the whole batch: the client's factors and head move by exactly
+    ``-lr * grad(cross-entropy + beta * penalty(features entering the classifier))``."""
+    beta, rate = 5.0, 0.1
+    cfg = TrainConfig(
+        optimizer="sgd",
+        learning_rate=rate,
+        batch_size=len(WORDS) * 4,
+        local_steps=1,
+        max_grad_norm=0.0,
+        logit_adjustment=0.0,
+        decorrelation=beta,
+        precision="fp32",
+    )
+    runtime, features = _runtime(cfg)
+    instruction = _instruction(runtime, schedule=_flat(rate))
+    reply = runtime.train_client(instruction, features)
+
+    ref, _ = _runtime(dataclasses.replace(cfg, decorrelation=0.0))
+    bank = ref.bank
+    bank.activate(4)
+    start = bank.init_factors(4, instruction.init_seed)
+    bank.set_factors(4, start)
+    bank.set_extras(4, instruction.extras)
+    factor_params, head_params = bank.parameter_groups(4)
+    seen: list[torch.Tensor] = []
+    handle = bank.head_linear(4)[1].register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    bank.model.train()
+    # the batch in the order the client draws it (the same floating-point sums)
+    (order,) = length_grouped_batches(
+        [ref.objective.length(f) for f in features], len(features), shuffle=True, seed=2
+    )
+    ce = ref.objective.loss(bank.model, ref.batch([features[i] for i in order]), None)
+    handle.remove()
+    penalty = decorrelation_penalty(seen[0])
+    assert float(penalty.detach()) > 0.01
+    grads = torch.autograd.grad(ce + beta * penalty, factor_params + head_params, retain_graph=True)
+    without = torch.autograd.grad(ce, factor_params, allow_unused=True)
+    ce_grad = torch.cat([g.flatten() for g in without if g is not None])
+    all_grad = torch.cat([g.flatten() for g in grads[: len(factor_params)]])
+    # the body feels the penalty: it changes the factors' gradient by more than a tenth
+    assert float((all_grad[: ce_grad.numel()] - ce_grad).norm()) > 0.1 * float(ce_grad.norm())
+
+    def same_step(step: torch.Tensor, grad: torch.Tensor) -> None:
+        expected = -rate * grad
+        assert float((step - expected).norm()) <= 1e-4 * float(expected.norm()) + 1e-8
+
+    for (name, f), a_grad, b_grad in zip(
+        reply.update.factors.items(),
+        grads[0 : len(factor_params) : 2],
+        grads[1 : len(factor_params) : 2],
+        strict=True,
+    ):
+        same_step(f.A - start[name][0], a_grad)
+        same_step(f.B - start[name][1], b_grad)
+    for (name, value), grad in zip(
+        reply.update.extras.items(), grads[len(factor_params) :], strict=True
+    ):
+        same_step(value - instruction.extras[name], grad)
+
+
+def test_decorrelation_refuses_a_head_that_reads_every_position() -> None:
+    backbone = build_tiny_llama_backbone()
+    bank = LoraBank(backbone, [4], scaling=2.0, target_modules=["q_proj", "v_proj"])
+    objective = make_objective(backbone, get_task("mrpc"), 32)
+    cfg = TrainConfig(batch_size=4, local_steps=1, decorrelation=1.0, precision="fp32")
+    runtime = ModelRuntime(bank, objective, cfg, torch.device("cpu"))
+    examples = [Example(w, w[::-1], k % 2) for k, w in enumerate(WORDS)]
+    features = objective.train_features(examples)
+    with pytest.raises(ModelError, match="reads every position"):
+        runtime.train_client(_instruction(runtime), features)
+    with pytest.raises(ModelError, match="reads every position"):  # what set-up checks
+        runtime.head_features({}, bank.get_extras(4), features[:1], 1)
 
 
 def test_label_log_prior() -> None:
@@ -202,6 +305,59 @@ def test_bad_frozen_head_settings_name_the_key(overrides: tuple[str, ...], messa
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("train.decorrelation=-0.1",), "'train.decorrelation': -0.1 (expected a number"),
+        (("train.decorrelation=true",), "'train.decorrelation': True"),
+        (
+            ("train.decorrelation=0.1", 'model.task_type="causal-lm"', 'model.name="smollm2-135m"'),
+            "'train.decorrelation': 0.1 (only a sequence classifier",
+        ),
+    ],
+)
+def test_bad_decorrelation_settings_name_the_key(overrides: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+def test_decorrelation_off_leaves_the_fingerprint_of_older_runs() -> None:
+    plain = load_config(None, ())
+    assert fingerprint(load_config(None, ("train.decorrelation=0",))) == fingerprint(plain)
+    assert fingerprint(load_config(None, ("train.decorrelation=0.5",))) != fingerprint(plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["hlora", "fedavg", "zeropad", "flora"])
+def test_every_strategy_trains_with_decorrelation(
+    strategy: str, tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """A run with the penalty finishes and its model differs from the run without it."""
+    updates = []
+    for beta in (0.0, 2.0):
+        overrides = tiny_overrides(
+            tiny_bert_dir,
+            glue_dir,
+            tmp_path,
+            **{
+                "federation.strategy": f'"{strategy}"',
+                "federation.ranks": "[4]" if strategy == "fedavg" else "[2, 4]",
+                "train.decorrelation": beta,
+                "output.name": f'"{strategy}-{beta}"',
+            },
+        )
+        result = run(load_config(None, tuple(overrides)), progress=False)
+        state = load_state(result.run_dir / "checkpoint.safetensors")
+        updates.append(state)
+    plain, decorrelated = updates
+    assert plain.round_num == decorrelated.round_num == 2
+    before, after = plain.whole_update(), decorrelated.whole_update()
+    assert before.keys() == after.keys()
+    moved = [float((before[n].dense() - after[n].dense()).abs().max()) for n in before]
+    assert max(moved) > 1e-6
 
 
 @pytest.mark.slow

@@ -379,11 +379,12 @@ class LoraBank:
         update, so it is evaluated with the update in factored form (:meth:`evaluating`)."""
         return any(is_quantized(_base_weight(layer)) for layer in self._layers.values())
 
-    def head_linear(self) -> tuple[str, torch.nn.Linear]:
+    def head_linear(self, rank: int | None = None) -> tuple[str, torch.nn.Linear]:
         """The head's final linear layer, the one that writes the logits: its canonical prefix
         among :meth:`extra_names` (``"classifier"`` for BERT, ``"classifier.out_proj"`` for
-        RoBERTa, ``"score"`` for Llama) and its module in the original head, which holds the
-        head while :meth:`evaluating`.
+        RoBERTa, ``"score"`` for Llama) and its module: in the original head, which holds the
+        head while :meth:`evaluating` (``rank`` None), or in the copy that rank ``rank``'s
+        adapter trains.
 
         Raises:
             ModelError: A model without a head (a causal LM), or a head whose last layer is not
@@ -391,11 +392,15 @@ class LoraBank:
         """
         last: tuple[str, torch.nn.Linear] | None = None
         for head, wrapper in self._heads.items():
-            for name, module in _original_module(wrapper).named_modules():
+            if rank is None:
+                holder = _original_module(wrapper)
+            else:
+                holder = _module(wrapper.modules_to_save, self._name(rank))
+            for name, module in holder.named_modules():
                 if isinstance(module, torch.nn.Linear):
                     last = (f"{head}.{name}" if name else head, module)
         if last is None:
-            raise ModelError("this model has no linear classifier head to calibrate")
+            raise ModelError("this model has no linear classifier head")
         return last
 
     def extra_names(self) -> tuple[str, ...]:

@@ -411,6 +411,16 @@ class TrainConfig:
             "logits (0: off)"
         ),
     )
+    decorrelation: float = field(
+        default=0.0,
+        metadata=_help(
+            "FedDecorr: add beta * the mean squared off-diagonal correlation between the "
+            "dimensions of the features entering the classifier's last layer (over each "
+            "batch) to each client's loss, beta = this value; it keeps a label-skewed client "
+            "from collapsing its features onto the few directions its own classes need "
+            "(sequence classifiers whose head reads one vector per example; 0: off)"
+        ),
+    )
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: off)"))
     gradient_checkpointing: bool = field(
         default=False,
@@ -465,6 +475,7 @@ class TrainConfig:
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _number("train.proximal_mu", self.proximal_mu, low=0.0)
         _number("train.logit_adjustment", self.logit_adjustment, low=0.0, high=10.0)
+        _number("train.decorrelation", self.decorrelation, low=0.0, high=100.0)
         _number("train.max_grad_norm", self.max_grad_norm, low=0.0)
         if not isinstance(self.gradient_checkpointing, bool):
             raise _fail(
@@ -659,6 +670,12 @@ class RunConfig:
                     self.server.head_calibration,
                     "the 'local' reference has no global model whose head could be calibrated",
                 )
+        if self.train.decorrelation > 0 and self.model.task_type != SEQ_CLS:
+            raise _fail(
+                "train.decorrelation",
+                self.train.decorrelation,
+                "only a sequence classifier ('seq-cls') has the head features it decorrelates",
+            )
         if self.train.freeze_head and self.model.task_type != SEQ_CLS:
             raise _fail(
                 "train.freeze_head",
@@ -833,6 +850,7 @@ def _added_later() -> dict[str, dict[str, Any]]:
             "freeze_head": False,
             "momentum": 0.0,
             "adam_epsilon": _ADAM_EPSILON,
+            "decorrelation": 0.0,
         },
         "server": {
             "factor_split": "balanced",

@@ -181,8 +181,9 @@ def build_federation(config: RunConfig) -> Federation:
         ClientSlot(cid, rank, len(part)) for cid, rank, part in zip(ids, ranks, parts, strict=True)
     ]
     features = {cid: [train_all[i] for i in part] for cid, part in zip(ids, parts, strict=True)}
-    if config.server.head_calibration != "none":  # a head it cannot calibrate fails now
-        runtime.feature_moments({}, bank.get_extras(bank.ranks[0]), train_all[:1], 1)
+    if config.server.head_calibration != "none" or config.train.decorrelation > 0:
+        # a head whose features these cannot use fails now, not in round 1
+        runtime.head_features({}, bank.get_extras(bank.ranks[0]), train_all[:1], 1)
     shapes = bank.layer_shapes()
     first_rank = bank.ranks[0]
     extras = bank.get_extras(first_rank)

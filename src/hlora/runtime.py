@@ -59,6 +59,36 @@ def proximal_term(params: Sequence[Tensor], anchors: Sequence[Tensor]) -> Tensor
     return sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))  # type: ignore[return-value]
 
 
+_ONE_VECTOR_HEAD = (
+    "the head's features (server.head_calibration, train.decorrelation) need a head that reads "
+    "one feature vector per example (BERT- or RoBERTa-style classifiers); this model's head "
+    "reads every position"
+)
+
+
+def decorrelation_penalty(features: Tensor, eps: float = 1e-5) -> Tensor:
+    """FedDecorr's regularizer: the mean squared off-diagonal entry of the correlation matrix
+    of ``features`` ``(batch, d)`` over the batch (0 when the ``d`` dimensions are pairwise
+    uncorrelated, 1 when all of them move together).
+
+    Each dimension is centred and divided by ``sqrt(var + eps * mean(var))`` over the batch
+    (so the result does not depend on the features' overall scale, and a dimension far
+    quieter than the others, or constant, counts little), ``K = Z^T Z / batch`` ``(d, d)`` is
+    their correlation matrix, and the result is ``sum_{i != j} K_ij^2 / (d (d - 1))``: Shi et
+    al.'s ``||K||_F^2 / d^2`` without its constant diagonal. A batch of one example has no
+    correlations: 0.
+    """
+    n, d = features.shape
+    if n < 2 or d < 2:
+        return features.sum() * 0.0
+    x = features.float()
+    var = x.var(0, unbiased=False)  # (d,)
+    z = (x - x.mean(0)) / (var + eps * var.mean().detach() + 1e-30).sqrt()
+    k = z.T @ z / n  # (d, d)
+    off = (k * k).sum() - (k.diagonal() ** 2).sum()
+    return off / (d * (d - 1))
+
+
 def client_optimizer(
     factors: Sequence[Tensor], head: Sequence[Tensor], cfg: TrainConfig, *, fused: bool = False
 ) -> torch.optim.Optimizer:
@@ -220,6 +250,14 @@ class ModelRuntime:
             )
             federation = torch.tensor(instruction.label_prior, dtype=torch.float64).log().float()
             log_prior = (cfg.logit_adjustment * (own - federation)).to(self.device)
+        captured: list[Tensor] = []  # the head's input features of the step (decorrelation)
+        hook = None
+        if cfg.decorrelation > 0:
+
+            def capture(_module: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
+                captured.append(args[0])
+
+            hook = bank.head_linear(rank)[1].register_forward_pre_hook(capture)
         torch.manual_seed(instruction.train_seed)
         model = bank.model
         model.train()
@@ -244,6 +282,11 @@ class ModelRuntime:
                     total = loss
                     if anchors:
                         total = loss + 0.5 * cfg.proximal_mu * proximal_term(params, anchors)
+                    if hook is not None:
+                        if len(captured) != 1 or captured[0].dim() != 2:
+                            raise ModelError(_ONE_VECTOR_HEAD)
+                        total = total + cfg.decorrelation * decorrelation_penalty(captured[0])
+                        captured.clear()
                     total.backward()
                     if cfg.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -255,6 +298,8 @@ class ModelRuntime:
                     step += 1
                 epoch += 1
         finally:
+            if hook is not None:
+                hook.remove()
             optimizer.zero_grad(set_to_none=True)
             model.eval()
         factors = {
@@ -409,10 +454,7 @@ class ModelRuntime:
         finally:
             handle.remove()
         if any(r.dim() != 2 for r in rows):
-            raise ModelError(
-                "head calibration needs a head that reads one feature vector per example "
-                "(BERT- or RoBERTa-style classifiers); this model's head reads every position"
-            )
+            raise ModelError(_ONE_VECTOR_HEAD)
         stacked = torch.cat(rows) if rows else torch.zeros(0, linear.in_features)
         return stacked, torch.tensor(labels, dtype=torch.long)
 
