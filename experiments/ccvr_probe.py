@@ -11,6 +11,9 @@ one out, else dev):
 - ``probe``: the same linear layer fitted (the same L-BFGS fit) on the real features of every
   training example: a centralized linear probe, which no federation could run, and the ceiling
   of any remedy that changes the head alone.
+- ``features``: how the training examples' features spread (:func:`spread`): their effective
+  rank, the share of their variance on the first principal direction, and the share between
+  the classes' means (what a linear head can use).
 
     python experiments/ccvr_probe.py RUN_DIR [RUN_DIR ...] [--virtual 10]
 
@@ -30,6 +33,31 @@ from hlora.calibration import ClassMoments, calibrated_head, fit_linear
 from hlora.export import load_run_update
 from hlora.federation import build_federation
 from hlora.server import _seed
+
+
+def spread(x: Tensor, y: Tensor) -> dict[str, float]:
+    """How features ``x (n, d)`` with labels ``y (n,)`` spread.
+
+    Returns:
+        ``effective_rank``: ``exp`` of the entropy of the centred features' variance shares
+        over their principal directions (1 when they lie on a line, ``d`` when isotropic);
+        ``top1_share``: the first direction's share; ``between_class``: the share of the
+        variance between the classes' means (1 when every class sits on its mean).
+    """
+    x = x.double()
+    centred = x - x.mean(0)
+    energy = torch.linalg.svdvals(centred) ** 2
+    share = energy / energy.sum()
+    entropy = -(share * share.clamp_min(1e-300).log()).sum()
+    between = sum(
+        float((y == c).sum()) * float(((x[y == c].mean(0) - x.mean(0)) ** 2).sum())
+        for c in y.unique()
+    )
+    return {
+        "effective_rank": float(entropy.exp()),
+        "top1_share": float(share[0]),
+        "between_class": between / float(energy.sum()),
+    }
 
 
 def probe(run_dir: Path, scale: float) -> dict[str, dict[str, float]]:
@@ -67,6 +95,7 @@ def probe(run_dir: Path, scale: float) -> dict[str, dict[str, float]]:
         "global": scored(weight, bias),
         "ccvr": scored(head[f"{prefix}.weight"], head.get(f"{prefix}.bias")),
         "probe": scored(probe_w, probe_b),
+        "features": spread(torch.cat(feats), torch.cat(labels)),
     }
 
 

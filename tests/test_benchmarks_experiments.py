@@ -159,6 +159,24 @@ def test_ccvr_probe_recalibrates_a_finished_run_as_the_option_does(
     assert rows["global"] == record["head_calibration"]["eval_uncalibrated"]
     assert rows["ccvr"] == record["eval"]  # the same moments, draws and fit as the option's
     assert set(rows["probe"]) == {"accuracy", "f1", "loss"}
+    assert set(rows["features"]) == {"effective_rank", "top1_share", "between_class"}
+
+
+def test_ccvr_probe_spread_of_features() -> None:
+    spread = _load("experiments/ccvr_probe.py").spread
+    y = torch.tensor([0, 0, 1, 1])
+    on_means = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 2.0], [3.0, 2.0]])  # one line
+    s = spread(on_means, y)
+    assert s["effective_rank"] == pytest.approx(1.0)
+    assert s["top1_share"] == pytest.approx(1.0)
+    assert s["between_class"] == pytest.approx(1.0)
+    square = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
+    s = spread(square, y)  # isotropic, both classes centred on the origin
+    assert s["effective_rank"] == pytest.approx(2.0)
+    assert s["top1_share"] == pytest.approx(0.5)
+    assert s["between_class"] == pytest.approx(0.0)
+    mixed = torch.tensor([[0.0, 1.0], [0.0, -1.0], [2.0, 1.0], [2.0, -1.0]])
+    assert spread(mixed, y)["between_class"] == pytest.approx(0.5)  # 4 of 8 between
 
 
 def test_scaffold_probe_corrections_are_the_gradients_of_the_linear_term() -> None:
