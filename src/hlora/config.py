@@ -416,9 +416,10 @@ class TrainConfig:
         metadata=_help(
             "FedDecorr: add beta * the mean squared off-diagonal correlation between the "
             "dimensions of the features entering the classifier's last layer (over each "
-            "batch) to each client's loss, beta = this value; it keeps a label-skewed client "
-            "from collapsing its features onto the few directions its own classes need "
-            "(sequence classifiers whose head reads one vector per example; 0: off)"
+            "batch) to each client's loss, beta = this value; proposed (Shi et al. 2023) "
+            "against a label-skewed client's features collapsing onto the few directions its "
+            "own classes need (sequence classifiers whose head reads one vector per example; "
+            "0: off)"
         ),
     )
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: off)"))

@@ -204,14 +204,17 @@ class ModelRuntime:
         factors alone with ``train.freeze_head``);
         a fresh optimizer every round; the learning rate
         follows ``instruction.schedule`` (the run-wide schedule) or, when None, a linear
-        warm-up and decay inside the round; optional FedProx term and logit adjustment (see
-        :class:`TrainConfig`); gradient clipping, length-grouped batches with dynamic
+        warm-up and decay inside the round; optional FedProx term, logit adjustment and
+        FedDecorr penalty (:func:`decorrelation_penalty`; see :class:`TrainConfig`); gradient clipping, length-grouped batches with dynamic
         padding, bf16 autocast per ``train.precision``. Data order and dropout are seeded by
         ``instruction.train_seed``.
 
         Returns:
             The client's update (factors ``A (r, in)``, ``B (out, r)`` and head) and its mean
-            training loss.
+            training loss (without the penalties).
+
+        Raises:
+            ModelError: ``train.decorrelation`` on a head that reads every position.
         """
         start = time.perf_counter()
         cfg = self.train_config
