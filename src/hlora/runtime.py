@@ -201,13 +201,12 @@ class ModelRuntime:
         """Local training of one client (see :class:`TrainConfig`).
 
         AdamW or SGD (:func:`client_optimizer`) over the active adapter's factors and head (the
-        factors alone with ``train.freeze_head``);
-        a fresh optimizer every round; the learning rate
-        follows ``instruction.schedule`` (the run-wide schedule) or, when None, a linear
+        factors alone with ``train.freeze_head``); a fresh optimizer every round; the learning
+        rate follows ``instruction.schedule`` (the run-wide schedule) or, when None, a linear
         warm-up and decay inside the round; optional FedProx term, logit adjustment and
-        FedDecorr penalty (:func:`decorrelation_penalty`; see :class:`TrainConfig`); gradient clipping, length-grouped batches with dynamic
-        padding, bf16 autocast per ``train.precision``. Data order and dropout are seeded by
-        ``instruction.train_seed``.
+        FedDecorr penalty (:func:`decorrelation_penalty`; see :class:`TrainConfig`); gradient
+        clipping, length-grouped batches with dynamic padding, bf16 autocast per
+        ``train.precision``. Data order and dropout are seeded by ``instruction.train_seed``.
 
         Returns:
             The client's update (factors ``A (r, in)``, ``B (out, r)`` and head) and its mean
