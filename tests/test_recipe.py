@@ -299,17 +299,6 @@ def test_a_frozen_head_goes_back_as_it_came_while_the_factors_train() -> None:
             ("train.freeze_head=true", 'model.task_type="causal-lm"', 'model.name="smollm2-135m"'),
             "'train.freeze_head': True (only a sequence classifier",
         ),
-    ],
-)
-def test_bad_frozen_head_settings_name_the_key(overrides: tuple[str, ...], message: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_config(None, overrides)
-    assert message in str(info.value)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
         (("train.decorrelation=-0.1",), "'train.decorrelation': -0.1 (expected a number"),
         (("train.decorrelation=true",), "'train.decorrelation': True"),
         (
@@ -318,7 +307,8 @@ def test_bad_frozen_head_settings_name_the_key(overrides: tuple[str, ...], messa
         ),
     ],
 )
-def test_bad_decorrelation_settings_name_the_key(overrides: tuple[str, ...], message: str) -> None:
+def test_bad_head_option_settings_name_the_key(overrides: tuple[str, ...], message: str) -> None:
+    """The frozen head's and the decorrelation's settings."""
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert message in str(info.value)
