@@ -78,6 +78,13 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("server.epsilon=0", "invalid value for 'server.epsilon': 0"),
         ("server.optimizer_state=sparse", "invalid value for 'server.optimizer_state': 'sparse'"),
         ("server.state_rank=0", "invalid value for 'server.state_rank': 0"),
+        ("server.lr_schedule=step", "invalid value for 'server.lr_schedule': 'step' (allowed:"),
+        ("server.warmup_ratio=1", "invalid value for 'server.warmup_ratio': 1"),
+        (
+            "server.lr_schedule=linear",
+            "'server.lr_schedule': 'linear' (a schedule of the server's learning rate needs",
+        ),
+        ("server.warmup_ratio=0.1", "'server.warmup_ratio': 0.1 (a schedule of the server's"),
         ("federation.colour=blue", "unknown config key 'federation.colour' (allowed in"),
         ("network.port=1", "unknown config section 'network' (allowed: model, data"),
     ],

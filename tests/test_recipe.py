@@ -396,6 +396,40 @@ def test_a_frozen_head_stays_the_global_head_under_a_server_optimizer(
     assert not any(heads[False])
 
 
+def test_the_server_steps_at_its_scheduled_rate(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """One round read at the middle of a linear schedule steps at half the peak rate: the same
+    global update as a constant half rate, and another one than the constant peak rate."""
+    updates = {}
+    for name, rate, schedule in (
+        ("half", 0.5, "constant"),
+        ("linear", 1.0, "linear"),
+        ("peak", 1.0, "constant"),
+    ):
+        overrides = tiny_overrides(
+            tiny_bert_dir,
+            glue_dir,
+            tmp_path,
+            **{
+                "federation.rounds": 1,
+                "server.optimizer": '"sgd"',
+                "server.learning_rate": rate,
+                "server.lr_schedule": f'"{schedule}"',
+                "output.name": f'"{name}"',
+            },
+        )
+        result = run(load_config(None, tuple(overrides)), progress=False)
+        state = load_state(result.run_dir / "checkpoint.safetensors")
+        assert state.global_update is not None
+        record = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        assert record["server_learning_rate"] == pytest.approx(0.5 if name != "peak" else 1.0)
+        updates[name] = {n: d.dense() for n, d in state.global_update.layers.items()}
+    for layer, half in updates["half"].items():
+        assert_close(updates["linear"][layer], half)
+        assert not torch.allclose(updates["peak"][layer], half)
+
+
 def test_local_steps_fix_every_clients_steps_whatever_its_size() -> None:
     runtime, features = _runtime(TrainConfig(batch_size=4, local_steps=5))
     for size in (4, 24):  # one batch a pass, and six

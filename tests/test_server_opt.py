@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -243,3 +245,27 @@ def test_factor_split_of_the_stepped_update(state: str) -> None:
         assert_close(
             right @ right.T, torch.eye(right.shape[0], dtype=right.dtype), atol=1e-9, rtol=0
         )
+
+
+def test_the_learning_rate_schedule_across_rounds() -> None:
+    """``at_round`` reads the schedule at the middle of each round's stretch of the run."""
+    flat = ServerOptimizer("adam", learning_rate=0.8)
+    assert flat.at_round(3, 10) is flat
+    linear = ServerOptimizer("sgd", learning_rate=0.8, schedule="linear", warmup_ratio=0.2)
+    # round 1 of 10 sits at progress 0.05, a quarter of the warm-up; round 10 at 0.95
+    assert linear.at_round(1, 10).learning_rate == pytest.approx(0.2)
+    assert linear.at_round(10, 10).learning_rate == pytest.approx(0.8 * (1 - 0.75 / 0.8))
+    stepped = linear.at_round(10, 10)
+    assert (stepped.schedule, stepped.warmup_ratio, stepped.name) == ("constant", 0.0, "sgd")
+    cosine = ServerOptimizer("sgd", learning_rate=1.0, schedule="cosine")
+    assert cosine.at_round(2, 4).learning_rate == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.375))
+    )
+    warm = ServerOptimizer("sgd", learning_rate=1.0, warmup_ratio=0.5)  # constant after it
+    assert [warm.at_round(t, 4).learning_rate for t in (1, 2, 3, 4)] == pytest.approx(
+        [0.25, 0.75, 1.0, 1.0]
+    )
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        ServerOptimizer("sgd", schedule="step")
+    with pytest.raises(ValueError, match="warmup_ratio in"):
+        ServerOptimizer("sgd", warmup_ratio=1.0)

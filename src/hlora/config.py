@@ -23,6 +23,7 @@ from hlora.data.glue import INSTRUCTIONS, TASK_NAMES
 from hlora.data.partition import ALL_PARTITION_SCHEMES
 from hlora.errors import ConfigError
 from hlora.quantization import NO_QUANTIZATION, QUANTIZATIONS
+from hlora.schedule import RUN_SCHEDULES
 from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, SYSTEM_NONE, SYSTEM_TEMPLATE, TASK_TYPES
 
 if sys.version_info >= (3, 11):
@@ -34,7 +35,7 @@ REFERENCE_MODES: tuple[str, ...] = ("centralized", "local")
 ALL_MODES: tuple[str, ...] = (*STRATEGY_NAMES, *REFERENCE_MODES)
 RANK_RULES: tuple[str, ...] = ("cycle", "list", "memory")
 TRUNCATION_EVALS: tuple[str, ...] = ("never", "final", "every")
-LR_SCHEDULES: tuple[str, ...] = ("round", "linear", "cosine", "constant")
+LR_SCHEDULES: tuple[str, ...] = ("round", *RUN_SCHEDULES)  # train.lr_schedule
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
 OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
 CLIENT_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
@@ -528,6 +529,17 @@ class ServerConfig:
         ),
     )
     learning_rate: float = field(default=1.0, metadata=_help("server learning rate eta"))
+    lr_schedule: str = field(
+        default="constant",
+        metadata=_help(
+            "how eta moves across rounds: 'constant', or 'linear' / 'cosine' (decay toward zero "
+            "over the run, read at the middle of each round); either after a linear warm-up "
+            "over server.warmup_ratio of the rounds"
+        ),
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata=_help("share of the rounds over which eta warms up from zero")
+    )
     momentum: float = field(
         default=0.9, metadata=_help("momentum of 'avgm'; beta1 of 'adam' and 'yogi'")
     )
@@ -568,6 +580,20 @@ class ServerConfig:
         _number("server.calibration_samples", self.calibration_samples, low=0.1, high=100.0)
         _choice("server.optimizer", self.optimizer, SERVER_OPTIMIZERS)
         _number("server.learning_rate", self.learning_rate, low=0.0, low_open=True, high=100.0)
+        _choice("server.lr_schedule", self.lr_schedule, RUN_SCHEDULES)
+        _number("server.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
+        if self.optimizer == "none":
+            scheduled = {
+                "lr_schedule": self.lr_schedule != "constant",
+                "warmup_ratio": self.warmup_ratio > 0,
+            }
+            for key, is_set in scheduled.items():
+                if is_set:
+                    raise _fail(
+                        f"server.{key}",
+                        getattr(self, key),
+                        "a schedule of the server's learning rate needs a server.optimizer",
+                    )
         _number("server.momentum", self.momentum, low=0.0, high=0.999)
         _number("server.beta2", self.beta2, low=0.0, high=0.99999)
         _number("server.epsilon", self.epsilon, low=0.0, low_open=True, high=1.0)
@@ -857,6 +883,8 @@ def _added_later() -> dict[str, dict[str, Any]]:
             "factor_split": "balanced",
             "head_calibration": "none",
             "calibration_samples": 10.0,
+            "lr_schedule": "constant",
+            "warmup_ratio": 0.0,
         },
         "trust": dataclasses.asdict(TrustConfig()),
     }

@@ -210,6 +210,8 @@ def loop_settings(config: RunConfig) -> LoopSettings:
             state=srv.optimizer_state,
             state_rank=srv.state_rank,
             global_rank=srv.global_rank or None,
+            schedule=srv.lr_schedule,
+            warmup_ratio=srv.warmup_ratio,
         )
     if mode == "centralized":
         mode = "hlora"  # one client: aggregation is the identity

@@ -322,7 +322,7 @@ class RoundLoop:
             if self.settings.freeze_head:  # whatever the clients sent back; a server step
                 aggregate = replace(aggregate, extras=dict(state.extras))  # then moves it by 0
             if self.settings.server_optimizer is not None:
-                aggregate, opt_state = self.server_step(state, aggregate, kept)
+                aggregate, opt_state = self.server_step(state, aggregate, kept, round_num)
                 new_state = replace(new_state, optimizer=opt_state)
             new_state = replace(new_state, global_update=aggregate, extras=dict(aggregate.extras))
             if aggregate.merge_into_base:
@@ -386,6 +386,11 @@ class RoundLoop:
             record["head_calibration"] = calibration
         if instructions and instructions[0].schedule is not None:
             record["learning_rate"] = list(instructions[0].schedule.bounds())
+        opt = self.settings.server_optimizer
+        if opt is not None and self.settings.mode != "local":
+            record["server_learning_rate"] = opt.at_round(
+                round_num, self.settings.rounds
+            ).learning_rate
         spectrum = self.spectrum(new_state)
         if spectrum:
             record["energy_beyond_rank"] = spectrum
@@ -486,12 +491,18 @@ class RoundLoop:
         return new_state, record
 
     def server_step(
-        self, state: ServerState, aggregate: GlobalUpdate, kept: Sequence[ClientUpdate]
+        self,
+        state: ServerState,
+        aggregate: GlobalUpdate,
+        kept: Sequence[ClientUpdate],
+        round_num: int,
     ) -> tuple[GlobalUpdate, dict[str, Tensor]]:
-        """The server optimizer's step from the previous global update (see ``server_opt``)."""
+        """The server optimizer's step from the previous global update (see ``server_opt``),
+        at round ``round_num``'s point of the server's learning-rate schedule."""
         opt = self.settings.server_optimizer
         if opt is None or self.strategy is None:
             raise FederationError("no server optimizer in this run")
+        opt = opt.at_round(round_num, self.settings.rounds)
         total = sum(u.num_examples for u in kept)
         profile = rank_profile([u.rank for u in kept], [u.num_examples / total for u in kept])
         previous = state.global_update

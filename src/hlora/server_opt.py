@@ -42,7 +42,7 @@ least the true rank it equals the dense path (tested). The whole state is a flat
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -50,6 +50,7 @@ from torch import Tensor
 from hlora.aggregation import GlobalUpdate, LowRankDelta
 from hlora.aggregation._common import pad_to
 from hlora.aggregation.factored import qr_svd, split_singular_values
+from hlora.schedule import RUN_SCHEDULES, run_learning_rate
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
 SPACES: tuple[str, ...] = ("delta", "factors", "increment")
@@ -69,6 +70,9 @@ class ServerOptimizer:
         state: ``auto``, ``dense`` or ``factored``.
         state_rank: Component budget of factored state and of a factored global update.
         global_rank: Components kept in the (dense-path) global update; None: all.
+        schedule: How ``learning_rate`` moves across rounds (:meth:`at_round`): ``constant``,
+            ``linear`` or ``cosine``, as the clients' run-wide schedules.
+        warmup_ratio: Share of the run over which ``learning_rate`` warms up from zero.
     """
 
     name: str
@@ -79,8 +83,15 @@ class ServerOptimizer:
     state: str = "auto"
     state_rank: int = 64
     global_rank: int | None = None
+    schedule: str = "constant"
+    warmup_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.schedule not in RUN_SCHEDULES or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(
+                f"server optimizer: schedule must be one of {RUN_SCHEDULES} and warmup_ratio "
+                "in [0, 1)"
+            )
         if self.name not in OPTIMIZERS:
             raise ValueError(f"unknown server optimizer {self.name!r} (allowed: {OPTIMIZERS})")
         if self.state not in ("auto", "dense", "factored"):
@@ -93,6 +104,19 @@ class ServerOptimizer:
             )
         if self.epsilon <= 0 or self.state_rank < 1:
             raise ValueError("server optimizer: need epsilon > 0 and state_rank >= 1")
+
+    def at_round(self, round_num: int, rounds: int) -> ServerOptimizer:
+        """These settings with ``learning_rate`` at round ``round_num`` (from 1) of ``rounds``.
+
+        The schedule is read at the middle of the round's stretch of the run, ``(t - 1/2) / T``:
+        ``constant`` without warm-up keeps ``eta`` in every round; ``linear`` and ``cosine``
+        warm up over ``warmup_ratio`` of the run, then decay toward zero, never reaching it.
+        """
+        if self.schedule == "constant" and self.warmup_ratio == 0.0:
+            return self
+        progress = (round_num - 0.5) / rounds
+        eta = run_learning_rate(progress, self.learning_rate, self.schedule, self.warmup_ratio)
+        return replace(self, learning_rate=eta, schedule="constant", warmup_ratio=0.0)
 
     def factored_for(self, out_features: int, in_features: int) -> bool:
         """Whether a layer of this shape keeps factored state."""
