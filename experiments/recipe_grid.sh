@@ -18,6 +18,8 @@
 #     round, Dirichlet 0.5) with its strategy and ranks; `centralized` trains the drawn clients'
 #     share of the local epochs each round (0.3 of an epoch for the demo), and `local` is
 #     evaluated after the last round only (each evaluation scores ten models);
+#   mrpc-dirichlet-fedsgd, mrpc-iid-fedsgd: one SGD step per client and round with Adam on the
+#     server (FedSGD + FedAdam), at the passes of the plain cells (run with REFS="");
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
 #     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
 # SEEDS (default "0 1 2") and JOBS (default 2: runs at a time, one CPU thread each) come from the
@@ -71,6 +73,18 @@ print(f.rounds, c.train.local_epochs * f.clients_per_round / f.num_clients)")
         # The server learning rate chosen on IID validation (recipe_search.sh iid): eta = 2.
         iid-sgd2) args+=(--set data.partition=iid --set server.optimizer=sgd
           --set server.learning_rate=2.0) ;;
+        # One plain SGD step per client and round, Adam on the server (recipe_search.sh
+        # fedsgd): 16 passes are 368 rounds of ten batches of 16, evaluated once a pass. The
+        # references are the plain cell's (they have no rounds to change): REFS="".
+        dirichlet-fedsgd | iid-fedsgd)
+          [[ "${cell#*-}" == iid-fedsgd ]] && args+=(--set data.partition=iid)
+          args+=(--set federation.rounds=368 --set server.eval_every=23
+            --set server.eval_truncations=final --set train.local_steps=1
+            --set train.optimizer=sgd --set train.learning_rate=1.0
+            --set train.head_learning_rate=1.0 --set train.logit_adjustment=0
+            --set train.lr_schedule=constant --set train.warmup_ratio=0
+            --set server.optimizer=adam --set server.epsilon=1e-8
+            --set server.learning_rate=1e-3) ;;
         *) echo "unknown cell $cell" >&2; exit 2 ;;
       esac ;;
     ablation)
