@@ -4,7 +4,8 @@ Optimization", 2021; FedAvgM: Hsu et al., 2019).
 Without it (``server.optimizer = "none"``) the new global update is the round's aggregate, as in
 the paper. With it, the round's **pseudo-gradient** is the weighted mean of what the clients
 *learned* in the round, ``g = sum_k w_k (x'_k - x0_k)`` (``x0_k``: what client ``k`` started
-from, ``x'_k``: what it sent back), and the server steps ``x <- x + eta * u(g)``::
+from, ``x'_k``: what it sent back), and the server steps ``x <- x + eta * u(g)`` (``eta``: the
+round's value of the server's schedule, :meth:`ServerOptimizer.at_round`)::
 
     sgd    u = g
     avgm   m <- beta1 m + g;                                   u = m
