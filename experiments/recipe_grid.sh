@@ -55,6 +55,20 @@ print(f.rounds, c.train.local_epochs * f.clients_per_round / f.num_clients)")
       # the passes of the drawn clients' local epochs
       CENTRAL_ARGS=(--set train.local_epochs="$central_epochs")
       LOCAL_ARGS=(--set server.eval_every="$demo_rounds") ;;
+    mrpc-dirichlet-fedsgd | mrpc-iid-fedsgd)
+      # One plain SGD step per client and round, Adam on the server (examples/mrpc_fedsgd.toml,
+      # chosen by recipe_search.sh fedsgd) at its rounds (the plain cells' 16 passes), each
+      # experiment's strategy and ranks. The references are the plain cells' (they have no
+      # rounds to change): run these cells with REFS="".
+      if [[ -n "${REFS-centralized}" ]]; then
+        echo "$cell: the references are the plain cell's; run it with REFS=\"\"" >&2; exit 2
+      fi
+      config=examples/mrpc_fedsgd.toml
+      fedsgd_rounds="$(python -c "from hlora.config import load_config
+print(load_config('$config').federation.rounds)")"
+      args=(--set data.task=mrpc --set federation.rounds="$fedsgd_rounds"
+        --set server.eval_truncations=final)
+      if [[ "$cell" == mrpc-iid-fedsgd ]]; then args+=(--set data.partition=iid); fi ;;
     mrpc-* | qqp-* | rte-*)
       case "${cell%%-*}" in
         qqp) args=(--set data.task=qqp-sample --set train.local_epochs=0.25)
@@ -73,18 +87,6 @@ print(f.rounds, c.train.local_epochs * f.clients_per_round / f.num_clients)")
         # The server learning rate chosen on IID validation (recipe_search.sh iid): eta = 2.
         iid-sgd2) args+=(--set data.partition=iid --set server.optimizer=sgd
           --set server.learning_rate=2.0) ;;
-        # One plain SGD step per client and round, Adam on the server (recipe_search.sh
-        # fedsgd): 16 passes are 368 rounds of ten batches of 16, evaluated once a pass. The
-        # references are the plain cell's (they have no rounds to change): REFS="".
-        dirichlet-fedsgd | iid-fedsgd)
-          [[ "${cell#*-}" == iid-fedsgd ]] && args+=(--set data.partition=iid)
-          args+=(--set federation.rounds=368 --set server.eval_every=23
-            --set server.eval_truncations=final --set train.local_steps=1
-            --set train.optimizer=sgd --set train.learning_rate=1.0
-            --set train.head_learning_rate=1.0 --set train.logit_adjustment=0
-            --set train.lr_schedule=constant --set train.warmup_ratio=0
-            --set server.optimizer=adam --set server.epsilon=1e-8
-            --set server.learning_rate=1e-3) ;;
         *) echo "unknown cell $cell" >&2; exit 2 ;;
       esac ;;
     ablation)

@@ -850,10 +850,52 @@ def test_recipe_grid_sft_cell_runs_the_demo_per_strategy_at_its_own_length(tmp_p
         assert config.server.eval_every == every, name
 
 
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("xargs") is None, reason="needs bash and xargs"
+)
+def test_recipe_grid_fedsgd_cells_run_the_example_per_strategy(tmp_path: Path) -> None:
+    """The FedSGD cells run examples/mrpc_fedsgd.toml on dev at its rounds, with each
+    experiment's strategy and ranks, and on IID partitions in the IID cell."""
+    log = tmp_path / "calls.jsonl"
+    bin_dir = _recording_hlora(tmp_path, log)
+    python = bin_dir / "python"
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SEEDS": "0", "JOBS": "1", "REFS": ""}
+    cells = ("mrpc-dirichlet-fedsgd", "mrpc-iid-fedsgd")
+    command = ["bash", str(ROOT / "experiments/recipe_grid.sh"), str(tmp_path / "out"), *cells]
+    subprocess.run(command, cwd=ROOT, check=True, env=env, capture_output=True)
+    example = load_config(ROOT / "examples/mrpc_fedsgd.toml")
+    assert (example.train.local_steps, example.train.optimizer) == (1, "sgd")
+    assert example.server.optimizer == "adam" and example.train.logit_adjustment == 0
+    names: dict[str, set[str]] = {cell: set() for cell in cells}
+    for line in log.read_text().splitlines():
+        call = json.loads(line)
+        assert call[1] == "examples/mrpc_fedsgd.toml"
+        config = load_config(ROOT / call[1], _sets(call))
+        cell = Path(call[call.index("--output") + 1]).name
+        names[cell].add(config.output.name)
+        assert config.train == example.train and config.server.optimizer == "adam"
+        assert config.federation.rounds == example.federation.rounds
+        assert config.data.validation_fraction == 0 and config.data.task == "mrpc"
+        assert config.data.partition == ("iid" if cell == "mrpc-iid-fedsgd" else "dirichlet")
+        ranks = (8,) if config.output.name.startswith("e1-") else (2, 4, 8, 16)
+        assert config.federation.ranks == ranks
+        assert config.federation.strategy == config.output.name.split("-")[1]
+    for cell in cells:
+        assert names[cell] == {
+            f"{run}-s0" for run in ("e3-hlora", "e3-zeropad", "e3-flora", "e1-fedavg", "e1-hlora")
+        }
+    # its references would train the example's way: the cell refuses them
+    del env["REFS"]
+    refused = subprocess.run(command[:4], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "run it with REFS=" in refused.stderr
+
+
 RECIPE_STAGES = (
     "screen", "screen2", "split", "silent", "iid", "dirichlet-sgd2",
     "cap", "shorter", "sgd", "steps", "epsilon", "qqp", "qqp2", "central",
-    "mrpc-lr", "iid2", "babu", "global-rank", "keep", "ccvr", "decorr",
+    "mrpc-lr", "iid2", "babu", "global-rank", "keep", "ccvr", "decorr", "fedsgd",
 )  # fmt: skip
 SEARCHES = [
     *(
