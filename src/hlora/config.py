@@ -582,18 +582,11 @@ class ServerConfig:
         _number("server.learning_rate", self.learning_rate, low=0.0, low_open=True, high=100.0)
         _choice("server.lr_schedule", self.lr_schedule, RUN_SCHEDULES)
         _number("server.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
-        if self.optimizer == "none":
-            scheduled = {
-                "lr_schedule": self.lr_schedule != "constant",
-                "warmup_ratio": self.warmup_ratio > 0,
-            }
-            for key, is_set in scheduled.items():
-                if is_set:
-                    raise _fail(
-                        f"server.{key}",
-                        getattr(self, key),
-                        "a schedule of the server's learning rate needs a server.optimizer",
-                    )
+        unscheduled = "a schedule of the server's learning rate needs a server.optimizer"
+        if self.optimizer == "none" and self.lr_schedule != "constant":
+            raise _fail("server.lr_schedule", self.lr_schedule, unscheduled)
+        if self.optimizer == "none" and self.warmup_ratio > 0:
+            raise _fail("server.warmup_ratio", self.warmup_ratio, unscheduled)
         _number("server.momentum", self.momentum, low=0.0, high=0.999)
         _number("server.beta2", self.beta2, low=0.0, high=0.99999)
         _number("server.epsilon", self.epsilon, low=0.0, low_open=True, high=1.0)

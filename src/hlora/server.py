@@ -293,6 +293,8 @@ class RoundLoop:
     def run_round(self, state: ServerState, round_num: int) -> tuple[ServerState, dict[str, Any]]:
         """Run one round and return the new state and its metrics record."""
         start = time.perf_counter()
+        opt = self.settings.server_optimizer  # None for the references and the paper's rule
+        stepped = None if opt is None else opt.at_round(round_num, self.settings.rounds)
         chosen = self.sample(round_num)
         instructions = [self.instruction(state, cid, round_num) for cid in chosen]
         self.progress.start_round(round_num, len(instructions))
@@ -321,8 +323,8 @@ class RoundLoop:
             aggregate, kept = self.aggregate(updates, dropped)
             if self.settings.freeze_head:  # whatever the clients sent back; a server step
                 aggregate = replace(aggregate, extras=dict(state.extras))  # then moves it by 0
-            if self.settings.server_optimizer is not None:
-                aggregate, opt_state = self.server_step(state, aggregate, kept, round_num)
+            if stepped is not None:
+                aggregate, opt_state = self.server_step(state, aggregate, kept, stepped)
                 new_state = replace(new_state, optimizer=opt_state)
             new_state = replace(new_state, global_update=aggregate, extras=dict(aggregate.extras))
             if aggregate.merge_into_base:
@@ -386,11 +388,8 @@ class RoundLoop:
             record["head_calibration"] = calibration
         if instructions and instructions[0].schedule is not None:
             record["learning_rate"] = list(instructions[0].schedule.bounds())
-        opt = self.settings.server_optimizer
-        if opt is not None and self.settings.mode != "local":
-            record["server_learning_rate"] = opt.at_round(
-                round_num, self.settings.rounds
-            ).learning_rate
+        if stepped is not None:
+            record["server_learning_rate"] = stepped.learning_rate
         spectrum = self.spectrum(new_state)
         if spectrum:
             record["energy_beyond_rank"] = spectrum
@@ -495,14 +494,12 @@ class RoundLoop:
         state: ServerState,
         aggregate: GlobalUpdate,
         kept: Sequence[ClientUpdate],
-        round_num: int,
+        opt: ServerOptimizer,
     ) -> tuple[GlobalUpdate, dict[str, Tensor]]:
-        """The server optimizer's step from the previous global update (see ``server_opt``),
-        at round ``round_num``'s point of the server's learning-rate schedule."""
-        opt = self.settings.server_optimizer
-        if opt is None or self.strategy is None:
+        """The step of ``opt`` (the server optimizer at this round's point of its learning-rate
+        schedule) from the previous global update (see ``server_opt``)."""
+        if self.strategy is None:
             raise FederationError("no server optimizer in this run")
-        opt = opt.at_round(round_num, self.settings.rounds)
         total = sum(u.num_examples for u in kept)
         profile = rank_profile([u.rank for u in kept], [u.num_examples / total for u in kept])
         previous = state.global_update
