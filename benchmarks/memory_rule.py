@@ -129,9 +129,13 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.steps, tuple(args.set))))
         return
+    import torch
+
+    # glibc's settings change only the resident set on a CPU, not what CUDA allocates
+    allocators = {"default": {}} if torch.cuda.is_available() else ALLOCATORS
     rows = []
     for case in args.cases:
-        for allocator, env in ALLOCATORS.items():
+        for allocator, env in allocators.items():
             out = subprocess.run(
                 [
                     sys.executable,

@@ -26,7 +26,8 @@
 # environment; so may the runs of a seed: HLORA_RUNS (default "e3-hlora"), REFS (default
 # "centralized"), then REST_RUNS (default "e3-zeropad e1-fedavg e1-hlora e3-flora"). Runs are
 # planned seed by seed, so the first seeds finish first. Finished runs (summary.json) are
-# skipped: the script can be restarted.
+# skipped: the script can be restarted. GRID_SET (space-separated KEY=VALUE) adds overrides to
+# every run, for example GRID_SET="model.name=FOLDER" where the offline model package is missing.
 # Tables: python experiments/results.py OUT/CELL --cell CELL --target 0.78
 set -euo pipefail
 out="${1:-runs/recipe-grid}"
@@ -38,6 +39,7 @@ source "$(dirname "$0")/grid.sh"
 # The experiment files fix 20 rounds; the recipe's own length is the default's.
 rounds="$(python -c 'from hlora.config import load_config; print(load_config().federation.rounds)')"
 RUN_ARGS=(--no-progress --data-dir "$data" --set federation.rounds="$rounds")
+for override in ${GRID_SET:-}; do RUN_ARGS+=(--set "$override"); done
 export OMP_NUM_THREADS=1
 plan="$(mktemp)"
 export GRID_PLAN="$plan"

@@ -619,6 +619,15 @@ def test_protocol_scripts_parse(script: str) -> None:
     subprocess.run(["bash", "-n", str(ROOT / "experiments" / script)], check=True)
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_checks_script_parses_and_names_its_modes() -> None:
+    script = str(ROOT / "experiments/gpu_checks.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    wrong = subprocess.run(["bash", script, "nothing"], capture_output=True, text=True)
+    assert wrong.returncode == 2
+    assert "usage:" in wrong.stderr and "prepare | run OUT" in wrong.stderr
+
+
 # -- label skew of a partition -------------------------------------------------------------
 
 
@@ -765,14 +774,20 @@ def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path
     """Every cell of recipe_grid.sh plans E3, E1 and `centralized` per seed, on dev, at the
     default recipe's rounds, with the cell's task, partition and server step; the QQP sample's
     cells train a quarter epoch a round; MRPC's and the QQP sample's references train at their
-    own learning rates, and so do the QQP sample's federations under label skew."""
+    own learning rates, and so do the QQP sample's federations under label skew; GRID_SET's
+    overrides reach every run."""
     log = tmp_path / "calls.jsonl"
     bin_dir = _recording_hlora(tmp_path, log)
     python = bin_dir / "python"  # the script asks hlora for its rounds
     python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     python.chmod(0o755)
     out = tmp_path / "out"
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SEEDS": "0 1", "JOBS": "1"}
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SEEDS": "0 1",
+        "JOBS": "1",
+        "GRID_SET": "model.max_length=96 server.eval_batch_size=8",
+    }
     command = ["bash", str(ROOT / "experiments/recipe_grid.sh"), str(out), *RECIPE_GRID_CELLS]
     subprocess.run(command, cwd=ROOT, check=True, env=env, capture_output=True)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
@@ -787,6 +802,7 @@ def test_recipe_grid_cells_run_valid_configurations_with_their_settings(tmp_path
         assert config.server.learning_rate == (2.0 if optimizer == "sgd" else 1.0)
         assert config.data.validation_fraction == 0  # the grid reports on dev
         assert config.federation.rounds == default.federation.rounds
+        assert (config.model.max_length, config.server.eval_batch_size) == (96, 8)
         qqp = task == "qqp-sample"
         assert config.train.local_epochs == (0.25 if qqp else default.train.local_epochs)
         reference_rate = {"qqp-sample": 1e-3, "mrpc": 5e-4}.get(task)
