@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -342,6 +342,22 @@ elif [ "$STAGE" = fedsgd ]; then
   for seed in 1 0; do
     RUNS+=("fedavg-fedsgd-adam2e-3lin-s$seed|${FEDAVG[*]} ${FEDSGD[*]} --set server.learning_rate=2e-3 --set server.lr_schedule=linear --set server.warmup_ratio=0.1 --set federation.seed=$seed")
   done
+elif [ "$STAGE" = fedsgd-rank ]; then
+  # Why hlora fails under FedSGD + Adam where fedavg learns (stage fedsgd): its optimizer acts on
+  # each layer's whole dW, where Adam moves every one of the out x in entries by about eta a
+  # round, a full-rank step whose norm outgrows fedavg's (whose Adam moves the entries of the
+  # rank-8 factors). server.global_rank keeps only the leading components of the new global
+  # update: the step's rank is then that of the factors the clients can hold. hlora at rank 8
+  # (global rank 8) and at ranks {2, 4, 8, 16} (global rank 16), eta 1e-3 as fedavg, draw 0.
+  LEN=(--set federation.rounds=332 --set train.local_steps=1 --set server.eval_every=83)
+  FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head_learning_rate=1.0
+    --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
+    --set server.optimizer=adam --set server.epsilon=1e-8 --set server.learning_rate=1e-3)
+  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
+  RUNS=(
+    "hlora8-fedsgd-adam1e-3-gr8-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set server.global_rank=8 --set federation.seed=0"
+    "hlora-fedsgd-adam1e-3-gr16-s0|${HET[*]} ${FEDSGD[*]} --set server.global_rank=16 --set federation.seed=0"
+  )
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi
