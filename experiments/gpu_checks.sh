@@ -163,7 +163,7 @@ EOF
   fi
   if kill -0 "$grid_pid" 2>/dev/null; then
     echo "budget spent: stopping the grid"
-    pkill -f recipe_grid.sh; pkill -f "hlora.cli run"; sleep 2
+    pkill -f recipe_grid.sh; pkill -x xargs; pkill -f "hlora.cli run"; sleep 2
   fi
   cat "$work/checks.log"
   tail -n 30 "$work/grid.log"
