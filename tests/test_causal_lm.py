@@ -552,6 +552,27 @@ def test_flower_simulation_matches_inprocess_for_a_causal_lm(
     assert (flower.run_dir / GENERATIONS_FILE).is_file()
 
 
+def test_checkpointing_uses_the_old_name_on_transformers_releases_before_the_rename() -> None:
+    """transformers before the 5.x rename has only ``gradient_checkpointing_enable``; both
+    names get non-reentrant checkpointing."""
+    from hlora.stack import _enable_activation_checkpointing
+
+    calls: list[tuple[str, object]] = []
+
+    class Old:
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: object) -> None:
+            calls.append(("gradient", gradient_checkpointing_kwargs))
+
+    class New(Old):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs: object) -> None:
+            calls.append(("activation", activation_checkpointing_kwargs))
+
+    _enable_activation_checkpointing(Old())  # type: ignore[arg-type]
+    _enable_activation_checkpointing(New())  # type: ignore[arg-type]
+    off = {"use_reentrant": False}
+    assert calls == [("gradient", off), ("activation", off)]
+
+
 def test_gradient_checkpointing_gives_the_same_update(tmp_path: Path) -> None:
     """``train.gradient_checkpointing`` recomputes activations: the same loss and factors."""
     from hlora.stack import build_stack

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import transformers
+
 from hlora.adapters import LoraBank
 from hlora.config import RunConfig
 from hlora.data.glue import get_task
@@ -51,6 +53,20 @@ def load_run_backbone(config: RunConfig) -> Backbone:
     )
 
 
+def _enable_activation_checkpointing(model: transformers.PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing (it needs no gradient on the frozen inputs).
+
+    transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    during 5.x (the old name a deprecated alias since); releases before the rename have only the
+    old one.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_stack(
     config: RunConfig,
     ranks: Iterable[int],
@@ -72,10 +88,7 @@ def build_stack(
     if backbone is None:
         backbone = load_run_backbone(config)
     if config.train.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no gradient on the (frozen) inputs.
-        backbone.model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        _enable_activation_checkpointing(backbone.model)
     bank = LoraBank(
         backbone,
         sorted(set(ranks)),
