@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -367,6 +367,23 @@ elif [ "$STAGE" = fedsgd-rank ]; then
   RUNS+=(
     "hlora8-fedsgd-adam1e-3-gr8-orthoa-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set server.global_rank=8 --set server.factor_split=orthonormal-a --set federation.seed=0"
     "hlora-fedsgd-adam1e-3-gr16-orthoa-s0|${HET[*]} ${FEDSGD[*]} --set server.global_rank=16 --set server.factor_split=orthonormal-a --set federation.seed=0"
+  )
+elif [ "$STAGE" = fedsgd-eps ]; then
+  # A diagnosis of hlora's failure under FedSGD + Adam (stages fedsgd, fedsgd-rank). Its saved
+  # Adam state (rank 8, global rank 8, draw 0, after 332 rounds) puts the mean pseudo-gradient
+  # of an entry of dW at a tenth to a fifth of its root mean square (|m| 1e-5 to 3e-4 against
+  # sqrt(v) 1e-4 to 2e-3 by layer): the round's mean is mostly noise, and Adam moves every one
+  # of a layer's 147,456 entries by about the same fraction of eta. A larger epsilon (tau)
+  # makes the step proportional to the measured mean where sqrt(v) < tau (server SGD with
+  # momentum at eta / tau there). tau = 1e-3 on fedavg and on hlora (rank 8, global rank 8),
+  # draw 0: the same setting for both.
+  LEN=(--set federation.rounds=332 --set train.local_steps=1 --set server.eval_every=83)
+  FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head_learning_rate=1.0
+    --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
+    --set server.optimizer=adam --set server.learning_rate=1e-3)
+  RUNS=(
+    "fedavg-fedsgd-adam1e-3-eps1e-3-s0|${FEDAVG[*]} ${FEDSGD[*]} --set server.epsilon=1e-3 --set federation.seed=0"
+    "hlora8-fedsgd-adam1e-3-gr8-eps1e-3-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set server.global_rank=8 --set server.epsilon=1e-3 --set federation.seed=0"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2
