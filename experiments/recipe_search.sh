@@ -349,6 +349,7 @@ elif [ "$STAGE" = fedsgd-rank ]; then
   # rank-8 factors). server.global_rank keeps only the leading components of the new global
   # update: the step's rank is then that of the factors the clients can hold. hlora at rank 8
   # (global rank 8) and at ranks {2, 4, 8, 16} (global rank 16), eta 1e-3 as fedavg, draw 0.
+  # A diagnosis: no setting is chosen from hlora's runs alone.
   LEN=(--set federation.rounds=332 --set train.local_steps=1 --set server.eval_every=83)
   FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head_learning_rate=1.0
     --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
