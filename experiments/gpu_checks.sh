@@ -145,6 +145,7 @@ EOF
     grep -v '^{' | tee "$work/sft_client.log"
 
   echo "$(date -u +%T) grid, memory rule, 4-bit runs, gpu tests"
+  set -m  # each background job in its own process group, stopped as a whole at the budget
   [[ " $steps " == *" grid "* ]] && (
     export GRID_SET="model.name=$minilm" JOBS="${JOBS:-10}"
     SEEDS=0 bash experiments/recipe_grid.sh "$work/grid" rte-dirichlet rte-iid-sgd2
@@ -157,14 +158,15 @@ EOF
     sleep 5
   done
   echo "$(date -u +%T) at ${SECONDS}s"
-  if kill -0 "$checks_pid" 2>/dev/null; then
-    echo "budget spent: stopping the checks"
-    kill "$checks_pid"; pkill -f memory_rule.py; pkill -f pytest
-  fi
-  if kill -0 "$grid_pid" 2>/dev/null; then
-    echo "budget spent: stopping the grid"
-    pkill -f recipe_grid.sh; pkill -x xargs; pkill -f "hlora.cli run"; sleep 2
-  fi
+  local pid
+  for pid in "$grid_pid" "$checks_pid"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "budget spent: stopping process group $pid"
+      kill -- "-$pid"
+    fi
+  done
+  set +m
+  sleep 2
   cat "$work/checks.log"
   tail -n 30 "$work/grid.log"
   find "$work/grid" -name summary.json | sort | while read -r s; do
