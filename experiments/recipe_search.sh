@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps | fedsgd-server-factors
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -385,6 +385,23 @@ elif [ "$STAGE" = fedsgd-eps ]; then
   RUNS=(
     "fedavg-fedsgd-adam1e-3-eps1e-3-s0|${FEDAVG[*]} ${FEDSGD[*]} --set server.epsilon=1e-3 --set federation.seed=0"
     "hlora8-fedsgd-adam1e-3-gr8-eps1e-3-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set server.global_rank=8 --set server.epsilon=1e-3 --set federation.seed=0"
+  )
+elif [ "$STAGE" = fedsgd-server-factors ]; then
+  # hlora's server optimizer in a stable basis (stages fedsgd-rank, fedsgd-eps): with
+  # server.hlora_space=server-factors the server keeps its own factors L, Rt of the global update
+  # (rank 8, or 16 for ranks {2, 4, 8, 16}), so Adam's moments stay attached to the same
+  # coordinates from round to round, as fedavg's do; the round's exact progress is pulled back
+  # to them and each client still receives its best rank-r_k part of L Rt. fedavg's settings
+  # (stage fedsgd), unchanged; draw 0.
+  LEN=(--set federation.rounds=332 --set train.local_steps=1 --set server.eval_every=83)
+  FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head_learning_rate=1.0
+    --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
+    --set server.optimizer=adam --set server.epsilon=1e-8 --set server.learning_rate=1e-3
+    --set server.hlora_space=server-factors)
+  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
+  RUNS=(
+    "hlora8-fedsgd-adam1e-3-sf-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set federation.seed=0"
+    "hlora-fedsgd-adam1e-3-sf-s0|${HET[*]} ${FEDSGD[*]} --set federation.seed=0"
   )
 else
   echo "unknown stage $STAGE" >&2; exit 2

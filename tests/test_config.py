@@ -78,6 +78,11 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("server.epsilon=0", "invalid value for 'server.epsilon': 0"),
         ("server.optimizer_state=sparse", "invalid value for 'server.optimizer_state': 'sparse'"),
         ("server.state_rank=0", "invalid value for 'server.state_rank': 0"),
+        ("server.hlora_space=factors", "invalid value for 'server.hlora_space': 'factors'"),
+        (
+            "server.hlora_space=server-factors",
+            "'server.hlora_space': 'server-factors' (it needs a server.optimizer)",
+        ),
         ("server.lr_schedule=step", "invalid value for 'server.lr_schedule': 'step' (allowed:"),
         ("server.warmup_ratio=1", "invalid value for 'server.warmup_ratio': 1"),
         (
@@ -144,6 +149,18 @@ def test_fedavg_with_memory_ranks_is_refused_before_the_run() -> None:
 def test_factored_state_is_refused_for_adaptive_optimizers() -> None:
     with pytest.raises(ConfigError, match=r"'yogi' needs 'dense' or 'auto' state"):
         load_config(None, ("server.optimizer=yogi", "server.optimizer_state=factored"))
+
+
+def test_server_factors_keep_their_state_at_the_factors_shapes() -> None:
+    with pytest.raises(ConfigError, match=r"'server-factors' keeps its state at the factors'"):
+        load_config(
+            None,
+            (
+                "server.optimizer=avgm",
+                "server.optimizer_state=factored",
+                "server.hlora_space=server-factors",
+            ),
+        )
 
 
 def test_bare_words_are_strings() -> None:

@@ -532,11 +532,18 @@ class _Crash(Exception):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("strategy", "optimizer"), [("hlora", "avgm"), ("zeropad", "adam"), ("flora", "avgm")]
+    ("strategy", "optimizer", "space"),
+    [
+        ("hlora", "avgm", "delta"),
+        ("hlora", "adam", "server-factors"),
+        ("zeropad", "adam", "delta"),
+        ("flora", "avgm", "delta"),
+    ],
 )
 def test_a_resumed_run_keeps_the_server_optimizers_state(
     strategy: str,
     optimizer: str,
+    space: str,
     tiny_bert_dir: Path,
     glue_dir: Path,
     tmp_path: Path,
@@ -547,6 +554,7 @@ def test_a_resumed_run_keeps_the_server_optimizers_state(
         "federation.rounds": 4,
         "server.optimizer": f'"{optimizer}"',
         "server.learning_rate": 0.5 if optimizer == "avgm" else 0.01,
+        "server.hlora_space": f'"{space}"',
     }
 
     def config(name: str) -> RunConfig:
@@ -567,6 +575,8 @@ def test_a_resumed_run_keeps_the_server_optimizers_state(
     monkeypatch.setattr(RoundLoop, "run_round", original)
     state = load_state(tmp_path / "crashed" / "checkpoint.safetensors")
     assert state.round_num == 2 and state.optimizer  # the momentum is in the checkpoint
+    server_factors = [k for k in state.optimizer if k.startswith("x.")]
+    assert bool(server_factors) == (space == "server-factors")
     resumed = resume(tmp_path / "crashed", progress=False)
 
     def evals(run_dir: Path) -> list[Any]:

@@ -55,11 +55,11 @@ def _delta_pseudo_gradient(
 
 
 def _run(
-    opt: ServerOptimizer, strategy: str, ranks: list[int], rounds: int
+    opt: ServerOptimizer, strategy: str, ranks: list[int], rounds: int, space: str | None = None
 ) -> tuple[list[GlobalUpdate], list[list[ClientUpdate]]]:
     sizes = [30, 10, 20, 40][: len(ranks)]
     aggregate = get_strategy(strategy).aggregate
-    space = get_strategy(strategy).optimizer_space
+    space = space or get_strategy(strategy).optimizer_space
     state: dict[str, torch.Tensor] = {}
     previous: GlobalUpdate | None = None
     head = {"head": torch.zeros(3, dtype=torch.float64)}
@@ -109,6 +109,51 @@ def test_dense_delta_space_matches_reference(name: str) -> None:
     s = history[-1].layers["l0"].singular_values
     assert s is not None
     assert_close(s, torch.linalg.svdvals(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_server_factors_match_a_dense_reference(name: str) -> None:
+    """``server-factors``: the server's own factors ``L``, ``Rt`` step along the pulled-back
+    progress ``g Rt^T`` and ``L^T g``; what clients receive is the SVD of ``L Rt``."""
+    ranks = [2, 4, 3]
+    opt = ServerOptimizer(name, learning_rate=0.3, momentum=0.8, beta2=0.9, epsilon=1e-2)
+    history, inputs = _run(opt, "hlora", ranks, rounds=3, space="server-factors")
+    previous = None
+    moments: dict[str, torch.Tensor] = {}
+
+    def direction(key: str, g: torch.Tensor) -> torch.Tensor:
+        if name == "sgd":
+            return g
+        m = 0.8 * moments.get("m" + key, torch.zeros_like(g)) + 0.2 * g
+        v = 0.9 * moments.get("v" + key, torch.zeros_like(g)) + 0.1 * g * g
+        moments["m" + key], moments["v" + key] = m, v
+        return m / (v.sqrt() + 1e-2)
+
+    for t, (global_update, updates) in enumerate(zip(history, inputs, strict=True)):
+        g = _delta_pseudo_gradient(updates, previous, "l0")  # (OUT, IN)
+        if t == 0:  # L = 0, Rt = the leading right singular vectors of the first progress
+            left = torch.zeros(OUT, max(ranks), dtype=torch.float64)
+            right = torch.linalg.svd(g)[2][: max(ranks)]
+        g_left, g_right = g @ right.T, left.T @ g
+        left = left + 0.3 * direction("L", g_left)
+        right = right + 0.3 * direction("R", g_right)
+        layer = global_update.layers["l0"]
+        assert_close(layer.dense(), left @ right, rtol=1e-9, atol=1e-12)
+        assert layer.rank <= max(ranks)
+        assert layer.singular_values is not None  # an SVD: clients get their best rank-r part
+        assert_close(layer.singular_values, torch.linalg.svdvals(left @ right)[: layer.rank])
+        previous = global_update
+    # the step is not the delta space's: the same run there ends elsewhere
+    delta, _ = _run(opt, "hlora", ranks, rounds=3, space="delta")
+    assert not torch.allclose(delta[-1].layers["l0"].dense(), history[-1].layers["l0"].dense())
+
+
+def test_server_factors_take_a_global_rank_and_refuse_unknown_spaces() -> None:
+    opt = ServerOptimizer("adam", learning_rate=0.1, global_rank=2, space="server-factors")
+    history, _ = _run(opt, "hlora", [2, 4], rounds=2, space="server-factors")
+    assert all(layer.rank <= 2 for layer in history[-1].layers.values())
+    with pytest.raises(ValueError, match="unknown optimizer space 'weights'"):
+        ServerOptimizer("adam", space="weights")
 
 
 def test_sgd_at_one_keeps_what_no_client_holds() -> None:

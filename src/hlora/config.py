@@ -38,6 +38,7 @@ TRUNCATION_EVALS: tuple[str, ...] = ("never", "final", "every")
 LR_SCHEDULES: tuple[str, ...] = ("round", *RUN_SCHEDULES)  # train.lr_schedule
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
 OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
+HLORA_SPACES: tuple[str, ...] = ("delta", "server-factors")  # server.hlora_space
 CLIENT_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 HEAD_CALIBRATIONS: tuple[str, ...] = ("none", "ccvr")  # server.head_calibration (hlora.calibration)
 _ADAM_EPSILON = 1e-8
@@ -560,6 +561,16 @@ class ServerConfig:
         default=64,
         metadata=_help("rank budget of factored optimizer state and of a factored global update"),
     )
+    hlora_space: str = field(
+        default="delta",
+        metadata=_help(
+            "where a server optimizer steps hlora's global update (the other strategies step "
+            "their own factors or increment): 'delta' (each layer's whole update dW) or "
+            "'server-factors' (the server keeps its own rank-R factors L, Rt of it, steps them "
+            "along the round's exact progress pulled back to them, and sends each client the "
+            "best rank-r_k part of L Rt; R = server.global_rank, or the largest client rank)"
+        ),
+    )
 
     head_calibration: str = field(
         default="none",
@@ -598,6 +609,15 @@ class ServerConfig:
                 self.optimizer_state,
                 f"server.optimizer '{self.optimizer}' needs 'dense' or 'auto' state (its second "
                 "moment is elementwise; factored state is for 'sgd' and 'avgm')",
+            )
+        _choice("server.hlora_space", self.hlora_space, HLORA_SPACES)
+        if self.hlora_space != "delta" and self.optimizer == "none":
+            raise _fail("server.hlora_space", self.hlora_space, "it needs a server.optimizer")
+        if self.hlora_space != "delta" and self.optimizer_state == "factored":
+            raise _fail(
+                "server.optimizer_state",
+                self.optimizer_state,
+                "'server-factors' keeps its state at the factors' shapes: use 'auto' or 'dense'",
             )
         _non_negative_int("server.global_rank", self.global_rank)
         _choice("server.svd_method", self.svd_method, SVD_METHODS)
@@ -878,6 +898,7 @@ def _added_later() -> dict[str, dict[str, Any]]:
             "calibration_samples": 10.0,
             "lr_schedule": "constant",
             "warmup_ratio": 0.0,
+            "hlora_space": "delta",
         },
         "trust": dataclasses.asdict(TrustConfig()),
     }

@@ -505,9 +505,12 @@ class RoundLoop:
         previous = state.global_update
         if previous is not None and previous.merge_into_base:
             previous = None
+        space = opt.space or self.strategy.optimizer_space
+        if space == "server-factors" and opt.global_rank is None:
+            opt = replace(opt, global_rank=max(c.rank for c in self.clients.values()))
         return server_step(
             opt,
-            self.strategy.optimizer_space,
+            space,
             previous,
             state.extras,
             aggregate,

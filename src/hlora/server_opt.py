@@ -28,6 +28,15 @@ strategy (:attr:`hlora.aggregation.Strategy.optimizer_space`):
   ``sum_k w_k x0_k = left * c`` (column ``j`` times ``c_j``), likewise for ``right``.
 - ``increment`` (``flora``): clients start from fresh adapters (``x0_k = 0``); ``g`` is the
   round's exact increment and ``eta * u`` is what gets merged into the base.
+- ``server-factors`` (``hlora``, chosen with ``server.optimizer_space``): the server keeps its
+  own factors of the global update, ``L (out, R)`` and ``Rt (R, in)`` (``R``: the largest
+  client rank, or the global rank), which no SVD re-makes, so the optimizer's moments stay
+  attached to the same coordinates from round to round, as ``factors``' do. ``g`` is the
+  delta space's exact progress ``(out, in)`` (never formed), pulled back to the factors as the
+  gradient of ``<g, L Rt>``: ``g_L = g Rt^T``, ``g_Rt = L^T g``; the optimizer steps ``L`` and
+  ``Rt``, and the global update the clients receive is the SVD of ``L Rt``, so each still gets
+  its best rank-``r_k`` part. ``L`` starts at zero and ``Rt`` at the first round's leading
+  right singular vectors (orthonormal rows), as a LoRA adapter starts at ``B = 0``.
 
 The head (the other trainable tensors) is stepped the same way, its ``g`` being the average
 head minus the head sent.
@@ -54,7 +63,7 @@ from hlora.aggregation.factored import qr_svd, split_singular_values
 from hlora.schedule import RUN_SCHEDULES, run_learning_rate
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
-SPACES: tuple[str, ...] = ("delta", "factors", "increment")
+SPACES: tuple[str, ...] = ("delta", "factors", "increment", "server-factors")
 DENSE_STATE_LIMIT = 4 * 2**20  # 'auto': dense state up to this many entries per layer
 
 
@@ -74,6 +83,8 @@ class ServerOptimizer:
         schedule: How ``learning_rate`` moves across rounds (:meth:`at_round`): ``constant``,
             ``linear`` or ``cosine``, as the clients' run-wide schedules.
         warmup_ratio: Share of the run over which ``learning_rate`` warms up from zero.
+        space: Where the optimizer steps; None: the strategy's own space
+            (:attr:`hlora.aggregation.Strategy.optimizer_space`).
     """
 
     name: str
@@ -86,6 +97,7 @@ class ServerOptimizer:
     global_rank: int | None = None
     schedule: str = "constant"
     warmup_ratio: float = 0.0
+    space: str | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in RUN_SCHEDULES or not 0.0 <= self.warmup_ratio < 1.0:
@@ -103,6 +115,8 @@ class ServerOptimizer:
             raise ValueError(
                 "server optimizer: need learning_rate > 0, momentum and beta2 in [0, 1)"
             )
+        if self.space is not None and self.space not in SPACES:
+            raise ValueError(f"unknown optimizer space {self.space!r} (allowed: {SPACES})")
         if self.epsilon <= 0 or self.state_rank < 1:
             raise ValueError("server optimizer: need epsilon > 0 and state_rank >= 1")
 
@@ -225,6 +239,8 @@ def server_step(
         prev = None if previous is None or space == "increment" else previous.layers[name]
         if space == "factors":
             layers[name] = _factor_step(opt, name, prev, agg, profile, new_state)
+        elif space == "server-factors":
+            layers[name] = _server_factor_step(opt, name, prev, agg, profile, new_state, split)
         elif opt.factored_for(agg.left.shape[0], agg.right.shape[1]):
             layers[name] = _factored_delta_step(opt, name, prev, agg, profile, new_state, split)
         else:
@@ -316,3 +332,38 @@ def _factor_step(
     new_left = start_left + opt.learning_rate * _direction(opt, f"left.{name}", g_left, state)
     new_right = start_right + opt.learning_rate * _direction(opt, f"right.{name}", g_right, state)
     return LowRankDelta(left=new_left, right=new_right, scale=agg.scale)
+
+
+def _server_factor_step(
+    opt: ServerOptimizer,
+    name: str,
+    prev: LowRankDelta | None,
+    agg: LowRankDelta,
+    profile: Tensor,
+    state: dict[str, Tensor],
+    split: str,
+) -> LowRankDelta:
+    """One step of the server's own factors ``L (out, R)``, ``Rt (R, in)`` (space
+    ``server-factors``; ``R = opt.global_rank``, or the largest client rank when None)."""
+    g_left, g_right = agg.scale * agg.left, agg.right  # progress g = g_left @ g_right
+    if prev is not None:
+        s_left, s_right = _started_from(prev, profile)
+        g_left = torch.cat([g_left, -s_left.to(g_left.dtype)], dim=-1)
+        g_right = torch.cat([g_right, s_right.to(g_right.dtype)], dim=-2)
+    l_key, r_key = f"x.layer.{name}.left", f"x.layer.{name}.right"
+    if l_key not in state:
+        rank = opt.global_rank or profile.shape[0]
+        if prev is None:  # L = 0, Rt = the progress's leading right singular vectors
+            vh = qr_svd(g_left, g_right)[2][:rank]
+            state[r_key] = pad_to(vh, rank, -2)
+            state[l_key] = torch.zeros(g_left.shape[0], rank, dtype=g_left.dtype)
+        else:  # a run that turns the space on mid-way: start from the global update itself
+            state[l_key] = pad_to(prev.scale * prev.left, rank, -1)[:, :rank].to(g_left.dtype)
+            state[r_key] = pad_to(prev.right, rank, -2)[:rank].to(g_right.dtype)
+    left, right = state[l_key].to(g_left.dtype), state[r_key].to(g_right.dtype)
+    grad_left = g_left @ (g_right @ right.T)  # g Rt^T, (out, R)
+    grad_right = (left.T @ g_left) @ g_right  # L^T g, (R, in)
+    left = left + opt.learning_rate * _direction(opt, f"left.{name}", grad_left, state)
+    right = right + opt.learning_rate * _direction(opt, f"right.{name}", grad_right, state)
+    state[l_key], state[r_key] = left, right
+    return _truncate(left, right, left.shape[-1], split)
