@@ -403,6 +403,15 @@ elif [ "$STAGE" = fedsgd-server-factors ]; then
     "hlora8-fedsgd-adam1e-3-sf-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set federation.seed=0"
     "hlora-fedsgd-adam1e-3-sf-s0|${HET[*]} ${FEDSGD[*]} --set federation.seed=0"
   )
+  # Rank 8 ended at 0.752 and ranks {2, 4, 8, 16} at 0.733 (0.793 after 12 passes), against
+  # 0.706 for both in dW and fedavg's 0.807. Then the factors the clients start from: with
+  # orthonormal-a (A = Vh) a client's progress projected back on L is fedavg's step on B
+  # whenever Rt's rows span the same space; with the balanced split it is weighted by the
+  # singular values.
+  RUNS+=(
+    "hlora8-fedsgd-adam1e-3-sf-orthoa-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set server.factor_split=orthonormal-a --set federation.seed=0"
+    "hlora-fedsgd-adam1e-3-sf-orthoa-s0|${HET[*]} ${FEDSGD[*]} --set server.factor_split=orthonormal-a --set federation.seed=0"
+  )
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi
