@@ -154,6 +154,11 @@ def test_server_factors_take_a_global_rank_and_refuse_unknown_spaces() -> None:
     assert all(layer.rank <= 2 for layer in history[-1].layers.values())
     with pytest.raises(ValueError, match="unknown optimizer space 'weights'"):
         ServerOptimizer("adam", space="weights")
+    # a global update to step from, but a state without the server's factors of it
+    agg = get_strategy("hlora").aggregate(_updates([2, 4], [10, 20], seed=0))
+    head = {"head": torch.zeros(3, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="layer l0: the optimizer state holds no server factors"):
+        server_step(opt, "server-factors", agg, head, agg, rank_profile([2, 4], [0.5, 0.5]), {})
 
 
 def test_sgd_at_one_keeps_what_no_client_holds() -> None:

@@ -28,7 +28,7 @@ strategy (:attr:`hlora.aggregation.Strategy.optimizer_space`):
   ``sum_k w_k x0_k = left * c`` (column ``j`` times ``c_j``), likewise for ``right``.
 - ``increment`` (``flora``): clients start from fresh adapters (``x0_k = 0``); ``g`` is the
   round's exact increment and ``eta * u`` is what gets merged into the base.
-- ``server-factors`` (``hlora``, chosen with ``server.optimizer_space``): the server keeps its
+- ``server-factors`` (``hlora``, chosen with ``server.hlora_space``): the server keeps its
   own factors of the global update, ``L (out, R)`` and ``Rt (R, in)`` (``R``: the largest
   client rank, or the global rank), which no SVD re-makes, so the optimizer's moments stay
   attached to the same coordinates from round to round, as ``factors``' do. ``g`` is the
@@ -352,14 +352,12 @@ def _server_factor_step(
         g_right = torch.cat([g_right, s_right.to(g_right.dtype)], dim=-2)
     l_key, r_key = f"x.layer.{name}.left", f"x.layer.{name}.right"
     if l_key not in state:
+        if prev is not None:
+            raise ValueError(f"layer {name}: the optimizer state holds no server factors")
         rank = opt.global_rank or profile.shape[0]
-        if prev is None:  # L = 0, Rt = the progress's leading right singular vectors
-            vh = qr_svd(g_left, g_right)[2][:rank]
-            state[r_key] = pad_to(vh, rank, -2)
-            state[l_key] = torch.zeros(g_left.shape[0], rank, dtype=g_left.dtype)
-        else:  # a run that turns the space on mid-way: start from the global update itself
-            state[l_key] = pad_to(prev.scale * prev.left, rank, -1)[:, :rank].to(g_left.dtype)
-            state[r_key] = pad_to(prev.right, rank, -2)[:rank].to(g_right.dtype)
+        vh = qr_svd(g_left, g_right)[2][:rank]  # L = 0, Rt = the leading right singular vectors
+        state[r_key] = pad_to(vh, rank, -2)
+        state[l_key] = torch.zeros(g_left.shape[0], rank, dtype=g_left.dtype)
     left, right = state[l_key].to(g_left.dtype), state[r_key].to(g_right.dtype)
     grad_left = g_left @ (g_right @ right.T)  # g Rt^T, (out, R)
     grad_right = (left.T @ g_left) @ g_right  # L^T g, (R, in)
