@@ -198,6 +198,19 @@ def _started_from(previous: LowRankDelta, profile: Tensor) -> tuple[Tensor, Tens
     return previous.scale * previous.left[:, :k] * c, previous.right[:k]
 
 
+def _factored_progress(
+    prev: LowRankDelta | None, agg: LowRankDelta, profile: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The delta space's pseudo-gradient ``g = aggregate - sum_k w_k start_k`` as stacked
+    factors ``(out, m)``, ``(m, in)``, never formed densely."""
+    g_left, g_right = agg.scale * agg.left, agg.right
+    if prev is not None:
+        s_left, s_right = _started_from(prev, profile)
+        g_left = torch.cat([g_left, -s_left.to(g_left.dtype)], dim=-1)
+        g_right = torch.cat([g_right, s_right.to(g_right.dtype)], dim=-2)
+    return g_left, g_right
+
+
 # -- one server step ---------------------------------------------------------------------------
 
 
@@ -286,11 +299,7 @@ def _factored_delta_step(
     state: dict[str, Tensor],
     split: str,
 ) -> LowRankDelta:
-    g_left, g_right = agg.scale * agg.left, agg.right  # (out, k), (k, in)
-    if prev is not None:
-        s_left, s_right = _started_from(prev, profile)
-        g_left = torch.cat([g_left, -s_left.to(g_left.dtype)], dim=-1)
-        g_right = torch.cat([g_right, s_right.to(g_right.dtype)], dim=-2)
+    g_left, g_right = _factored_progress(prev, agg, profile)
     if opt.name == "avgm":
         m_left, m_right = f"m.layer.{name}.left", f"m.layer.{name}.right"
         if m_left in state:
@@ -345,11 +354,7 @@ def _server_factor_step(
 ) -> LowRankDelta:
     """One step of the server's own factors ``L (out, R)``, ``Rt (R, in)`` (space
     ``server-factors``; ``R = opt.global_rank``, or the largest client rank when None)."""
-    g_left, g_right = agg.scale * agg.left, agg.right  # progress g = g_left @ g_right
-    if prev is not None:
-        s_left, s_right = _started_from(prev, profile)
-        g_left = torch.cat([g_left, -s_left.to(g_left.dtype)], dim=-1)
-        g_right = torch.cat([g_right, s_right.to(g_right.dtype)], dim=-2)
+    g_left, g_right = _factored_progress(prev, agg, profile)  # g = g_left @ g_right
     l_key, r_key = f"x.layer.{name}.left", f"x.layer.{name}.right"
     if l_key not in state:
         if prev is not None:
