@@ -29,6 +29,16 @@ LIN=(--set train.lr_schedule=linear)
 IID=(--set data.partition=iid)
 # The server step chosen for IID partitions (stage 'iid'): SGD at eta 2.
 SGD2=(--set server.optimizer=sgd --set server.learning_rate=2.0)
+HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
+HLORA8=(--set federation.strategy=hlora --set "federation.ranks=[8]")
+# The FedSGD regime (stage fedsgd and the stages after it): the same 16 passes in 332 rounds of
+# one plain SGD step per client, no logit adjustment, Adam on the server (epsilon 1e-8) at the
+# rate each stage sets (1e-3 from stage fedsgd on).
+FEDSGD_LEN=(--set federation.rounds=332 --set train.local_steps=1 --set server.eval_every=83)
+FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head_learning_rate=1.0
+  --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
+  --set server.optimizer=adam --set server.epsilon=1e-8)
+ADAM3=(--set server.learning_rate=1e-3)
 
 if [ "$STAGE" = screen ]; then
   # 12 passes over the data: 12 rounds of one local epoch (the main job's budget).
@@ -239,7 +249,6 @@ elif [ "$STAGE" = global-rank ]; then
   # 0.801 at the end, 0.773 against 0.774 on the mean; the components beyond rank 16 held 1-2 %
   # of the update's energy): not taken (RESULTS 0.8.7.1).
   LEN=("${PASSES_16[@]}")
-  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
   RUNS=(
     "hlora-iid-sgd2|${HET[*]} ${LIN[*]} ${IID[*]} ${SGD2[*]}"
     "hlora-iid-sgd2-gr16|${HET[*]} ${LIN[*]} ${IID[*]} ${SGD2[*]} --set server.global_rank=16"
@@ -281,7 +290,6 @@ elif [ "$STAGE" = keep ]; then
   # stage's hlora-balanced-sS runs. The energy beyond rank 2 stays at 11-25 % (under 1 %
   # without), the accuracy level (0.733 against 0.730 on the mean): not taken (RESULTS 0.8.7.2).
   LEN=("${PASSES_16[@]}")
-  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
   RUNS=()
   for seed in 1 0 2; do
     RUNS+=("hlora-keep-s$seed|${HET[*]} ${LIN[*]} --set server.optimizer=sgd --set server.learning_rate=1.0 --set federation.seed=$seed")
@@ -317,10 +325,7 @@ elif [ "$STAGE" = fedsgd ]; then
   # 332 rounds of 10 client batches of 16; no logit adjustment (it silences the near-pure
   # clients whose gradients the mean now needs). fedavg (rank 8), on the seed-1 and seed-0
   # draws (references fedavg-la1-s1, fedavg-la1-16p), then seed 2 (fedavg-la1-s2).
-  LEN=(--set federation.rounds=332 --set train.local_steps=1 --set server.eval_every=83)
-  FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head_learning_rate=1.0
-    --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
-    --set server.optimizer=adam --set server.epsilon=1e-8)
+  LEN=("${FEDSGD_LEN[@]}")
   # First eta 1e-3 held constant (as Reddi et al.), then 2e-3 with a warm-up over a tenth of
   # the rounds and linear decay (server.lr_schedule), the shape of the central recipe.
   RUNS=()
@@ -332,7 +337,6 @@ elif [ "$STAGE" = fedsgd ]; then
   # about 3 times as large as fedavg's (mean |dW|_F 9.2 after 260 rounds against 3.1 after
   # 332) and it failed (validation 0.687 / 0.708 / 0.698 after 4 / 8 / 12 passes, loss rising
   # to 0.91; stopped). The rate of its own space, once, at a quarter of that, on draw 0 only.
-  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
   for eta in 1e-3 2.5e-4; do
     RUNS+=("hlora-fedsgd-adam$eta-s0|${HET[*]} ${FEDSGD[*]} --set server.learning_rate=$eta --set federation.seed=0")
   done
@@ -350,14 +354,10 @@ elif [ "$STAGE" = fedsgd-rank ]; then
   # update: the step's rank is then that of the factors the clients can hold. hlora at rank 8
   # (global rank 8) and at ranks {2, 4, 8, 16} (global rank 16), eta 1e-3 as fedavg, draw 0.
   # A diagnosis: no setting is chosen from hlora's runs alone.
-  LEN=(--set federation.rounds=332 --set train.local_steps=1 --set server.eval_every=83)
-  FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head_learning_rate=1.0
-    --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
-    --set server.optimizer=adam --set server.epsilon=1e-8 --set server.learning_rate=1e-3)
-  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
+  LEN=("${FEDSGD_LEN[@]}")
   RUNS=(
-    "hlora8-fedsgd-adam1e-3-gr8-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set server.global_rank=8 --set federation.seed=0"
-    "hlora-fedsgd-adam1e-3-gr16-s0|${HET[*]} ${FEDSGD[*]} --set server.global_rank=16 --set federation.seed=0"
+    "hlora8-fedsgd-adam1e-3-gr8-s0|${HLORA8[*]} ${FEDSGD[*]} ${ADAM3[*]} --set server.global_rank=8 --set federation.seed=0"
+    "hlora-fedsgd-adam1e-3-gr16-s0|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} --set server.global_rank=16 --set federation.seed=0"
   )
   # Both ended at 0.706 (rank 8: loss 0.675; mixed ranks: 0.907), against fedavg's 0.807. Then
   # where the singular values sit: with the balanced split a client's one-step progress,
@@ -366,8 +366,8 @@ elif [ "$STAGE" = fedsgd-rank ]; then
   # orthonormal-a (A = Vh, B = U S) gives the projected gradient at full scale, as fedavg's
   # clients get from their unit-scale A.
   RUNS+=(
-    "hlora8-fedsgd-adam1e-3-gr8-orthoa-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set server.global_rank=8 --set server.factor_split=orthonormal-a --set federation.seed=0"
-    "hlora-fedsgd-adam1e-3-gr16-orthoa-s0|${HET[*]} ${FEDSGD[*]} --set server.global_rank=16 --set server.factor_split=orthonormal-a --set federation.seed=0"
+    "hlora8-fedsgd-adam1e-3-gr8-orthoa-s0|${HLORA8[*]} ${FEDSGD[*]} ${ADAM3[*]} --set server.global_rank=8 --set server.factor_split=orthonormal-a --set federation.seed=0"
+    "hlora-fedsgd-adam1e-3-gr16-orthoa-s0|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} --set server.global_rank=16 --set server.factor_split=orthonormal-a --set federation.seed=0"
   )
 elif [ "$STAGE" = fedsgd-eps ]; then
   # A diagnosis of hlora's failure under FedSGD + Adam (stages fedsgd, fedsgd-rank). Its saved
@@ -378,13 +378,10 @@ elif [ "$STAGE" = fedsgd-eps ]; then
   # makes the step proportional to the measured mean where sqrt(v) < tau (server SGD with
   # momentum at eta / tau there). tau = 1e-3 on fedavg and on hlora (rank 8, global rank 8),
   # draw 0: the same setting for both.
-  LEN=(--set federation.rounds=332 --set train.local_steps=1 --set server.eval_every=83)
-  FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head_learning_rate=1.0
-    --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
-    --set server.optimizer=adam --set server.learning_rate=1e-3)
+  LEN=("${FEDSGD_LEN[@]}")
   RUNS=(
-    "fedavg-fedsgd-adam1e-3-eps1e-3-s0|${FEDAVG[*]} ${FEDSGD[*]} --set server.epsilon=1e-3 --set federation.seed=0"
-    "hlora8-fedsgd-adam1e-3-gr8-eps1e-3-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set server.global_rank=8 --set server.epsilon=1e-3 --set federation.seed=0"
+    "fedavg-fedsgd-adam1e-3-eps1e-3-s0|${FEDAVG[*]} ${FEDSGD[*]} ${ADAM3[*]} --set server.epsilon=1e-3 --set federation.seed=0"
+    "hlora8-fedsgd-adam1e-3-gr8-eps1e-3-s0|${HLORA8[*]} ${FEDSGD[*]} ${ADAM3[*]} --set server.global_rank=8 --set server.epsilon=1e-3 --set federation.seed=0"
   )
 elif [ "$STAGE" = fedsgd-server-factors ]; then
   # hlora's server optimizer in a stable basis (stages fedsgd-rank, fedsgd-eps): with
@@ -393,15 +390,11 @@ elif [ "$STAGE" = fedsgd-server-factors ]; then
   # coordinates from round to round, as fedavg's do; the round's exact progress is pulled back
   # to them and each client still receives its best rank-r_k part of L Rt. fedavg's settings
   # (stage fedsgd), unchanged; draw 0.
-  LEN=(--set federation.rounds=332 --set train.local_steps=1 --set server.eval_every=83)
-  FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head_learning_rate=1.0
-    --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
-    --set server.optimizer=adam --set server.epsilon=1e-8 --set server.learning_rate=1e-3
-    --set server.hlora_space=server-factors)
-  HET=(--set federation.strategy=hlora --set "federation.ranks=[2,4,8,16]" --set server.eval_truncations=final)
+  LEN=("${FEDSGD_LEN[@]}")
+  SF=(--set server.hlora_space=server-factors)
   RUNS=(
-    "hlora8-fedsgd-adam1e-3-sf-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set federation.seed=0"
-    "hlora-fedsgd-adam1e-3-sf-s0|${HET[*]} ${FEDSGD[*]} --set federation.seed=0"
+    "hlora8-fedsgd-adam1e-3-sf-s0|${HLORA8[*]} ${FEDSGD[*]} ${ADAM3[*]} ${SF[*]} --set federation.seed=0"
+    "hlora-fedsgd-adam1e-3-sf-s0|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${SF[*]} --set federation.seed=0"
   )
   # Rank 8 ended at 0.752 and ranks {2, 4, 8, 16} at 0.733 (0.793 after 12 passes), against
   # 0.706 for both in dW and fedavg's 0.807. Then the factors the clients start from: with
@@ -409,14 +402,14 @@ elif [ "$STAGE" = fedsgd-server-factors ]; then
   # whenever Rt's rows span the same space; with the balanced split it is weighted by the
   # singular values.
   RUNS+=(
-    "hlora8-fedsgd-adam1e-3-sf-orthoa-s0|--set federation.strategy=hlora --set federation.ranks=[8] ${FEDSGD[*]} --set server.factor_split=orthonormal-a --set federation.seed=0"
-    "hlora-fedsgd-adam1e-3-sf-orthoa-s0|${HET[*]} ${FEDSGD[*]} --set server.factor_split=orthonormal-a --set federation.seed=0"
+    "hlora8-fedsgd-adam1e-3-sf-orthoa-s0|${HLORA8[*]} ${FEDSGD[*]} ${ADAM3[*]} ${SF[*]} --set server.factor_split=orthonormal-a --set federation.seed=0"
+    "hlora-fedsgd-adam1e-3-sf-orthoa-s0|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${SF[*]} --set server.factor_split=orthonormal-a --set federation.seed=0"
   )
   # The split changed little (0.738 and 0.749); the balanced default was kept and taken to
   # dev. Draws 1 and 2 of ranks {2, 4, 8, 16} in server factors, against fedavg's 0.755 and
   # 0.787 there (stage fedsgd).
   for seed in 1 2; do
-    RUNS+=("hlora-fedsgd-adam1e-3-sf-s$seed|${HET[*]} ${FEDSGD[*]} --set federation.seed=$seed")
+    RUNS+=("hlora-fedsgd-adam1e-3-sf-s$seed|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${SF[*]} --set federation.seed=$seed")
   done
 else
   echo "unknown stage $STAGE" >&2; exit 2

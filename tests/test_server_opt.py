@@ -116,7 +116,9 @@ def test_server_factors_match_a_dense_reference(name: str) -> None:
     """``server-factors``: the server's own factors ``L``, ``Rt`` step along the pulled-back
     progress ``g Rt^T`` and ``L^T g``; what clients receive is the SVD of ``L Rt``."""
     ranks = [2, 4, 3]
-    opt = ServerOptimizer(name, learning_rate=0.3, momentum=0.8, beta2=0.9, epsilon=1e-2)
+    opt = ServerOptimizer(
+        name, learning_rate=0.3, momentum=0.8, beta2=0.9, epsilon=1e-2, global_rank=max(ranks)
+    )
     history, inputs = _run(opt, "hlora", ranks, rounds=3, space="server-factors")
     previous = None
     moments: dict[str, torch.Tensor] = {}
@@ -159,6 +161,9 @@ def test_server_factors_take_a_global_rank_and_refuse_unknown_spaces() -> None:
     head = {"head": torch.zeros(3, dtype=torch.float64)}
     with pytest.raises(ValueError, match="layer l0: the optimizer state holds no server factors"):
         server_step(opt, "server-factors", agg, head, agg, rank_profile([2, 4], [0.5, 0.5]), {})
+    unranked = ServerOptimizer("adam", learning_rate=0.1)
+    with pytest.raises(ValueError, match="server factors need their rank"):
+        server_step(unranked, "server-factors", None, head, agg, rank_profile([2, 4], [1, 1]), {})
 
 
 def test_sgd_at_one_keeps_what_no_client_holds() -> None:

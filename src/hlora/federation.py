@@ -212,9 +212,7 @@ def loop_settings(config: RunConfig) -> LoopSettings:
             global_rank=srv.global_rank or None,
             schedule=srv.lr_schedule,
             warmup_ratio=srv.warmup_ratio,
-            space="server-factors"
-            if srv.hlora_space == "server-factors" and fed.strategy == "hlora"
-            else None,
+            space=srv.hlora_space if fed.strategy == "hlora" else None,
         )
     if mode == "centralized":
         mode = "hlora"  # one client: aggregation is the identity

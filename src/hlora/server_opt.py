@@ -28,15 +28,16 @@ strategy (:attr:`hlora.aggregation.Strategy.optimizer_space`):
   ``sum_k w_k x0_k = left * c`` (column ``j`` times ``c_j``), likewise for ``right``.
 - ``increment`` (``flora``): clients start from fresh adapters (``x0_k = 0``); ``g`` is the
   round's exact increment and ``eta * u`` is what gets merged into the base.
-- ``server-factors`` (``hlora``, chosen with ``server.hlora_space``): the server keeps its
-  own factors of the global update, ``L (out, R)`` and ``Rt (R, in)`` (``R``: the largest
-  client rank, or the global rank), which no SVD re-makes, so the optimizer's moments stay
-  attached to the same coordinates from round to round, as ``factors``' do. ``g`` is the
-  delta space's exact progress ``(out, in)`` (never formed), pulled back to the factors as the
-  gradient of ``<g, L Rt>``: ``g_L = g Rt^T``, ``g_Rt = L^T g``; the optimizer steps ``L`` and
-  ``Rt``, and the global update the clients receive is the SVD of ``L Rt``, so each still gets
-  its best rank-``r_k`` part. ``L`` starts at zero and ``Rt`` at the first round's leading
-  right singular vectors (orthonormal rows), as a LoRA adapter starts at ``B = 0``.
+- ``server-factors`` (``hlora``, chosen with ``server.hlora_space``): the server keeps its own
+  factors of the global update, ``L (out, R)`` and ``Rt (R, in)`` (``R``: the global rank;
+  :class:`hlora.server.RoundLoop` sets it to the largest client rank by default), which no SVD
+  re-makes, so the optimizer's moments stay attached to the same coordinates from round to
+  round, as ``factors``' do. ``g`` is the delta space's exact progress ``(out, in)`` (never
+  formed), pulled back to the factors as the gradient of ``<g, L Rt>``: ``g_L = g Rt^T``,
+  ``g_Rt = L^T g``; the optimizer steps ``L`` and ``Rt``, and the global update the clients
+  receive is the SVD of ``L Rt``, so each still gets its best rank-``r_k`` part. ``L`` starts at
+  zero and ``Rt`` at the first round's leading right singular vectors (orthonormal rows), as a
+  LoRA adapter starts at ``B = 0``.
 
 The head (the other trainable tensors) is stepped the same way, its ``g`` being the average
 head minus the head sent.
@@ -353,13 +354,16 @@ def _server_factor_step(
     split: str,
 ) -> LowRankDelta:
     """One step of the server's own factors ``L (out, R)``, ``Rt (R, in)`` (space
-    ``server-factors``; ``R = opt.global_rank``, or the largest client rank when None)."""
+    ``server-factors``; ``R = opt.global_rank``, which the round loop sets to the federation's
+    largest client rank unless the run sets one)."""
     g_left, g_right = _factored_progress(prev, agg, profile)  # g = g_left @ g_right
     l_key, r_key = f"x.layer.{name}.left", f"x.layer.{name}.right"
     if l_key not in state:
         if prev is not None:
             raise ValueError(f"layer {name}: the optimizer state holds no server factors")
-        rank = opt.global_rank or profile.shape[0]
+        if opt.global_rank is None:
+            raise ValueError("server factors need their rank: set the optimizer's global_rank")
+        rank = opt.global_rank
         vh = qr_svd(g_left, g_right)[2][:rank]  # L = 0, Rt = the leading right singular vectors
         state[r_key] = pad_to(vh, rank, -2)
         state[l_key] = torch.zeros(g_left.shape[0], rank, dtype=g_left.dtype)
