@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps | fedsgd-server-factors
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps | fedsgd-server-factors | fedsgd-factor-steps
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -411,6 +411,20 @@ elif [ "$STAGE" = fedsgd-server-factors ]; then
   for seed in 1 2; do
     RUNS+=("hlora-fedsgd-adam1e-3-sf-s$seed|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${SF[*]} --set federation.seed=$seed")
   done
+elif [ "$STAGE" = fedsgd-factor-steps ]; then
+  # Server factors stepped along the clients' own factor steps (stage fedsgd-server-factors left
+  # hlora 5.5-7.4 points below fedavg on draw 0): every client started from the leading part
+  # of the same factors B0, A0 (the SVD of L Rt), so their mean factor steps, read through
+  # L Rt = B0 A0, are the gradients of L and Rt that fedavg's server steps along (exact for one
+  # SGD step of clients of the server's rank, tested). fedavg's settings, unchanged; draws 0
+  # and 1 (the near-pure one), rank 8 on draw 0.
+  LEN=("${FEDSGD_LEN[@]}")
+  FS=(--set server.hlora_space=factor-steps)
+  RUNS=(
+    "hlora8-fedsgd-adam1e-3-fs-s0|${HLORA8[*]} ${FEDSGD[*]} ${ADAM3[*]} ${FS[*]} --set federation.seed=0"
+    "hlora-fedsgd-adam1e-3-fs-s0|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${FS[*]} --set federation.seed=0"
+    "hlora-fedsgd-adam1e-3-fs-s1|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${FS[*]} --set federation.seed=1"
+  )
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi

@@ -83,6 +83,10 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
             "server.hlora_space=server-factors",
             "'server.hlora_space': 'server-factors' (it needs a server.optimizer)",
         ),
+        (
+            "server.hlora_space=factor-steps",
+            "'server.hlora_space': 'factor-steps' (it needs a server.optimizer)",
+        ),
         ("server.lr_schedule=step", "invalid value for 'server.lr_schedule': 'step' (allowed:"),
         ("server.warmup_ratio=1", "invalid value for 'server.warmup_ratio': 1"),
         (
@@ -151,14 +155,15 @@ def test_factored_state_is_refused_for_adaptive_optimizers() -> None:
         load_config(None, ("server.optimizer=yogi", "server.optimizer_state=factored"))
 
 
-def test_server_factors_keep_their_state_at_the_factors_shapes() -> None:
-    with pytest.raises(ConfigError, match=r"'server-factors' keeps its state at the factors'"):
+@pytest.mark.parametrize("space", ["server-factors", "factor-steps"])
+def test_server_factors_keep_their_state_at_the_factors_shapes(space: str) -> None:
+    with pytest.raises(ConfigError, match=rf"'{space}' keeps its state at the factors'"):
         load_config(
             None,
             (
                 "server.optimizer=avgm",
                 "server.optimizer_state=factored",
-                "server.hlora_space=server-factors",
+                f"server.hlora_space={space}",
             ),
         )
 

@@ -536,6 +536,7 @@ class _Crash(Exception):
     [
         ("hlora", "avgm", "delta"),
         ("hlora", "adam", "server-factors"),
+        ("hlora", "adam", "factor-steps"),
         ("zeropad", "adam", "delta"),
         ("flora", "avgm", "delta"),
     ],
@@ -576,7 +577,7 @@ def test_a_resumed_run_keeps_the_server_optimizers_state(
     state = load_state(tmp_path / "crashed" / "checkpoint.safetensors")
     assert state.round_num == 2 and state.optimizer  # the momentum is in the checkpoint
     server_factors = [k for k in state.optimizer if k.startswith("x.")]
-    assert bool(server_factors) == (space == "server-factors")
+    assert bool(server_factors) == (space in ("server-factors", "factor-steps"))
     resumed = resume(tmp_path / "crashed", progress=False)
 
     def evals(run_dir: Path) -> list[Any]:

@@ -166,6 +166,79 @@ def test_server_factors_take_a_global_rank_and_refuse_unknown_spaces() -> None:
         server_step(unranked, "server-factors", None, head, agg, rank_profile([2, 4], [1, 1]), {})
 
 
+def _sgd_step_updates(
+    start: GlobalUpdate, ranks: list[int], scalings: list[float], lr: float, seed: int
+) -> tuple[list[ClientUpdate], list[torch.Tensor]]:
+    """Clients that each take one SGD step on ``f_k(W) = |W - W*_k|^2 / 2`` from their
+    truncation of ``start`` (``W = s B A``), and each one's ``grad_W f_k`` (layer ``l0``);
+    client 0 sits at its optimum (``W*_0`` = its start, so its gradient is zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    updates, grads = [], []
+    for k, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
+        factors = {}
+        for name in ("l0", "l1"):
+            factor = start.client_factors(r, s)[name]
+            a, b = factor.A, factor.B
+            w = s * b @ a
+            target = w if k == 0 else torch.randn(OUT, IN, generator=gen, dtype=torch.float64)
+            grad = w - target  # (OUT, IN)
+            factors[name] = LoraFactors(A=a - lr * s * b.T @ grad, B=b - lr * s * grad @ a.T)
+            if name == "l0":
+                grads.append(grad)
+        updates.append(
+            ClientUpdate(
+                client_id=f"c{k}",
+                num_examples=10 * (k + 1),
+                rank=r,
+                scaling=s,
+                factors=factors,
+                extras={"head": torch.zeros(3, dtype=torch.float64)},
+            )
+        )
+    return updates, grads
+
+
+@pytest.mark.parametrize("split", ["balanced", "orthonormal-a"])
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 4]])
+def test_factor_steps_are_the_gradients_of_the_server_factors(split: str, ranks: list[int]) -> None:
+    """``factor-steps``: after one SGD step of each client, the pseudo-gradients of ``L``, ``Rt``
+    are ``-lr grad Rt^T`` and ``-lr L^T grad`` (``grad = sum_k w_k s_k grad_W f_k``, the step
+    naive averaging's server takes on factors its clients start from), for every factor split;
+    a lower-rank client at its optimum adds nothing."""
+    lr, eta, rank = 0.05, 0.3, max(ranks)
+    scalings = [0.5, 2.0, 1.0][: len(ranks)]
+    opt = ServerOptimizer("sgd", learning_rate=eta, global_rank=rank, space="factor-steps")
+    head = {"head": torch.zeros(3, dtype=torch.float64)}
+    zeropad, hlora = get_strategy("zeropad").aggregate, get_strategy("hlora").aggregate
+    first = _updates(ranks, [10, 20, 30][: len(ranks)], seed=0)  # round 1: fresh adapters
+    profile = rank_profile(ranks, _weights([u.num_examples for u in first]))
+    start, state = server_step(
+        opt, "factor-steps", None, head, hlora(first), profile, {}, split, zeropad(first)
+    )
+    plain, _ = server_step(opt, "server-factors", None, head, hlora(first), profile, {}, split)
+    assert_close(start.layers["l0"].dense(), plain.layers["l0"].dense())  # round 1: the same
+    left, right = state["x.layer.l0.left"], state["x.layer.l0.right"]
+
+    updates, grads = _sgd_step_updates(start, ranks, scalings, lr, seed=1)
+    weights = _weights([u.num_examples for u in updates])
+    profile = rank_profile(ranks, weights)
+    new, new_state = server_step(
+        opt, "factor-steps", start, head, hlora(updates), profile, state, split, zeropad(updates)
+    )
+    grad = sum(w * s * g for w, s, g in zip(weights, scalings, grads, strict=True))
+    assert isinstance(grad, torch.Tensor)
+    want_left = left + eta * (-lr * grad @ right.T)
+    want_right = right + eta * (-lr * left.T @ grad)
+    assert_close(new_state["x.layer.l0.left"], want_left, rtol=1e-8, atol=1e-10)
+    assert_close(new_state["x.layer.l0.right"], want_right, rtol=1e-8, atol=1e-10)
+    assert_close(new.layers["l0"].dense(), want_left @ want_right, rtol=1e-8, atol=1e-10)
+    # the product's pullback of server-factors is another step
+    other, _ = server_step(opt, "server-factors", start, head, hlora(updates), profile, state)
+    assert not torch.allclose(other.layers["l0"].dense(), new.layers["l0"].dense())
+    with pytest.raises(ValueError, match="'factor-steps' space needs the clients' mean factors"):
+        server_step(opt, "factor-steps", start, head, hlora(updates), profile, state, split)
+
+
 def test_sgd_at_one_keeps_what_no_client_holds() -> None:
     # With eta = 1 the new global is the aggregate plus the part of the old global that the
     # clients' truncations left out (sum_k w_k (G - trunc_rk(G))).

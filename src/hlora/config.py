@@ -38,7 +38,7 @@ TRUNCATION_EVALS: tuple[str, ...] = ("never", "final", "every")
 LR_SCHEDULES: tuple[str, ...] = ("round", *RUN_SCHEDULES)  # train.lr_schedule
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
 OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
-HLORA_SPACES: tuple[str, ...] = ("delta", "server-factors")  # server.hlora_space
+HLORA_SPACES: tuple[str, ...] = ("delta", "server-factors", "factor-steps")  # server.hlora_space
 CLIENT_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 HEAD_CALIBRATIONS: tuple[str, ...] = ("none", "ccvr")  # server.head_calibration (hlora.calibration)
 _ADAM_EPSILON = 1e-8
@@ -568,7 +568,9 @@ class ServerConfig:
             "their own factors or increment): 'delta' (each layer's whole update dW) or "
             "'server-factors' (the server keeps its own rank-R factors L, Rt of it, steps them "
             "along the round's exact progress pulled back to them, and sends each client the "
-            "best rank-r_k part of L Rt; R = server.global_rank, or the largest client rank)"
+            "best rank-r_k part of L Rt; R = server.global_rank, or the largest client rank) "
+            "or 'factor-steps' (the same factors, stepped along the clients' own factor steps "
+            "read as gradients of L and Rt: naive averaging's server step, for every rank)"
         ),
     )
 
@@ -617,7 +619,8 @@ class ServerConfig:
             raise _fail(
                 "server.optimizer_state",
                 self.optimizer_state,
-                "'server-factors' keeps its state at the factors' shapes: use 'auto' or 'dense'",
+                f"'{self.hlora_space}' keeps its state at the factors' shapes: use 'auto' or "
+                "'dense'",
             )
         _non_negative_int("server.global_rank", self.global_rank)
         _choice("server.svd_method", self.svd_method, SVD_METHODS)

@@ -506,8 +506,14 @@ class RoundLoop:
         if previous is not None and previous.merge_into_base:
             previous = None
         space = opt.space or self.strategy.optimizer_space
-        if space == "server-factors" and opt.global_rank is None:
+        if space in ("server-factors", "factor-steps") and opt.global_rank is None:
             opt = replace(opt, global_rank=max(c.rank for c in self.clients.values()))
+        steps = None
+        if space == "factor-steps":  # the clients' mean factors, as zero-padding averages them
+            expected = {u.client_id: self.clients[u.client_id].rank for u in kept}
+            steps = get_strategy("zeropad").aggregate(
+                kept, self.settings.options, self.spec, expected
+            )
         return server_step(
             opt,
             space,
@@ -517,6 +523,7 @@ class RoundLoop:
             profile,
             state.optimizer,
             self.settings.options.factor_split,
+            steps,
         )
 
     def spectrum(self, state: ServerState) -> dict[str, float]:

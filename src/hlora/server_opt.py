@@ -38,6 +38,18 @@ strategy (:attr:`hlora.aggregation.Strategy.optimizer_space`):
   receive is the SVD of ``L Rt``, so each still gets its best rank-``r_k`` part. ``L`` starts at
   zero and ``Rt`` at the first round's leading right singular vectors (orthonormal rows), as a
   LoRA adapter starts at ``B = 0``.
+- ``factor-steps`` (``hlora``): the server factors of ``server-factors``, stepped along what the
+  clients' own *factor* steps say about them instead of the product's progress. Every client
+  started from the leading columns / rows of the same factors ``B0 (out, R)``, ``A0 (R, in)``
+  (the SVD of ``L Rt``), so their weighted mean steps ``g_B = sum_k w_k pad(B'_k) - B0 * c``
+  and ``g_A = sum_k w_k pad(A'_k) - c * A0`` (``sqrt(s_k)`` folded in, as zero-padding
+  averages them) are, for one SGD step, ``-lr grad_W A0^T`` and ``-lr B0^T grad_W`` column by
+  column over the clients whose rank holds that column. They are read as gradients of the
+  server's factors through ``L Rt = B0 A0``: ``g_L = g_B T^T`` with ``T = Rt A0^+`` and
+  ``g_Rt = T'^T g_A`` with ``T' = A0 Rt^+`` (``(R, R)`` each), which for clients of the
+  server's rank is exactly ``-lr grad_W Rt^T`` and ``-lr L^T grad_W``: the step naive
+  averaging's server takes on factors its clients start from. Round 1 (fresh adapters, no
+  shared start) uses ``server-factors``' pullback.
 
 The head (the other trainable tensors) is stepped the same way, its ``g`` being the average
 head minus the head sent.
@@ -64,8 +76,9 @@ from hlora.aggregation.factored import qr_svd, split_singular_values
 from hlora.schedule import RUN_SCHEDULES, run_learning_rate
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
-SPACES: tuple[str, ...] = ("delta", "factors", "increment", "server-factors")
+SPACES: tuple[str, ...] = ("delta", "factors", "increment", "server-factors", "factor-steps")
 DENSE_STATE_LIMIT = 4 * 2**20  # 'auto': dense state up to this many entries per layer
+_PINV_RTOL = 1e-6  # singular values below this share of the largest count as zero
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,7 @@ def server_step(
     profile: Tensor,
     state: Mapping[str, Tensor],
     split: str = "balanced",
+    steps: GlobalUpdate | None = None,
 ) -> tuple[GlobalUpdate, dict[str, Tensor]]:
     """Step the global update with the round's pseudo-gradient (see the module docstring).
 
@@ -238,23 +252,31 @@ def server_step(
         state: The optimizer state after the previous round (empty at first); not mutated.
         split: How a re-decomposed global update's ``S`` is split between its factors
             (:func:`~hlora.aggregation.factored.split_singular_values`).
+        steps: For ``factor-steps``: the zero-padded weighted mean of the clients' factors
+            (:func:`~hlora.aggregation.zeropad.aggregate_zeropad` of the round's updates).
 
     Returns:
         The new global update (same strategy and layout as ``aggregate``) and the new state.
 
     Raises:
-        ValueError: An unknown space, or factor layouts that do not match.
+        ValueError: An unknown space, factor layouts that do not match, or ``factor-steps``
+            without ``steps``.
     """
     if space not in SPACES:
         raise ValueError(f"unknown optimizer space {space!r} (allowed: {SPACES})")
+    if space == "factor-steps" and steps is None:
+        raise ValueError("the 'factor-steps' space needs the clients' mean factors (steps)")
     new_state = dict(state)
     layers: dict[str, LowRankDelta] = {}
     for name, agg in aggregate.layers.items():
         prev = None if previous is None or space == "increment" else previous.layers[name]
         if space == "factors":
             layers[name] = _factor_step(opt, name, prev, agg, profile, new_state)
-        elif space == "server-factors":
-            layers[name] = _server_factor_step(opt, name, prev, agg, profile, new_state, split)
+        elif space in ("server-factors", "factor-steps"):
+            mean = None if steps is None or prev is None else steps.layers[name]
+            layers[name] = _server_factor_step(
+                opt, name, prev, agg, profile, new_state, split, mean
+            )
         elif opt.factored_for(agg.left.shape[0], agg.right.shape[1]):
             layers[name] = _factored_delta_step(opt, name, prev, agg, profile, new_state, split)
         else:
@@ -352,10 +374,12 @@ def _server_factor_step(
     profile: Tensor,
     state: dict[str, Tensor],
     split: str,
+    mean: LowRankDelta | None = None,
 ) -> LowRankDelta:
-    """One step of the server's own factors ``L (out, R)``, ``Rt (R, in)`` (space
-    ``server-factors``; ``R = opt.global_rank``, which the round loop sets to the federation's
-    largest client rank unless the run sets one)."""
+    """One step of the server's own factors ``L (out, R)``, ``Rt (R, in)`` (spaces
+    ``server-factors`` and, given the clients' ``mean`` factors, ``factor-steps``;
+    ``R = opt.global_rank``, which the round loop sets to the federation's largest client rank
+    unless the run sets one)."""
     g_left, g_right = _factored_progress(prev, agg, profile)  # g = g_left @ g_right
     l_key, r_key = f"x.layer.{name}.left", f"x.layer.{name}.right"
     if l_key not in state:
@@ -368,9 +392,31 @@ def _server_factor_step(
         state[r_key] = pad_to(vh, rank, -2)
         state[l_key] = torch.zeros(g_left.shape[0], rank, dtype=g_left.dtype)
     left, right = state[l_key].to(g_left.dtype), state[r_key].to(g_right.dtype)
-    grad_left = g_left @ (g_right @ right.T)  # g Rt^T, (out, R)
-    grad_right = (left.T @ g_left) @ g_right  # L^T g, (R, in)
+    if mean is None or prev is None:
+        grad_left = g_left @ (g_right @ right.T)  # g Rt^T, (out, R)
+        grad_right = (left.T @ g_left) @ g_right  # L^T g, (R, in)
+    else:
+        grad_left, grad_right = _factor_steps_pullback(left, right, prev, mean, profile)
     left = left + opt.learning_rate * _direction(opt, f"left.{name}", grad_left, state)
     right = right + opt.learning_rate * _direction(opt, f"right.{name}", grad_right, state)
     state[l_key], state[r_key] = left, right
     return _truncate(left, right, left.shape[-1], split)
+
+
+def _factor_steps_pullback(
+    left: Tensor, right: Tensor, prev: LowRankDelta, mean: LowRankDelta, profile: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``factor-steps``' pseudo-gradients of ``L (out, R)`` and ``Rt (R, in)``: the clients'
+    mean factor steps from ``prev`` (``B0, A0``), read through ``L Rt = B0 A0`` (module
+    docstring). Returns ``(out, R)``, ``(R, in)``."""
+    width = left.shape[-1]
+    dtype = left.dtype
+    c = pad_to(profile, width, 0)[:width].to(dtype)
+    b0 = pad_to(prev.scale**0.5 * prev.left, width, -1)[:, :width].to(dtype)  # (out, R)
+    a0 = pad_to(prev.scale**0.5 * prev.right, width, -2)[:width].to(dtype)  # (R, in)
+    root = mean.scale**0.5
+    g_b = pad_to(root * mean.left, width, -1)[:, :width].to(dtype) - b0 * c  # (out, R)
+    g_a = pad_to(root * mean.right, width, -2)[:width].to(dtype) - c.unsqueeze(-1) * a0
+    t = right @ torch.linalg.pinv(a0, rtol=_PINV_RTOL)  # Rt A0^+, (R, R)
+    t_prime = a0 @ torch.linalg.pinv(right, rtol=_PINV_RTOL)  # A0 Rt^+, (R, R)
+    return g_b @ t.T, t_prime.T @ g_a
