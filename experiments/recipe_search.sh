@@ -425,6 +425,16 @@ elif [ "$STAGE" = fedsgd-factor-steps ]; then
     "hlora-fedsgd-adam1e-3-fs-s0|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${FS[*]} --set federation.seed=0"
     "hlora-fedsgd-adam1e-3-fs-s1|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${FS[*]} --set federation.seed=1"
   )
+  # Run at e104308, when Adam's second moment came from the weighted steps themselves: rank 8
+  # 0.774 / 0.782 after 4 / 8 passes (fedavg 0.722 / 0.744); ranks {2, 4, 8, 16} 0.698 / 0.695
+  # with the loss at 0.95-1.05 (draw 0), 0.689 after 4 passes (draw 1): both stopped. As
+  # zero-padding under FedSGD (0.8.10), a component only the few high-rank clients train steps
+  # as far as every other under a scale-free rule. Since then the second moment is taken from
+  # the mean over each column's holders, so such a component steps at their share of the rate
+  # (a no-op at one rank). Ranks {2, 4, 8, 16}, draws 0 and 1:
+  for seed in 0 1; do
+    RUNS+=("hlora-fedsgd-adam1e-3-fs-share-s$seed|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${FS[*]} --set federation.seed=$seed")
+  done
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi

@@ -239,6 +239,63 @@ def test_factor_steps_are_the_gradients_of_the_server_factors(split: str, ranks:
         server_step(opt, "factor-steps", start, head, hlora(updates), profile, state, split)
 
 
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 4, 4]])
+def test_factor_steps_adam_steps_a_component_at_the_share_that_trains_it(ranks: list[int]) -> None:
+    """``factor-steps`` with Adam: the first moment follows the clients' weighted steps, the
+    second their mean over the clients that hold each component, so with every client at the
+    server's rank it is Adam on ``-lr grad Rt^T``, and a component only some clients hold steps
+    at their share of the rate (dense fp64 reference from the clients' true gradients)."""
+    lr, eta, rank, eps = 0.05, 0.3, max(ranks), 1e-12
+    scalings = [0.5, 2.0, 1.0]
+    opt = ServerOptimizer(
+        "adam", learning_rate=eta, momentum=0.9, beta2=0.99, epsilon=eps, global_rank=rank
+    )
+    head = {"head": torch.zeros(3, dtype=torch.float64)}
+    zeropad, hlora = get_strategy("zeropad").aggregate, get_strategy("hlora").aggregate
+    first = _updates(ranks, [10, 20, 30], seed=0)
+    profile = rank_profile(ranks, _weights([u.num_examples for u in first]))
+    start, state = server_step(
+        opt, "factor-steps", None, head, hlora(first), profile, {}, "balanced", zeropad(first)
+    )
+    left, right = state["x.layer.l0.left"], state["x.layer.l0.right"]
+    updates, grads = _sgd_step_updates(start, ranks, scalings, lr, seed=2)
+    weights = _weights([u.num_examples for u in updates])
+    profile = rank_profile(ranks, weights)
+    _, new_state = server_step(
+        opt,
+        "factor-steps",
+        start,
+        head,
+        hlora(updates),
+        profile,
+        state,
+        "balanced",
+        zeropad(updates),
+    )
+    # each client's step of B, sqrt(s) folded in: -lr s grad a0[:r]^T, zero beyond its rank
+    a0 = start.layers["l0"].right  # (R, in)
+    steps = []
+    for r, s, g in zip(ranks, scalings, grads, strict=True):
+        step = torch.zeros(OUT, rank, dtype=torch.float64)
+        step[:, :r] = -lr * s * g @ a0[:r].T
+        steps.append(step)
+    g_b = sum(w * st for w, st in zip(weights, steps, strict=True))
+    assert isinstance(g_b, torch.Tensor)
+    t = right @ torch.linalg.pinv(a0)  # L Rt = B0 A0: Rt = T A0
+    g_left, full_left = g_b @ t.T, (g_b / profile) @ t.T
+    m_left = (state["m.left.l0"] * 0.9 + 0.1 * g_left) if "m.left.l0" in state else 0.1 * g_left
+    v_left = (state["v.left.l0"] * 0.99 if "v.left.l0" in state else 0) + 0.01 * full_left**2
+    want = left + eta * m_left / (v_left.sqrt() + eps)
+    assert_close(new_state["x.layer.l0.left"], want, rtol=1e-7, atol=1e-10)
+    if len(set(ranks)) == 1:  # Adam on the server factors' true gradients
+        assert_close(
+            g_left,
+            -lr
+            * sum(w * s * g for w, s, g in zip(weights, scalings, grads, strict=True))
+            @ right.T,
+        )
+
+
 def test_sgd_at_one_keeps_what_no_client_holds() -> None:
     # With eta = 1 the new global is the aggregate plus the part of the old global that the
     # clients' truncations left out (sum_k w_k (G - trunc_rk(G))).

@@ -49,7 +49,11 @@ strategy (:attr:`hlora.aggregation.Strategy.optimizer_space`):
   ``g_Rt = T'^T g_A`` with ``T' = A0 Rt^+`` (``(R, R)`` each), which for clients of the
   server's rank is exactly ``-lr grad_W Rt^T`` and ``-lr L^T grad_W``: the step naive
   averaging's server takes on factors its clients start from. Round 1 (fresh adapters, no
-  shared start) uses ``server-factors``' pullback.
+  shared start) uses ``server-factors``' pullback. With clients of mixed ranks, column ``j``
+  is trained only by the clients that hold it (weight ``c_j``); ``adam``/``yogi`` take their
+  second moment from the steps divided by ``c_j`` column by column (the mean over the holders,
+  as if every client held it), so such a component steps at ``c_j`` times the rate instead of
+  at the full rate that a scale-free rule gives every coordinate (with one rank, plain Adam).
 
 The head (the other trainable tensors) is stepped the same way, its ``g`` being the average
 head minus the head sent.
@@ -165,8 +169,19 @@ def rank_profile(ranks: Sequence[int], weights: Sequence[float]) -> Tensor:
 # -- the update rule on dense tensors ----------------------------------------------------------
 
 
-def _direction(opt: ServerOptimizer, key: str, g: Tensor, state: dict[str, Tensor]) -> Tensor:
-    """``u(g)`` of one dense tensor, updating ``state`` (keys ``m.<key>``, ``v.<key>``)."""
+def _direction(
+    opt: ServerOptimizer,
+    key: str,
+    g: Tensor,
+    state: dict[str, Tensor],
+    g_full: Tensor | None = None,
+) -> Tensor:
+    """``u(g)`` of one dense tensor, updating ``state`` (keys ``m.<key>``, ``v.<key>``).
+
+    ``g_full`` (``factor-steps``): what ``g`` would be if every client held every component;
+    ``adam``/``yogi`` take their second moment from it, so a component that only part of the
+    federation trains steps at that part of the rate instead of at the full rate.
+    """
     if opt.name == "sgd":
         return g
     m_key, v_key = f"m.{key}", f"v.{key}"
@@ -177,7 +192,7 @@ def _direction(opt: ServerOptimizer, key: str, g: Tensor, state: dict[str, Tenso
         return m
     m = opt.momentum * m + (1 - opt.momentum) * g
     v = state.get(v_key, torch.zeros_like(g))
-    g2 = g * g
+    g2 = g * g if g_full is None else g_full * g_full
     if opt.name == "adam":
         v = opt.beta2 * v + (1 - opt.beta2) * g2
     else:  # yogi
@@ -392,23 +407,32 @@ def _server_factor_step(
         state[r_key] = pad_to(vh, rank, -2)
         state[l_key] = torch.zeros(g_left.shape[0], rank, dtype=g_left.dtype)
     left, right = state[l_key].to(g_left.dtype), state[r_key].to(g_right.dtype)
+    full_left = full_right = None
     if mean is None or prev is None:
         grad_left = g_left @ (g_right @ right.T)  # g Rt^T, (out, R)
         grad_right = (left.T @ g_left) @ g_right  # L^T g, (R, in)
     else:
-        grad_left, grad_right = _factor_steps_pullback(left, right, prev, mean, profile)
-    left = left + opt.learning_rate * _direction(opt, f"left.{name}", grad_left, state)
-    right = right + opt.learning_rate * _direction(opt, f"right.{name}", grad_right, state)
+        grad_left, grad_right, full_left, full_right = _factor_steps_pullback(
+            left, right, prev, mean, profile
+        )
+    left = left + opt.learning_rate * _direction(
+        opt, f"left.{name}", grad_left, state, full_left
+    )
+    right = right + opt.learning_rate * _direction(
+        opt, f"right.{name}", grad_right, state, full_right
+    )
     state[l_key], state[r_key] = left, right
     return _truncate(left, right, left.shape[-1], split)
 
 
 def _factor_steps_pullback(
     left: Tensor, right: Tensor, prev: LowRankDelta, mean: LowRankDelta, profile: Tensor
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``factor-steps``' pseudo-gradients of ``L (out, R)`` and ``Rt (R, in)``: the clients'
     mean factor steps from ``prev`` (``B0, A0``), read through ``L Rt = B0 A0`` (module
-    docstring). Returns ``(out, R)``, ``(R, in)``."""
+    docstring); then the same with each column of the steps divided by its profile ``c_j``
+    (the mean over the clients that hold it), for Adam's second moment. Returns ``(out, R)``,
+    ``(R, in)``, ``(out, R)``, ``(R, in)``."""
     width = left.shape[-1]
     dtype = left.dtype
     c = pad_to(profile, width, 0)[:width].to(dtype)
@@ -419,4 +443,10 @@ def _factor_steps_pullback(
     g_a = pad_to(root * mean.right, width, -2)[:width].to(dtype) - c.unsqueeze(-1) * a0
     t = right @ torch.linalg.pinv(a0, rtol=_PINV_RTOL)  # Rt A0^+, (R, R)
     t_prime = a0 @ torch.linalg.pinv(right, rtol=_PINV_RTOL)  # A0 Rt^+, (R, R)
-    return g_b @ t.T, t_prime.T @ g_a
+    held = torch.where(c > 0, 1 / c.clamp_min(torch.finfo(dtype).tiny), 0.0)  # 1 / c_j
+    return (
+        g_b @ t.T,
+        t_prime.T @ g_a,
+        (g_b * held) @ t.T,
+        t_prime.T @ (held.unsqueeze(-1) * g_a),
+    )
