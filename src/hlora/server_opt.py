@@ -415,9 +415,7 @@ def _server_factor_step(
         grad_left, grad_right, full_left, full_right = _factor_steps_pullback(
             left, right, prev, mean, profile
         )
-    left = left + opt.learning_rate * _direction(
-        opt, f"left.{name}", grad_left, state, full_left
-    )
+    left = left + opt.learning_rate * _direction(opt, f"left.{name}", grad_left, state, full_left)
     right = right + opt.learning_rate * _direction(
         opt, f"right.{name}", grad_right, state, full_right
     )
