@@ -87,6 +87,8 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
             "server.hlora_space=factor-steps",
             "'server.hlora_space': 'factor-steps' (it needs a server.optimizer)",
         ),
+        ("server.residual=all", "invalid value for 'server.residual': 'all' (allowed: drop"),
+        ("server.residual=frozen", "'server.residual': 'frozen' (it needs a server.optimizer"),
         ("server.lr_schedule=step", "invalid value for 'server.lr_schedule': 'step' (allowed:"),
         ("server.warmup_ratio=1", "invalid value for 'server.warmup_ratio': 1"),
         (
@@ -166,6 +168,23 @@ def test_server_factors_keep_their_state_at_the_factors_shapes(space: str) -> No
                 f"server.hlora_space={space}",
             ),
         )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("federation.strategy=flora",), "'flora' merges the whole update into the base weights"),
+        (
+            ("model.quantization=nf4", "train.device=cuda"),
+            "a 4-bit base cannot take the components added to it",
+        ),
+    ],
+)
+def test_a_frozen_residual_needs_a_base_that_can_take_it(
+    overrides: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ("server.optimizer=sgd", "server.residual=frozen", *overrides))
 
 
 def test_bare_words_are_strings() -> None:

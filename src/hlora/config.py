@@ -39,6 +39,7 @@ LR_SCHEDULES: tuple[str, ...] = ("round", *RUN_SCHEDULES)  # train.lr_schedule
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
 OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
 HLORA_SPACES: tuple[str, ...] = ("delta", "server-factors", "factor-steps")  # server.hlora_space
+RESIDUALS: tuple[str, ...] = ("drop", "frozen")  # server.residual
 CLIENT_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 HEAD_CALIBRATIONS: tuple[str, ...] = ("none", "ccvr")  # server.head_calibration (hlora.calibration)
 _ADAM_EPSILON = 1e-8
@@ -574,6 +575,17 @@ class ServerConfig:
         ),
     )
 
+    residual: str = field(
+        default="drop",
+        metadata=_help(
+            "what a client of rank r_k holds of the global update's components beyond r_k: "
+            "'drop' (nothing: it trains and uses the best rank-r_k part, the paper's rule) or "
+            "'frozen' (they are added to its frozen base weights, so every client trains at "
+            "the global model and only its own r_k components move; it receives them as "
+            "factors; needs a server.optimizer, whose step keeps them in the global update)"
+        ),
+    )
+
     head_calibration: str = field(
         default="none",
         metadata=_help(
@@ -621,6 +633,16 @@ class ServerConfig:
                 self.optimizer_state,
                 f"'{self.hlora_space}' keeps its state at the factors' shapes: use 'auto' or "
                 "'dense'",
+            )
+        _choice("server.residual", self.residual, RESIDUALS)
+        if self.residual != "drop" and self.optimizer == "none":
+            raise _fail(
+                "server.residual",
+                self.residual,
+                "it needs a server.optimizer: without one the new global update is the "
+                "aggregate of the trained factors, which would drop what the clients held "
+                "frozen (server.optimizer = 'sgd' at learning_rate 1 is the aggregate with "
+                "nothing dropped)",
             )
         _non_negative_int("server.global_rank", self.global_rank)
         _choice("server.svd_method", self.svd_method, SVD_METHODS)
@@ -726,7 +748,19 @@ class RunConfig:
                 "only a sequence classifier ('seq-cls') trains a head; a causal LM's output "
                 "layer is always frozen",
             )
+        if self.server.residual != "drop" and self.federation.strategy == "flora":
+            raise _fail(
+                "server.residual",
+                self.server.residual,
+                "strategy 'flora' merges the whole update into the base weights already",
+            )
         if self.model.quantization != NO_QUANTIZATION:
+            if self.server.residual != "drop":
+                raise _fail(
+                    "server.residual",
+                    self.server.residual,
+                    "a 4-bit base cannot take the components added to it: use 'drop'",
+                )
             if self.federation.strategy == "flora":
                 raise _fail(
                     "model.quantization",
@@ -902,6 +936,7 @@ def _added_later() -> dict[str, dict[str, Any]]:
             "lr_schedule": "constant",
             "warmup_ratio": 0.0,
             "hlora_space": "delta",
+            "residual": "drop",
         },
         "trust": dataclasses.asdict(TrustConfig()),
     }

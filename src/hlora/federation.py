@@ -238,6 +238,7 @@ def loop_settings(config: RunConfig) -> LoopSettings:
         warmup_ratio=config.train.warmup_ratio,
         server_optimizer=optimizer,
         freeze_head=config.train.freeze_head,
+        residual=srv.residual,
         head_calibration=srv.head_calibration,
         calibration_samples=srv.calibration_samples,
         trust=TrustPolicy(

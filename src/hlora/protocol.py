@@ -31,9 +31,11 @@ class TrainInstruction:
         extras: Starting head (other trainable tensors).
         init_seed: Seed of the fresh LoRA init (used when ``factors`` is None).
         train_seed: Seed of this client's data order and dropout in this round.
-        base_version: Number of merged updates the frozen base must carry (``flora``).
+        base_version: Number of merged updates the frozen base must carry (``flora``); with
+            ``server.residual = "frozen"`` a negative tag of the round and rank.
         base_delta: The cumulative merged update relative to the pretrained weights, per layer
-            (``flora``); None when the base stays the pretrained model.
+            (``flora``), or the global update's components beyond ``rank`` (``server.residual
+            = "frozen"``); None when the base stays the pretrained model.
         schedule: This round's stretch of the run-wide learning-rate schedule (see
             :mod:`hlora.schedule`); None: the client's own warm-up and decay inside the round.
         label_prior: The federation's label distribution ``(num_labels,)``, for the logit

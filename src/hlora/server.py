@@ -100,6 +100,7 @@ class LoopSettings:
     server_optimizer: ServerOptimizer | None = None  # None: the global update is the aggregate
     label_prior: tuple[float, ...] | None = None  # sent when clients adjust their logits
     freeze_head: bool = False  # the global head stays as it is (train.freeze_head)
+    residual: str = "drop"  # drop | frozen: components beyond a client's rank (server.residual)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # checks on replies (hlora.trust)
     evaluation: str = SERVER_EVAL  # one of EVALUATIONS
     metric_names: tuple[str, ...] = ()  # of a federated evaluation (the task's)
@@ -107,6 +108,18 @@ class LoopSettings:
     calibration_samples: float = 10.0  # virtual features per training example (ccvr)
     head_linear: str = ""  # the head's final linear layer: its prefix among the extras' names
     num_labels: int = 0  # the task's classes (ccvr)
+
+
+def beyond_rank(update: GlobalUpdate, rank: int) -> dict[str, LowRankDelta] | None:
+    """The components of ``update`` beyond the leading ``rank`` (``server.residual =
+    "frozen"``): ``left[:, rank:]``, ``right[rank:]`` of every layer that has more, so that a
+    client's truncation plus them is the whole update; None when no layer has more."""
+    rest = {
+        name: LowRankDelta(left=d.left[:, rank:], right=d.right[rank:], scale=d.scale)
+        for name, d in update.layers.items()
+        if d.rank > rank
+    }
+    return rest or None
 
 
 def _seed(*parts: int) -> int:
@@ -200,12 +213,17 @@ class RoundLoop:
         factors = None
         extras: Mapping[str, Tensor] = state.extras
         init_seed = _seed(s.seed, 0, 1)  # round 1: one common init per rank
+        base_version, base_delta = state.base_version, state.base_delta
         if s.mode == "local":
             own = state.local.get(client_id)
             if own is not None:
                 factors, extras = own.factors, own.extras
         elif state.global_update is not None and not state.global_update.merge_into_base:
             factors = state.global_update.client_factors(slot.rank, s.scaling)
+            if s.residual == "frozen":
+                base_delta = beyond_rank(state.global_update, slot.rank)
+                if base_delta is not None:  # a tag of its own: (round, rank) fixes the residual
+                    base_version = -(round_num * 2**16 + slot.rank)
         elif state.global_update is not None:  # flora: fresh adapters every round
             init_seed = _seed(s.seed, round_num, 1)
         return TrainInstruction(
@@ -217,8 +235,8 @@ class RoundLoop:
             extras=extras,
             init_seed=init_seed,
             train_seed=_seed(s.seed, round_num, 2, index),
-            base_version=state.base_version,
-            base_delta=state.base_delta,
+            base_version=base_version,
+            base_delta=base_delta,
             schedule=round_schedule(
                 round_num, s.rounds, s.learning_rate, s.lr_schedule, s.warmup_ratio
             ),

@@ -1,0 +1,123 @@
+"""``server.residual = "frozen"``: the components of the global update beyond a client's rank
+go into its frozen base, so every client trains at the whole global model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hlora.aggregation import GlobalUpdate, LowRankDelta
+from hlora.config import load_config
+from hlora.engines.inprocess import InProcessTransport
+from hlora.federation import build_federation, make_loop
+from hlora.protocol import RoundResult, TrainInstruction
+from hlora.report import RoundProgress
+from hlora.server import beyond_rank
+from tiny_models import tiny_overrides
+
+
+def _update(rank: int, seed: int = 0) -> GlobalUpdate:
+    gen = torch.Generator().manual_seed(seed)
+    layers = {
+        name: LowRankDelta(
+            left=torch.randn(6, rank, generator=gen, dtype=torch.float64),
+            right=torch.randn(rank, 5, generator=gen, dtype=torch.float64),
+            scale=0.5,
+        )
+        for name in ("q", "v")
+    }
+    return GlobalUpdate("hlora", layers, {})
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_a_truncation_plus_what_lies_beyond_it_is_the_whole_update(rank: int) -> None:
+    update = _update(4)
+    rest = beyond_rank(update, rank)
+    assert rest is not None
+    for name, whole in update.layers.items():
+        held = update.client_factors(rank, 2.0)[name].delta(2.0)
+        assert rest[name].rank == 4 - rank
+        assert_close(held + rest[name].dense(), whole.dense())
+    assert beyond_rank(update, 4) is None  # a client of the update's rank holds all of it
+
+
+class Recording:
+    """The in-process transport, keeping every instruction it delivers."""
+
+    def __init__(self, inner: InProcessTransport) -> None:
+        self.inner = inner
+        self.sent: list[TrainInstruction] = []
+
+    def run_round(self, instructions: Sequence[TrainInstruction]) -> RoundResult:
+        self.sent.extend(instructions)
+        return self.inner.run_round(instructions)
+
+
+@pytest.mark.slow
+def test_frozen_residual_clients_train_and_evaluate_at_the_whole_global_model(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        glue_dir,
+        tmp_path,
+        **{
+            "federation.ranks": "[2, 4]",
+            "federation.rounds": 2,
+            "server.optimizer": '"sgd"',
+            "server.residual": '"frozen"',
+        },
+    )
+    federation = build_federation(load_config(None, tuple(overrides)))
+    runtime = federation.runtime
+    transport = Recording(
+        InProcessTransport(runtime, federation.train_features, lambda *a: None, batch_size=8)
+    )
+    with RoundProgress(2, enabled=False) as bar:
+        loop = make_loop(federation, tmp_path, bar, transport)  # type: ignore[arg-type]
+        first = loop.run_round(loop.initial_state(), 1)[0]
+    assert first.global_update is not None
+    second = [loop.instruction(first, slot.client_id, 2) for slot in federation.clients]
+    tags = set()
+    for instruction in second:  # round 2: each client's truncation plus its frozen rest
+        assert instruction.factors is not None and instruction.base_delta is not None
+        tags.add(instruction.base_version)
+        for name, whole in first.global_update.layers.items():
+            held = instruction.factors[name].delta(instruction.scaling)
+            rest = instruction.base_delta[name].dense()
+            assert_close(held + rest, whole.dense(), rtol=1e-5, atol=1e-6)
+    assert len(tags) == 2 and 0 not in tags  # one tag per rank: a client never reuses another's
+    assert all(i.base_delta is None for i in transport.sent)  # round 1 has nothing beyond
+
+    # the model a rank-2 client trains: its factors on top of the base plus its rest (a
+    # random rank-4 update large enough to move the tiny model's loss)
+    gen = torch.Generator().manual_seed(0)
+    update = GlobalUpdate(
+        "hlora",
+        {
+            name: LowRankDelta(
+                left=10 * torch.randn(d.left.shape[0], 4, generator=gen),
+                right=torch.randn(4, d.right.shape[1], generator=gen),
+                scale=d.scale,
+            )
+            for name, d in first.global_update.layers.items()
+        },
+        first.extras,
+    )
+    rest = beyond_rank(update, 2)
+    truncation = {
+        name: LowRankDelta(left=d.left[:, :2], right=d.right[:2], scale=d.scale)
+        for name, d in update.layers.items()
+    }
+    dev, names, batch = federation.dev_features, ("accuracy",), 8
+    whole = runtime.evaluate(update.layers, update.extras, dev, names, batch)
+    frozen = runtime.evaluate(
+        truncation, update.extras, dev, names, batch, base_version=-7, base_delta=rest
+    )
+    dropped = runtime.evaluate(truncation, update.extras, dev, names, batch)
+    assert frozen == pytest.approx(whole, rel=1e-6)
+    assert dropped["loss"] != pytest.approx(whole["loss"], rel=1e-4)  # 3e-3 apart here
