@@ -123,7 +123,13 @@ def test_instruction_without_factors_round_trips() -> None:
     _assert_instruction_equal(original, decoded)
 
 
-def test_instruction_with_flora_base_delta_round_trips() -> None:
+@pytest.mark.parametrize(
+    ("factors", "version"),
+    [(None, 2), (_factors(4), -(3 * 2**16 + 4))],  # flora; a frozen residual (server.residual)
+)
+def test_instruction_with_a_base_delta_round_trips(
+    factors: dict[str, LoraFactors] | None, version: int
+) -> None:
     g = torch.Generator().manual_seed(5)
     delta = {
         name: LowRankDelta(
@@ -134,7 +140,7 @@ def test_instruction_with_flora_base_delta_round_trips() -> None:
         )
         for k, (name, (o, i)) in enumerate(LAYERS.items())
     }
-    original = _instruction(factors=None, base_version=2, base_delta=delta)
+    original = _instruction(factors=factors, base_version=version, base_delta=delta)
     _assert_instruction_equal(original, decode_instruction(encode_instruction(original)))
 
 
