@@ -53,7 +53,7 @@ from hlora.protocol import (
 )
 from hlora.report import MetricsLog, RoundProgress
 from hlora.schedule import round_schedule
-from hlora.server_opt import ServerOptimizer, rank_profile, server_step
+from hlora.server_opt import SERVER_FACTOR_SPACES, ServerOptimizer, rank_profile, server_step
 from hlora.trust import Screened, TrustPolicy, nonfinite_state, screen_update
 
 logger = logging.getLogger(__name__)
@@ -524,7 +524,7 @@ class RoundLoop:
         if previous is not None and previous.merge_into_base:
             previous = None
         space = opt.space or self.strategy.optimizer_space
-        if space in ("server-factors", "factor-steps") and opt.global_rank is None:
+        if space in SERVER_FACTOR_SPACES and opt.global_rank is None:
             opt = replace(opt, global_rank=max(c.rank for c in self.clients.values()))
         steps = None
         if space == "factor-steps":  # the clients' mean factors, as zero-padding averages them

@@ -81,6 +81,7 @@ from hlora.schedule import RUN_SCHEDULES, run_learning_rate
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "avgm", "adam", "yogi")
 SPACES: tuple[str, ...] = ("delta", "factors", "increment", "server-factors", "factor-steps")
+SERVER_FACTOR_SPACES: tuple[str, ...] = ("server-factors", "factor-steps")  # keep L, Rt
 DENSE_STATE_LIMIT = 4 * 2**20  # 'auto': dense state up to this many entries per layer
 _PINV_RTOL = 1e-6  # singular values below this share of the largest count as zero
 
@@ -287,7 +288,7 @@ def server_step(
         prev = None if previous is None or space == "increment" else previous.layers[name]
         if space == "factors":
             layers[name] = _factor_step(opt, name, prev, agg, profile, new_state)
-        elif space in ("server-factors", "factor-steps"):
+        elif space in SERVER_FACTOR_SPACES:
             mean = None if steps is None or prev is None else steps.layers[name]
             layers[name] = _server_factor_step(
                 opt, name, prev, agg, profile, new_state, split, mean
