@@ -676,12 +676,31 @@ def test_cli_engine_option_dispatches_to_the_simulation(
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    ("strategy", "calibration", "decorrelation"), [("hlora", "none", 0.0), ("flora", "ccvr", 1.0)]
+    ("strategy", "calibration", "options"),
+    [
+        ("hlora", "none", {}),
+        ("flora", "ccvr", {"train.decorrelation": 1.0}),
+        # Adam on server factors stepped along the clients' factor steps, each client's
+        # components beyond its rank frozen into its base weights (sent as a base delta): the
+        # server state carries across rounds as in-process. (This tiny model's loss barely
+        # feels the residual; test_own_data checks that a node trains at it.)
+        (
+            "hlora",
+            "none",
+            {
+                "server.optimizer": '"adam"',
+                "server.learning_rate": 0.05,
+                "server.hlora_space": '"factor-steps"',
+                "server.residual": '"frozen"',
+            },
+        ),
+    ],
+    ids=["hlora", "flora-ccvr-decorr", "hlora-adam-factor-steps-frozen"],
 )
 def test_flower_simulation_matches_inprocess(
     strategy: str,
     calibration: str,
-    decorrelation: float,
+    options: dict[str, object],
     tiny_bert_dir: Path,
     glue_dir: Path,
     tmp_path: Path,
@@ -696,7 +715,7 @@ def test_flower_simulation_matches_inprocess(
         **{
             "federation.strategy": strategy,
             "server.head_calibration": f'"{calibration}"',
-            "train.decorrelation": decorrelation,
+            **options,
         },
     )
     reference = run(replace(config, output={"name": "inprocess"}), progress=False)

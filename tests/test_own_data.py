@@ -224,6 +224,54 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_examples(
     assert all(torch.isfinite(f.A).all() for f in reply.update.factors.values())
 
 
+def test_a_node_trains_at_the_frozen_residual_it_is_sent(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, fresh_node: None
+) -> None:
+    """``server.residual = "frozen"`` over Flower: the node adds the instruction's base delta
+    to its frozen weights before training (its loss is the in-process client's at that base,
+    and not the one without it), and resets them when the next instruction has none."""
+    from hlora.aggregation import LowRankDelta
+
+    config = _config(tiny_bert_dir, glue_dir, tmp_path)
+    manifest = RunManifest.of(config, model_sha256(config))
+    own = write_jsonl(tmp_path / "mine.jsonl", ROWS)
+    node = {"own-data": str(own), "model-dir": str(tiny_bert_dir)}
+    content = RecordDict({RUN: manifest.to_record()})
+    runtime, features, _ = node_task.node_setup(node_task.run_config(None, node, content)[0], node)
+    head = {k: v.clone() for k, v in runtime.bank.get_extras(2).items()}
+    generator = torch.Generator().manual_seed(0)
+    rest = {  # components beyond rank 2, large enough to move this tiny model's loss
+        name: LowRankDelta(
+            left=torch.randn(w.shape[0], 2, generator=generator),
+            right=torch.randn(2, w.shape[1], generator=generator),
+        )
+        for name in runtime.bank.layer_names()
+        for w in [runtime.bank.base_weight(name)]
+    }
+
+    def reply_loss(base_delta: dict[str, LowRankDelta] | None) -> float:
+        instruction = TrainInstruction(
+            client_id="client00",
+            round_num=2,
+            rank=2,
+            scaling=config.model.lora_scaling,
+            factors=None,
+            extras=head,
+            init_seed=1,
+            train_seed=1,
+            base_version=-(2 * 2**16 + 2) if base_delta is not None else 0,
+            base_delta=base_delta,
+        )
+        train_content = encode_instruction(instruction)
+        train_content[RUN] = manifest.to_record()
+        return decode_reply(node_task.train(None, node, train_content), "client00").loss
+
+    frozen, plain = reply_loss(rest), reply_loss(None)
+    assert abs(frozen - plain) > 1e-3
+    assert reply_loss(rest) == frozen  # the same base again: the same training
+    assert reply_loss(None) == plain  # the base was reset to the pretrained weights
+
+
 def test_a_node_sends_the_moments_of_its_own_examples(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, fresh_node: None
 ) -> None:
