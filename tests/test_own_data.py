@@ -237,7 +237,7 @@ def test_a_node_trains_at_the_frozen_residual_it_is_sent(
     own = write_jsonl(tmp_path / "mine.jsonl", ROWS)
     node = {"own-data": str(own), "model-dir": str(tiny_bert_dir)}
     content = RecordDict({RUN: manifest.to_record()})
-    runtime, features, _ = node_task.node_setup(node_task.run_config(None, node, content)[0], node)
+    runtime = node_task.node_setup(node_task.run_config(None, node, content)[0], node)[0]
     head = {k: v.clone() for k, v in runtime.bank.get_extras(2).items()}
     generator = torch.Generator().manual_seed(0)
     rest = {  # components beyond rank 2, large enough to move this tiny model's loss
