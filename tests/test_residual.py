@@ -11,9 +11,9 @@ import torch
 from torch.testing import assert_close
 
 from hlora.aggregation import GlobalUpdate, LowRankDelta
-from hlora.config import load_config
+from hlora.config import RunConfig, load_config
 from hlora.engines.inprocess import InProcessTransport
-from hlora.federation import build_federation, make_loop
+from hlora.federation import build_federation, headline_of, make_loop
 from hlora.protocol import RoundResult, TrainInstruction
 from hlora.report import RoundProgress
 from hlora.server import beyond_rank
@@ -121,3 +121,15 @@ def test_frozen_residual_clients_train_and_evaluate_at_the_whole_global_model(
     dropped = runtime.evaluate(truncation, update.extras, dev, names, batch)
     assert frozen == pytest.approx(whole, rel=1e-6)
     assert dropped["loss"] != pytest.approx(whole["loss"], rel=1e-4)  # 3e-3 apart here
+
+
+def test_the_summary_says_every_client_holds_the_global_model(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    def config(**extra: object) -> RunConfig:
+        return load_config(None, tuple(tiny_overrides(tiny_bert_dir, glue_dir, tmp_path, **extra)))
+
+    dropped = headline_of(config())
+    frozen = headline_of(config(**{"server.optimizer": '"sgd"', "server.residual": '"frozen"'}))
+    assert "every client holds" not in dropped and "truncation of it" in dropped
+    assert "every client holds" in frozen and "would hold under server.residual = 'drop'" in frozen

@@ -404,12 +404,7 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
     )
     summary.update(
         {
-            "headline": (
-                "the mean of the clients' own models (local reference)"
-                if config.federation.strategy == "local"
-                else "the global model: pretrained weights + the whole aggregated update; "
-                "final_by_rank holds each client rank's truncation of it"
-            ),
+            "headline": headline_of(config),
             "majority_class": majority,
             "task": config.data.task,
             "strategy": config.federation.strategy,
@@ -441,6 +436,23 @@ def finish(federation: Federation, run_dir: Path, state: ServerState) -> RunResu
         if config.model.task_type == CAUSAL_LM and federation.task.dev:
             write_generations(federation, state, run_dir / GENERATIONS_FILE)
     return RunResult(run_dir, summary)
+
+
+def headline_of(config: RunConfig) -> str:
+    """What a run's headline figure (``summary.json``'s ``final``) is the score of."""
+    if config.federation.strategy == "local":
+        return "the mean of the clients' own models (local reference)"
+    if config.server.residual == "frozen":
+        return (
+            "the global model: pretrained weights + the whole aggregated update, which every "
+            "client holds (its own rank's part trained, the rest frozen into its base weights); "
+            "final_by_rank holds each client rank's truncation of it alone, what that client "
+            "would hold under server.residual = 'drop'"
+        )
+    return (
+        "the global model: pretrained weights + the whole aggregated update; final_by_rank holds "
+        "each client rank's truncation of it"
+    )
 
 
 def federated_eval_labels(records: Sequence[Mapping[str, Any]]) -> list[int]:
