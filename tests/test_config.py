@@ -210,6 +210,19 @@ def test_every_example_config_is_valid() -> None:
     assert demo.federation.num_clients == 10 and demo.federation.ranks == (2, 4, 8, 16)
     for path in sorted(folder.glob("*.toml")):
         load_config(path)
+    # The mixed-rank FedSGD file is the one-rank file with what RESULTS 0.8.10.3 measured on dev
+    # (experiments/recipe_grid.sh mrpc-dirichlet-fedsgd with its GRID_SET).
+    mixed = load_config(folder / "mrpc_fedsgd_mixed_ranks.toml")
+    measured = load_config(
+        folder / "mrpc_fedsgd.toml",
+        (
+            "federation.strategy=hlora",
+            "federation.ranks=[2, 4, 8, 16]",
+            "server.hlora_space=factor-steps",
+            "server.residual=frozen",
+        ),
+    )
+    assert mixed == measured
 
 
 def test_settings_added_later_keep_old_run_folders_resumable() -> None:
