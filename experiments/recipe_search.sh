@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps | fedsgd-server-factors | fedsgd-factor-steps
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps | fedsgd-server-factors | fedsgd-factor-steps | fedsgd-depth
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -446,6 +446,19 @@ elif [ "$STAGE" = fedsgd-factor-steps ]; then
   # 0.755), the validation loss no longer climbing past 0.83. Draw 2 (0.782; fedavg 0.787):
   for seed in 0 1 2; do
     RUNS+=("hlora-fedsgd-adam1e-3-fs-frozen-s$seed|${HET[*]} ${FEDSGD[*]} ${ADAM3[*]} ${FS[*]} --set server.residual=frozen --set federation.seed=$seed")
+  done
+elif [ "$STAGE" = fedsgd-depth ]; then
+  # At the same passes the federation takes a tenth of the reference's sequential steps: 332
+  # Adam steps on the mean gradient of ten clients' batches of 16 (160 examples) against
+  # centralized's 3,300 of 16. Is that what the remaining gap is (fedavg 0.783 over draws 0-2,
+  # centralized 0.801 on draw 0)? (1) the reference itself at the federation's depth: one Adam
+  # step per batch of 160, eta 1e-3 constant, the FedSGD server's settings; (2) the federation
+  # at four times the depth: clients' batches of 4 (40 examples a round, 1,328 rounds, four
+  # times the bytes), Adam at the reference's own rate 5e-4 (the one rate tried), draws 0-1.
+  LEN=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
+  RUNS=("central-bs160-adam1e-3|${CENTRAL[*]} --set train.batch_size=160 --set train.learning_rate=1e-3 --set train.head_learning_rate=1e-3 --set train.lr_schedule=constant --set train.warmup_ratio=0 --set train.weight_decay=0")
+  for seed in 0 1; do
+    RUNS+=("fedavg-fedsgd-bs4-adam5e-4-s$seed|${FEDAVG[*]} ${FEDSGD[*]} --set federation.rounds=1328 --set train.local_steps=1 --set server.eval_every=332 --set train.batch_size=4 --set server.learning_rate=5e-4 --set federation.seed=$seed")
   done
 else
   echo "unknown stage $STAGE" >&2; exit 2

@@ -912,7 +912,7 @@ RECIPE_STAGES = (
     "screen", "screen2", "split", "silent", "iid", "dirichlet-sgd2",
     "cap", "shorter", "sgd", "steps", "epsilon", "qqp", "qqp2", "central",
     "mrpc-lr", "iid2", "babu", "global-rank", "keep", "ccvr", "decorr", "fedsgd",
-    "fedsgd-rank", "fedsgd-eps", "fedsgd-server-factors", "fedsgd-factor-steps",
+    "fedsgd-rank", "fedsgd-eps", "fedsgd-server-factors", "fedsgd-factor-steps", "fedsgd-depth",
 )  # fmt: skip
 SEARCHES = [
     *(
