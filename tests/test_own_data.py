@@ -26,6 +26,7 @@ from hlora.engines.flower.codec import NODE_INFO, RUN, decode_reply, encode_inst
 from hlora.engines.flower.manifest import RunManifest, model_sha256
 from hlora.errors import ConfigError, DataError
 from hlora.protocol import TrainInstruction
+from hlora.runtime import ModelRuntime
 from tiny_models import tiny_overrides
 
 ROWS = [
@@ -164,6 +165,20 @@ def _config(tiny_bert_dir: Path, glue_dir: Path, out: Path) -> RunConfig:
     return load_config(None, tuple(tiny_overrides(tiny_bert_dir, glue_dir, out)))
 
 
+def _own_node(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> tuple[RunConfig, RunManifest, dict[str, str], ModelRuntime]:
+    """The tiny federation's configuration and manifest, a node on its own file of ``ROWS``,
+    and the runtime that node sets up."""
+    config = _config(tiny_bert_dir, glue_dir, tmp_path)
+    manifest = RunManifest.of(config, model_sha256(config))
+    own = write_jsonl(tmp_path / "mine.jsonl", ROWS)
+    node = {"own-data": str(own), "model-dir": str(tiny_bert_dir)}
+    content = RecordDict({RUN: manifest.to_record()})
+    runtime = node_task.node_setup(node_task.run_config(None, node, content)[0], node)[0]
+    return config, manifest, node, runtime
+
+
 @pytest.fixture
 def fresh_node(monkeypatch: pytest.MonkeyPatch) -> None:
     """A node process's caches emptied, as in a fresh ClientApp process; no shared task read."""
@@ -228,16 +243,11 @@ def test_a_node_trains_at_the_frozen_residual_it_is_sent(
     tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, fresh_node: None
 ) -> None:
     """``server.residual = "frozen"`` over Flower: the node adds the instruction's base delta
-    to its frozen weights before training (its loss is the in-process client's at that base,
-    and not the one without it), and resets them when the next instruction has none."""
+    to its frozen weights before training (its loss differs from the one without it, and the
+    same delta again trains the same), and resets them when the next instruction has none."""
     from hlora.aggregation import LowRankDelta
 
-    config = _config(tiny_bert_dir, glue_dir, tmp_path)
-    manifest = RunManifest.of(config, model_sha256(config))
-    own = write_jsonl(tmp_path / "mine.jsonl", ROWS)
-    node = {"own-data": str(own), "model-dir": str(tiny_bert_dir)}
-    content = RecordDict({RUN: manifest.to_record()})
-    runtime = node_task.node_setup(node_task.run_config(None, node, content)[0], node)[0]
+    config, manifest, node, runtime = _own_node(tiny_bert_dir, glue_dir, tmp_path)
     head = {k: v.clone() for k, v in runtime.bank.get_extras(2).items()}
     generator = torch.Generator().manual_seed(0)
     rest = {  # components beyond rank 2, large enough to move this tiny model's loss
@@ -278,12 +288,7 @@ def test_a_node_sends_the_moments_of_its_own_examples(
     from hlora.engines.flower.codec import decode_moments_reply, encode_eval_instruction
     from hlora.protocol import EvalInstruction
 
-    config = _config(tiny_bert_dir, glue_dir, tmp_path)
-    manifest = RunManifest.of(config, model_sha256(config))
-    own = write_jsonl(tmp_path / "mine.jsonl", ROWS)
-    node = {"own-data": str(own), "model-dir": str(tiny_bert_dir)}
-    content = RecordDict({RUN: manifest.to_record()})
-    runtime = node_task.node_setup(node_task.run_config(None, node, content)[0], node)[0]
+    _, manifest, node, runtime = _own_node(tiny_bert_dir, glue_dir, tmp_path)
 
     def ask(client_id: str, node_config: dict) -> RecordDict:
         message = encode_eval_instruction(
