@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from hlora.aggregation import GlobalUpdate, LowRankDelta
+from hlora.checkpoint import load_state
 from hlora.config import RunConfig, load_config
 from hlora.engines.inprocess import InProcessTransport
-from hlora.federation import build_federation, headline_of, make_loop
+from hlora.federation import build_federation, headline_of, make_loop, run
 from hlora.protocol import RoundResult, TrainInstruction
 from hlora.report import RoundProgress
 from hlora.server import beyond_rank
@@ -133,3 +135,33 @@ def test_the_summary_says_every_client_holds_the_global_model(
     frozen = headline_of(config(**{"server.optimizer": '"sgd"', "server.residual": '"frozen"'}))
     assert "every client holds" not in dropped and "truncation of it" in dropped
     assert "every client holds" in frozen and "would hold under server.residual = 'drop'" in frozen
+
+
+@pytest.mark.slow
+def test_a_frozen_residual_run_exports_one_adapter_holding_the_whole_update(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """Every client holds the whole global model, so the run writes one adapter, at the
+    largest rank, and with server factors of that rank it is the whole update exactly."""
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        glue_dir,
+        tmp_path,
+        **{
+            "server.optimizer": '"adam"',
+            "server.learning_rate": 0.05,
+            "server.hlora_space": '"factor-steps"',
+            "server.residual": '"frozen"',
+        },
+    )
+    config = load_config(None, tuple(overrides))
+    result = run(config, progress=False)
+    assert [p.name for p in (result.run_dir / "adapters").glob("r*")] == ["r4"]
+    adapter = load_file(result.run_dir / "adapters" / "r4" / "adapter_model.safetensors")
+    scaling = config.model.lora_scaling
+    whole = load_state(result.run_dir / "checkpoint.safetensors").whole_update()
+    assert len(whole) == 4
+    for name, delta in whole.items():
+        a = adapter[f"base_model.model.{name}.lora_A.weight"]
+        b = adapter[f"base_model.model.{name}.lora_B.weight"]
+        assert_close(scaling * b @ a, delta.dense(), rtol=1e-4, atol=1e-6)

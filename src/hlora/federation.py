@@ -495,11 +495,18 @@ def write_generations(federation: Federation, state: ServerState, path: Path) ->
 
 
 def export_adapters(federation: Federation, state: ServerState, folder: Path) -> list[Path]:
-    """One peft adapter folder per rank used (``folder/r{rank}``), best rank-r of the update."""
+    """One peft adapter folder per rank used (``folder/r{rank}``), best rank-r of the update.
+
+    Under ``server.residual = "frozen"`` every client holds the whole update, so only the
+    largest rank's adapter is written (the whole update when it has no more components, as
+    with server factors at their default rank; ``hlora export --merged`` writes it whole)."""
     bank = federation.runtime.bank
     delta = state.whole_update()
+    ranks = sorted({c.rank for c in federation.clients})
+    if federation.config.server.residual == "frozen":
+        ranks = ranks[-1:]
     paths = []
-    for rank in sorted({c.rank for c in federation.clients}):
+    for rank in ranks:
         factors = rank_factors(delta, rank, bank.scaling)
         paths.append(bank.export_peft(rank, factors, state.extras, folder / f"r{rank}"))
     return paths
