@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from hlora.adapters import LoraBank
-from hlora.config import load_config
+from hlora.config import load_config, replace
 from tiny_models import build_tiny_backbone, save_tiny_causal_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -878,7 +878,7 @@ def test_recipe_grid_fedsgd_cells_run_the_example_per_strategy(tmp_path: Path) -
     python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     python.chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SEEDS": "0", "JOBS": "1", "REFS": ""}
-    cells = ("mrpc-dirichlet-fedsgd", "mrpc-iid-fedsgd")
+    cells = ("mrpc-dirichlet-fedsgd", "mrpc-iid-fedsgd", "mrpc-dirichlet-fedsgd-bs4")
     command = ["bash", str(ROOT / "experiments/recipe_grid.sh"), str(tmp_path / "out"), *cells]
     subprocess.run(command, cwd=ROOT, check=True, env=env, capture_output=True)
     example = load_config(ROOT / "examples/mrpc_fedsgd.toml")
@@ -891,8 +891,16 @@ def test_recipe_grid_fedsgd_cells_run_the_example_per_strategy(tmp_path: Path) -
         config = load_config(ROOT / call[1], _sets(call))
         cell = Path(call[call.index("--output") + 1]).name
         names[cell].add(config.output.name)
-        assert config.train == example.train and config.server.optimizer == "adam"
-        assert config.federation.rounds == example.federation.rounds
+        assert config.server.optimizer == "adam"
+        if cell.endswith("-bs4"):  # four times the depth: batches of 4, four times the rounds
+            assert config.train == replace(example, train={"batch_size": 4}).train
+            assert config.federation.rounds == 4 * example.federation.rounds
+            assert config.server.eval_every == 4 * example.server.eval_every
+            assert config.server.learning_rate == 5e-4
+        else:
+            assert config.train == example.train
+            assert config.server.learning_rate == example.server.learning_rate
+            assert config.federation.rounds == example.federation.rounds
         assert config.data.validation_fraction == 0 and config.data.task == "mrpc"
         assert config.data.partition == ("iid" if cell == "mrpc-iid-fedsgd" else "dirichlet")
         ranks = (8,) if config.output.name.startswith("e1-") else (2, 4, 8, 16)
