@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps | fedsgd-server-factors | fedsgd-factor-steps | fedsgd-depth
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps | fedsgd-server-factors | fedsgd-factor-steps | fedsgd-depth | fedsgd-noclip
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -459,9 +459,21 @@ elif [ "$STAGE" = fedsgd-depth ]; then
   LEN=(--set federation.rounds=16 --set train.local_epochs=1 --set server.eval_every=4)
   RUNS=("central-bs160-adam1e-3|${CENTRAL[*]} --set train.batch_size=160 --set train.learning_rate=1e-3 --set train.head_learning_rate=1e-3 --set train.lr_schedule=constant --set train.warmup_ratio=0 --set train.weight_decay=0")
   # (2) on draws 0-1 ended at 0.787 / 0.798 after 16 passes (0.736 / 0.771 / 0.771 and 0.689 /
-  # 0.747 / 0.766 after 4 / 8 / 12), against fedavg's 0.807 / 0.755 at batches of 16: draw 2 too.
+  # 0.747 / 0.766 after 4 / 8 / 12), against fedavg's 0.807 / 0.755 at batches of 16: draw 2 too
+  # (0.711 / 0.809 / 0.804 / 0.801; fedavg 0.787). (1) ended at 0.785 (0.738 / 0.798 / 0.771
+  # after 4 / 8 / 12): RESULTS 0.8.10.4.
   for seed in 0 1 2; do
     RUNS+=("fedavg-fedsgd-bs4-adam5e-4-s$seed|${FEDAVG[*]} ${FEDSGD[*]} --set federation.rounds=1328 --set train.local_steps=1 --set server.eval_every=332 --set train.batch_size=4 --set server.learning_rate=5e-4 --set federation.seed=$seed")
+  done
+elif [ "$STAGE" = fedsgd-noclip ]; then
+  # Stage fedsgd-depth's reference at the federation's depth (one Adam step per batch of 160)
+  # stood at 0.798 after 8 passes where fedavg under FedSGD had 0.744 (draw 0; it ended at 0.785,
+  # fedavg at 0.807). One difference between the two: each FedSGD client clips its own gradient
+  # to norm 1 (train.max_grad_norm) before the server averages, so the server's mean is not the
+  # batch's gradient when the skewed clients' gradients are large. Unclipped, draws 0-1:
+  LEN=("${FEDSGD_LEN[@]}")
+  for seed in 0 1; do
+    RUNS+=("fedavg-fedsgd-adam1e-3-noclip-s$seed|${FEDAVG[*]} ${FEDSGD[*]} ${ADAM3[*]} --set train.max_grad_norm=0 --set federation.seed=$seed")
   done
 else
   echo "unknown stage $STAGE" >&2; exit 2
