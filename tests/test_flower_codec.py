@@ -35,6 +35,7 @@ from hlora.engines.flower.codec import (
 from hlora.metrics import EvalCounts
 from hlora.protocol import EvalInstruction, EvalReply, TrainInstruction, TrainReply
 from hlora.schedule import RoundSchedule
+from hlora.server import residual_version
 
 LAYERS = {
     "encoder.layer.0.attention.self.query": (6, 5),
@@ -125,7 +126,7 @@ def test_instruction_without_factors_round_trips() -> None:
 
 @pytest.mark.parametrize(
     ("factors", "version"),
-    [(None, 2), (_factors(4), -(3 * 2**16 + 4))],  # flora; a frozen residual (server.residual)
+    [(None, 2), (_factors(4), residual_version(3, 4))],  # flora; a frozen residual
 )
 def test_instruction_with_a_base_delta_round_trips(
     factors: dict[str, LoraFactors] | None, version: int

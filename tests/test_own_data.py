@@ -246,6 +246,7 @@ def test_a_node_trains_at_the_frozen_residual_it_is_sent(
     to its frozen weights before training (its loss differs from the one without it, and the
     same delta again trains the same), and resets them when the next instruction has none."""
     from hlora.aggregation import LowRankDelta
+    from hlora.server import residual_version
 
     config, manifest, node, runtime = _own_node(tiny_bert_dir, glue_dir, tmp_path)
     head = {k: v.clone() for k, v in runtime.bank.get_extras(2).items()}
@@ -269,7 +270,7 @@ def test_a_node_trains_at_the_frozen_residual_it_is_sent(
             extras=head,
             init_seed=1,
             train_seed=1,
-            base_version=-(2 * 2**16 + 2) if base_delta is not None else 0,
+            base_version=residual_version(2, 2) if base_delta is not None else 0,
             base_delta=base_delta,
         )
         train_content = encode_instruction(instruction)

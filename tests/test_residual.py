@@ -18,7 +18,7 @@ from hlora.engines.inprocess import InProcessTransport
 from hlora.federation import build_federation, headline_of, make_loop, run
 from hlora.protocol import RoundResult, TrainInstruction
 from hlora.report import RoundProgress
-from hlora.server import beyond_rank
+from hlora.server import beyond_rank, residual_version
 from tiny_models import tiny_overrides
 
 
@@ -92,7 +92,8 @@ def test_frozen_residual_clients_train_and_evaluate_at_the_whole_global_model(
             held = instruction.factors[name].delta(instruction.scaling)
             rest = instruction.base_delta[name].dense()
             assert_close(held + rest, whole.dense(), rtol=1e-5, atol=1e-6)
-    assert len(tags) == 2 and 0 not in tags  # one tag per rank: a client never reuses another's
+    # one tag per rank and round: a client never reuses another rank's (or an older) residual
+    assert tags == {residual_version(2, 2), residual_version(2, 4)}
     assert all(i.base_delta is None for i in transport.sent)  # round 1 has nothing beyond
 
     # the model a rank-2 client trains: its factors on top of the base plus its rest (a

@@ -442,17 +442,14 @@ def headline_of(config: RunConfig) -> str:
     """What a run's headline figure (``summary.json``'s ``final``) is the score of."""
     if config.federation.strategy == "local":
         return "the mean of the clients' own models (local reference)"
+    whole = "the global model: pretrained weights + the whole aggregated update"
     if config.server.residual == "frozen":
         return (
-            "the global model: pretrained weights + the whole aggregated update, which every "
-            "client holds (its own rank's part trained, the rest frozen into its base weights); "
-            "final_by_rank holds each client rank's truncation of it alone, what that client "
-            "would hold under server.residual = 'drop'"
+            f"{whole}, which every client holds (its own rank's part trained, the rest frozen "
+            "into its base weights); final_by_rank holds each client rank's truncation of it "
+            "alone, what that client would hold under server.residual = 'drop'"
         )
-    return (
-        "the global model: pretrained weights + the whole aggregated update; final_by_rank holds "
-        "each client rank's truncation of it"
-    )
+    return f"{whole}; final_by_rank holds each client rank's truncation of it"
 
 
 def federated_eval_labels(records: Sequence[Mapping[str, Any]]) -> list[int]:

@@ -122,6 +122,13 @@ def beyond_rank(update: GlobalUpdate, rank: int) -> dict[str, LowRankDelta] | No
     return rest or None
 
 
+def residual_version(round_num: int, rank: int) -> int:
+    """The base tag of a frozen residual (``server.residual = "frozen"``): negative, one per
+    round and client rank, so that no other base (W0 is 0, flora's merges are positive) and no
+    other rank's residual shares it."""
+    return -(round_num * 2**16 + rank)
+
+
 def _seed(*parts: int) -> int:
     """A deterministic 31-bit seed from integers (independent of Python's hash seed)."""
     value = 0x345678
@@ -223,7 +230,7 @@ class RoundLoop:
             if s.residual == "frozen":
                 base_delta = beyond_rank(state.global_update, slot.rank)
                 if base_delta is not None:  # a tag of its own: (round, rank) fixes the residual
-                    base_version = -(round_num * 2**16 + slot.rank)
+                    base_version = residual_version(round_num, slot.rank)
         elif state.global_update is not None:  # flora: fresh adapters every round
             init_seed = _seed(s.seed, round_num, 1)
         return TrainInstruction(
