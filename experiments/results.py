@@ -2,7 +2,8 @@
 
 Reads run folders named ``<experiment>-<strategy>-s<seed>`` (as ``experiments/cpu_protocol.sh``
 writes them), groups them over seeds and prints Markdown tables: mean and standard deviation
-(over seeds, ``n - 1`` denominator) of the final dev accuracy, F1 and cross-entropy, and of the
+(over seeds, ``n - 1`` denominator) of the final dev accuracy, F1 and cross-entropy, of the
+dev accuracy averaged over each run's last evaluations (``--last``, default 4), and of the
 dev accuracy averaged over the evaluated rounds (the area under the accuracy curve over its
 length: a convergence-speed summary that, unlike the final value, credits reaching it early),
 the round at which each seed first reached the target accuracy, the median seconds per round
@@ -105,9 +106,14 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 def group_row(
-    label: str, runs: Mapping[int, Sequence[Mapping[str, Any]]], target: float
+    label: str, runs: Mapping[int, Sequence[Mapping[str, Any]]], target: float, last: int = 4
 ) -> dict[str, str]:
-    """One table row: a strategy over its seeds."""
+    """One table row: a strategy over its seeds.
+
+    Besides the final evaluation, the row gives the mean of each seed's last ``last``
+    evaluations (all of them when it has fewer): where the accuracy swings from one evaluation
+    to the next, the final one alone is a lucky or unlucky point.
+    """
     summaries = {
         s: summarize(r, ("accuracy", "f1", "loss"), targets={"accuracy": target})
         for s, r in runs.items()
@@ -117,6 +123,7 @@ def group_row(
     loss = [x["final"]["loss"] for x in summaries.values() if x["final"]["loss"] is not None]
     accuracies = [eval_series(records, "accuracy")[1] for records in runs.values()]
     curve = [statistics.fmean(a) for a in accuracies if a]
+    tail = [statistics.fmean(a[-last:]) for a in accuracies if a]
     reached = [summaries[s]["rounds_to_target"]["accuracy"] for s in sorted(summaries)]
     train_s = [r["round_time_s"] for records in runs.values() for r in records]
     bytes_round = [
@@ -128,6 +135,7 @@ def group_row(
         "final accuracy": _mean_std(acc),
         "final F1": _mean_std(f1),
         "final dev loss": _mean_std(loss),
+        f"acc over the last {last} evals": _mean_std(tail),
         "acc averaged over rounds": _mean_std(curve),
         f"round reaching acc >= {target:.2f} (per seed)": ", ".join(
             "-" if r is None else str(r) for r in reached
@@ -214,6 +222,9 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=Path("docs/results"))
     parser.add_argument("--cell", default="mrpc", help="name of the grid cell, for plot names")
     parser.add_argument("--target", type=float, default=0.70, help="target dev accuracy")
+    parser.add_argument(
+        "--last", type=int, default=4, help="evaluations averaged at the end of each run"
+    )
     parser.add_argument("--bias", type=Path, nargs="+", help="aggregation_bias.py JSON files")
     args = parser.parse_args()
     if args.bias:
@@ -224,6 +235,8 @@ def main() -> None:
         return
     if args.runs is None:
         parser.error("give a folder of runs, or --bias FILE...")
+    if args.last < 1:
+        parser.error(f"--last must be at least 1, got {args.last}")
     groups = collect(args.runs)
     majority = majority_class(args.runs)
     most_seeds = max((len(runs) for runs in groups.values()), default=0)
@@ -232,7 +245,9 @@ def main() -> None:
         if not present:
             continue
         print(f"### {title}\n")
-        print(markdown([group_row(label, groups[g], args.target) for g, label in present]))
+        print(
+            markdown([group_row(label, groups[g], args.target, args.last) for g, label in present])
+        )
         print()
         curves = {
             label + _seed_note(len(groups[g]), most_seeds): seed_mean_records(groups[g])

@@ -371,6 +371,11 @@ def test_group_row_reports_mean_std_target_rounds_median_time_and_bytes(fake_run
     curves = [(0.60 + 0.72 + 0.75) / 3, (0.65 + 0.68 + 0.71) / 3, (0.70 + 0.71 + 0.73) / 3]
     expected = f"{statistics.fmean(curves):.3f} ± {statistics.stdev(curves):.3f}"
     assert row["acc averaged over rounds"] == expected == "0.694 ± 0.017"
+    assert row["acc over the last 4 evals"] == expected  # 3 evaluations: all of them
+    tails = [(0.72 + 0.75) / 2, (0.68 + 0.71) / 2, (0.71 + 0.73) / 2]
+    expected = f"{statistics.fmean(tails):.3f} ± {statistics.stdev(tails):.3f}"
+    last2 = results.group_row("hlora", groups["e3-hlora"], 0.70, last=2)
+    assert last2["acc over the last 2 evals"] == expected == "0.717 ± 0.020"
     assert row["round reaching acc >= 0.70 (per seed)"] == "2, 3, 1"
     assert row["train s / round (median)"] == "12.0"  # one slow seed does not move the median
     assert row["MB / round (both ways)"] == "2.00"
@@ -408,6 +413,17 @@ def test_results_main_prints_tables_and_writes_plots(
     assert "| fedavg (r=8) | 1 | 0.610 ± 0.000 |" in out
     names = sorted(p.name for p in plots.iterdir())
     assert names == [f"e{i}_rte-iid{s}.png" for i in (1, 2, 3) for s in ("", "_loss")]
+
+
+def test_results_main_refuses_an_empty_tail(
+    fake_runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    results = _load("experiments/results.py")
+    monkeypatch.setattr(sys, "argv", ["results.py", str(fake_runs), "--last", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        results.main()
+    assert exit_info.value.code == 2
+    assert "--last must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_results_plots_show_the_majority_class_and_name_short_groups(
