@@ -4,7 +4,7 @@
 # draw for every run), never on dev. Settings are compared on `fedavg` (rank 8 everywhere) and
 # `centralized`, never on `hlora` alone; the chosen settings then serve every strategy.
 #
-#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps | fedsgd-server-factors | fedsgd-factor-steps | fedsgd-depth | fedsgd-noclip
+#   bash experiments/recipe_search.sh [OUT] [STAGE]     # STAGE: screen (default) | screen2 | split | silent | iid | dirichlet-sgd2 | cap | shorter | sgd | steps | epsilon | qqp | qqp2 | central | mrpc-lr | iid2 | babu | global-rank | keep | ccvr | decorr | fedsgd | fedsgd-rank | fedsgd-eps | fedsgd-server-factors | fedsgd-factor-steps | fedsgd-depth | fedsgd-noclip | fedsgd-local
 #
 # Runs two at a time, each on one CPU thread (on 2 cores that trains about 1.2 times faster in
 # all than one run on two threads). Finished runs (summary.json present) are skipped; with
@@ -477,6 +477,17 @@ elif [ "$STAGE" = fedsgd-noclip ]; then
   done
   # 0.730 / 0.779 / 0.801 / 0.807 and 0.703 / 0.771 / 0.782 / 0.766 after 4 / 8 / 12 / 16 passes
   # (clipped: 0.722 / 0.744 / 0.782 / 0.807 and 0.700 / 0.706 / 0.752 / 0.755): RESULTS 0.8.10.4.
+elif [ "$STAGE" = fedsgd-local ]; then
+  # Depth without more rounds or bytes (stage fedsgd-depth bought it with four times both):
+  # each client takes four plain SGD steps on batches of 4 (the same 16 examples a round) before
+  # it reports, so the server's Adam steps along the sum of four gradients taken along the
+  # client's own path (FedAdam with local steps, Reddi et al. 2021). The rest is stage
+  # fedsgd-noclip's (unclipped, SGD at 1.0 for factors and head, Adam 1e-3). The skewed draw 1
+  # first, then draw 0.
+  LEN=("${FEDSGD_LEN[@]}")
+  for seed in 1 0; do
+    RUNS+=("fedavg-fedsgd-adam1e-3-noclip-k4bs4-s$seed|${FEDAVG[*]} ${FEDSGD[*]} ${ADAM3[*]} --set train.max_grad_norm=0 --set train.local_steps=4 --set train.batch_size=4 --set federation.seed=$seed")
+  done
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi
