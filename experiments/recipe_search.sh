@@ -488,6 +488,9 @@ elif [ "$STAGE" = fedsgd-local ]; then
   for seed in 1 0; do
     RUNS+=("fedavg-fedsgd-adam1e-3-noclip-k4bs4-s$seed|${FEDAVG[*]} ${FEDSGD[*]} ${ADAM3[*]} --set train.max_grad_norm=0 --set train.local_steps=4 --set train.batch_size=4 --set federation.seed=$seed")
   done
+  # Draw 1 ended at 0.689 / 0.719 / 0.741 / 0.738 after 4 / 8 / 12 / 16 passes (one local step
+  # of 16: 0.703 / 0.771 / 0.782 / 0.766), validation loss 0.530 (0.554); draw 0 was not run:
+  # RESULTS 0.8.10.5.
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi
