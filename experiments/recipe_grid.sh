@@ -19,7 +19,8 @@
 #     share of the local epochs each round (0.3 of an epoch for the demo), and `local` is
 #     evaluated after the last round only (each evaluation scores ten models);
 #   mrpc-dirichlet-fedsgd, mrpc-iid-fedsgd: one SGD step per client and round with Adam on the
-#     server (FedSGD + FedAdam), at the passes of the plain cells (run with REFS="");
+#     server (FedSGD + FedAdam), at the passes of the plain cells (run with REFS=""); the clients'
+#     steps unclipped since 2026-12-05 (GRID_SET="train.max_grad_norm=1" gives the runs before);
 #     mrpc-dirichlet-fedsgd-bs4: the same at four times the depth (clients' batches of 4);
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
 #     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
