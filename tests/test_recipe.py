@@ -599,3 +599,43 @@ def test_gradients_are_cleared_when_training_raises(monkeypatch: pytest.MonkeyPa
     params = runtime.bank.trainable_parameters(4)
     assert params and all(p.grad is None for p in params)
     assert not runtime.bank.model.training  # back in evaluation mode
+
+
+def test_clipping_bounds_a_clients_step_and_zero_turns_it_off() -> None:
+    """One plain SGD step at rate 1 on the whole batch (the FedSGD client): with
+    ``max_grad_norm = 0`` the step over factors and head is the whole gradient; at a norm below
+    the gradient's, the same direction scaled to exactly that norm."""
+
+    def step(max_grad_norm: float) -> torch.Tensor:
+        cfg = TrainConfig(
+            optimizer="sgd",
+            learning_rate=1.0,
+            head_learning_rate=1.0,
+            batch_size=len(WORDS) * 4,
+            local_steps=1,
+            max_grad_norm=max_grad_norm,
+            logit_adjustment=0.0,
+            precision="fp32",
+        )
+        runtime, features = _runtime(cfg)
+        instruction = _instruction(runtime, schedule=_flat(1.0))
+        start = runtime.bank.init_factors(4, instruction.init_seed)
+        reply = runtime.train_client(instruction, features)
+        parts = [
+            torch.cat([(f.A - start[n][0]).flatten(), (f.B - start[n][1]).flatten()])
+            for n, f in reply.update.factors.items()
+        ]
+        parts += [(v - instruction.extras[n]).flatten() for n, v in reply.update.extras.items()]
+        return torch.cat(parts).double()
+
+    whole = step(0.0)
+    norm = float(whole.norm())
+    assert norm > 0
+    bound = 0.25 * norm
+    clipped = step(bound)
+    scale = bound / (norm + 1e-6)  # torch's clip_grad_norm_ adds 1e-6 to the norm
+    assert float(clipped.norm()) == pytest.approx(bound * norm / (norm + 1e-6), rel=1e-5)
+    # the same direction (each element carries the fp32 rounding of the weight it moved)
+    assert float((clipped - whole * scale).norm()) <= 1e-3 * bound
+    loose = step(10 * norm)  # a bound above the gradient's norm leaves the step whole
+    assert float((loose - whole).norm()) <= 1e-4 * norm
