@@ -20,17 +20,26 @@ run() {
 }
 
 # start_run FOLDER NAME ARGS...: `hlora run ARGS...` from nothing (an unfinished FOLDER/NAME is
-# removed first). With GRID_LOG=1 its output goes to FOLDER/NAME.log.
+# removed first). With GRID_RESUME=1 an unfinished run that saved its config.toml continues from
+# its last finished round instead (`hlora run --resume`, its own saved configuration: use it only
+# when the plan has not changed since the run started). With GRID_LOG=1 the output goes to
+# FOLDER/NAME.log (appended to when resuming).
 start_run() {
   local folder="$1" name="$2"; shift 2
-  rm -rf "${folder:?}/$name"
-  echo "$(date -u +%H:%M:%S) start $folder/$name"
+  local call=(hlora run "$@") verb=start log="$folder/$name.log"
+  if [[ "${GRID_RESUME:-0}" == 1 && -f "$folder/$name/config.toml" ]]; then
+    call=(hlora run --resume "$folder/$name" --no-progress) verb=resume
+  else
+    rm -rf "${folder:?}/$name"
+  fi
+  echo "$(date -u +%H:%M:%S) $verb $folder/$name"
   if [[ "${GRID_LOG:-0}" == 1 ]]; then
     mkdir -p "$folder"
-    hlora run "$@" >"$folder/$name.log" 2>&1 || { echo "FAILED $folder/$name"; return 1; }
+    if [[ "$verb" == start ]]; then : >"$log"; fi
+    "${call[@]}" >>"$log" 2>&1 || { echo "FAILED $folder/$name"; return 1; }
     echo "$(date -u +%H:%M:%S) done $folder/$name"
   else
-    hlora run "$@"
+    "${call[@]}"
   fi
 }
 

@@ -567,6 +567,30 @@ def test_grid_skips_finished_runs_and_restarts_unfinished_ones(tmp_path: Path) -
     assert not (out / "e1-fedavg-s0").exists()  # an unfinished run starts again from nothing
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_grid_resume_continues_unfinished_runs_that_saved_their_config(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "e3-hlora-s0").mkdir(parents=True)
+    (out / "e3-hlora-s0" / "config.toml").write_text("[federation]\n")
+    (out / "e3-hlora-s0.log").write_text("round 1\n")
+    (out / "e1-fedavg-s0").mkdir()  # died before it saved its configuration
+    (out / "e1-fedavg-s0" / "stale").write_text("half a run")
+    script = f"""GRID_LOG=1 GRID_RESUME=1 GRID_RUNS="e3-hlora e1-fedavg" GRID_REFS="" \\
+        grid {out} "0" """
+    calls = _grid_calls(tmp_path, script)
+    assert calls[0] == ["run", "--resume", f"{out}/e3-hlora-s0", "--no-progress"]
+    assert (out / "e3-hlora-s0" / "config.toml").is_file()  # kept
+    assert (out / "e3-hlora-s0.log").read_text() == "round 1\ntrained --no-progress\n"
+    assert calls[1][:2] == ["run", "experiments/e1_mrpc.toml"]  # from nothing
+    assert not (out / "e1-fedavg-s0" / "stale").exists()
+    assert (out / "e1-fedavg-s0.log").read_text() == "trained federation.strategy=fedavg\n"
+    # without GRID_RESUME an unfinished run starts again, whatever it saved
+    (tmp_path / "again").mkdir()
+    calls = _grid_calls(tmp_path / "again", f'GRID_RUNS="e3-hlora" GRID_REFS="" grid {out} "0"')
+    assert calls[-1][:2] == ["run", "experiments/e3_mrpc.toml"]
+    assert not (out / "e3-hlora-s0").exists()
+
+
 @pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("xargs") is None, reason="needs bash and xargs"
 )
@@ -930,6 +954,26 @@ def test_recipe_grid_fedsgd_cells_run_the_example_per_strategy(tmp_path: Path) -
     del env["REFS"]
     refused = subprocess.run(command[:4], cwd=ROOT, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "run it with REFS=" in refused.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_search_resume_continues_a_run_that_saved_its_config(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    bin_dir = _recording_hlora(tmp_path, log)
+    out = tmp_path / "out"
+    name = "fedavg-fedsgd-adam1e-3-noclip-k4bs4-s1"  # stage fedsgd-local's first run
+    (out / name).mkdir(parents=True)
+    (out / name / "config.toml").write_text("[federation]\n")
+    (out / f"{name}.log").write_text("round 1\n")
+    env = {"PATH": "/usr/bin:/bin", "HLORA": str(bin_dir / "hlora"), "RESUME": "1"}
+    command = ["bash", str(ROOT / "experiments/recipe_search.sh"), str(out), "fedsgd-local"]
+    subprocess.run(command, cwd=ROOT, check=True, env=env)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert ["run", "--resume", f"{out}/{name}", "--no-progress"] in calls
+    assert len(calls) == 2 and (out / name / "config.toml").is_file()
+    assert (out / f"{name}.log").read_text() == "round 1\ntrained --no-progress\n"
+    started = [c for c in calls if c[1] != "--resume"]
+    assert started[0][-1] == "output.name=fedavg-fedsgd-adam1e-3-noclip-k4bs4-s0"
 
 
 RECIPE_STAGES = (
