@@ -30,8 +30,9 @@
 # "centralized"), then REST_RUNS (default "e3-zeropad e1-fedavg e1-hlora e3-flora"). Runs are
 # planned seed by seed, so the first seeds finish first. Finished runs (summary.json) are
 # skipped: the script can be restarted (with GRID_RESUME=1 an unfinished run continues from its
-# last round rather than from nothing: experiments/grid.sh). GRID_SET (space-separated KEY=VALUE) adds overrides to
-# every run, for example GRID_SET="model.name=FOLDER" where the offline model package is missing.
+# last round rather than from nothing: experiments/grid.sh). GRID_SET (space-separated
+# KEY=VALUE) adds overrides to every run, for example GRID_SET="model.name=FOLDER" where the
+# offline model package is missing.
 # Tables: python experiments/results.py OUT/CELL --cell CELL --target 0.78
 set -euo pipefail
 out="${1:-runs/recipe-grid}"
