@@ -9,16 +9,15 @@ run_one() {
   local name="${1%%|*}" args="${1#*|}"
   [ -n "${ONLY:-}" ] && [ "$name" != "$ONLY" ] && return 0
   [ -f "$OUT/$name/summary.json" ] && return 0
-  if [ "${RESUME:-0}" = 1 ] && [ -f "$OUT/$name/config.toml" ]; then
-    OMP_NUM_THREADS=1 "$HLORA" run --resume "$OUT/$name" --no-progress \
-      >> "$OUT/$name.log" 2>&1 || echo "failed: $name" >&2
-    return 0
+  local call=("$HLORA" run --resume "$OUT/$name" --no-progress)
+  if [ "${RESUME:-0}" != 1 ] || [ ! -f "$OUT/$name/config.toml" ]; then
+    rm -rf "${OUT:?}/$name"
+    mkdir -p "$OUT"
+    : > "$OUT/$name.log"
+    # shellcheck disable=SC2206
+    call=("$HLORA" run "${BASE[@]}" $args --set "output.name=$name")
   fi
-  rm -rf "${OUT:?}/$name"
-  mkdir -p "$OUT"
-  # shellcheck disable=SC2086
-  OMP_NUM_THREADS=1 "$HLORA" run "${BASE[@]}" $args --set "output.name=$name" \
-    > "$OUT/$name.log" 2>&1 || echo "failed: $name" >&2
+  OMP_NUM_THREADS=1 "${call[@]}" >> "$OUT/$name.log" 2>&1 || echo "failed: $name" >&2
 }
 
 run_searches() {
