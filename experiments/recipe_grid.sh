@@ -22,7 +22,8 @@
 #     server (FedSGD + FedAdam), at the passes of the plain cells (run with REFS=""); the clients'
 #     steps unclipped since 2026-12-05 (GRID_SET="train.max_grad_norm=1" gives the runs before);
 #     mrpc-dirichlet-fedsgd-bs4, mrpc-iid-fedsgd-bs4: the same at four times the depth (clients'
-#     batches of 4);
+#     batches of 4); qqp-dirichlet-fedsgd, qqp-iid-fedsgd: the same on the QQP sample at its 4
+#     passes (references: the plain qqp cells');
 #   ablation: MRPC, Dirichlet 0.5, seed 0, hlora at {2, 4, 8, 16} with one option changed at a
 #     time (the old recipe; no logit adjustment; the per-round schedule; FedProx; FedAvgM).
 # SEEDS (default "0 1 2") and JOBS (default 2: runs at a time, one CPU thread each) come from the
@@ -62,7 +63,8 @@ print(f.rounds, c.train.local_epochs * f.clients_per_round / f.num_clients)")
       # the passes of the drawn clients' local epochs
       CENTRAL_ARGS=(--set train.local_epochs="$central_epochs")
       LOCAL_ARGS=(--set server.eval_every="$demo_rounds") ;;
-    mrpc-dirichlet-fedsgd | mrpc-iid-fedsgd | mrpc-dirichlet-fedsgd-bs4 | mrpc-iid-fedsgd-bs4)
+    mrpc-dirichlet-fedsgd | mrpc-iid-fedsgd | mrpc-dirichlet-fedsgd-bs4 | mrpc-iid-fedsgd-bs4 \
+      | qqp-dirichlet-fedsgd | qqp-iid-fedsgd)
       # One plain SGD step per client and round, Adam on the server (examples/mrpc_fedsgd.toml,
       # chosen by recipe_search.sh fedsgd) at its rounds (the plain cells' 16 passes), each
       # experiment's strategy and ranks. The references are the plain cells' (they have no
@@ -75,7 +77,14 @@ print(f.rounds, c.train.local_epochs * f.clients_per_round / f.num_clients)")
 print(load_config('$config').federation.rounds)")"
       args=(--set data.task=mrpc --set federation.rounds="$fedsgd_rounds"
         --set server.eval_truncations=final)
-      if [[ "$cell" == mrpc-iid-* ]]; then args+=(--set data.partition=iid); fi
+      if [[ "$cell" == *-iid-* ]]; then args+=(--set data.partition=iid); fi
+      # The QQP sample at the plain qqp cells' 4 passes: 529 rounds of ten batches of 16 over
+      # its 21,147 training pairs, evaluated once a pass, Adam on the server at the rate
+      # chosen for fedavg on its validation split (recipe_search.sh qqp-fedsgd).
+      if [[ "$cell" == qqp-* ]]; then
+        args+=(--set data.task=qqp-sample --set federation.rounds=529 --set server.eval_every=133
+          --set server.learning_rate=2e-3)
+      fi
       # Four times the depth (recipe_search.sh fedsgd-depth): the clients' batches of 4, four
       # times the rounds (and bytes), Adam at 5e-4, evaluated once a pass.
       if [[ "$cell" == *-bs4 ]]; then

@@ -921,6 +921,7 @@ def test_recipe_grid_fedsgd_cells_run_the_example_per_strategy(tmp_path: Path) -
     cells = (
         "mrpc-dirichlet-fedsgd", "mrpc-iid-fedsgd",
         "mrpc-dirichlet-fedsgd-bs4", "mrpc-iid-fedsgd-bs4",
+        "qqp-dirichlet-fedsgd", "qqp-iid-fedsgd",
     )  # fmt: skip
     command = ["bash", str(ROOT / "experiments/recipe_grid.sh"), str(tmp_path / "out"), *cells]
     subprocess.run(command, cwd=ROOT, check=True, env=env, capture_output=True)
@@ -940,11 +941,16 @@ def test_recipe_grid_fedsgd_cells_run_the_example_per_strategy(tmp_path: Path) -
             assert config.federation.rounds == 4 * example.federation.rounds
             assert config.server.eval_every == 4 * example.server.eval_every
             assert config.server.learning_rate == 5e-4
+        elif cell.startswith("qqp-"):  # the QQP sample's 4 passes at its own server rate
+            assert config.train == example.train
+            assert (config.federation.rounds, config.server.eval_every) == (529, 133)
+            assert config.server.learning_rate == 2e-3
         else:
             assert config.train == example.train
             assert config.server.learning_rate == example.server.learning_rate
             assert config.federation.rounds == example.federation.rounds
-        assert config.data.validation_fraction == 0 and config.data.task == "mrpc"
+        task = "qqp-sample" if cell.startswith("qqp-") else "mrpc"
+        assert config.data.validation_fraction == 0 and config.data.task == task
         assert config.data.partition == ("iid" if "-iid-" in cell else "dirichlet")
         ranks = (8,) if config.output.name.startswith("e1-") else (2, 4, 8, 16)
         assert config.federation.ranks == ranks
