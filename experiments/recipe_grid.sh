@@ -73,26 +73,23 @@ print(f.rounds, c.train.local_epochs * f.clients_per_round / f.num_clients)")
         echo "$cell: the references are the plain cell's; run it with REFS=\"\"" >&2; exit 2
       fi
       config=examples/mrpc_fedsgd.toml
-      fedsgd_rounds="$(python -c "from hlora.config import load_config
-print(load_config('$config').federation.rounds)")"
-      args=(--set data.task=mrpc --set federation.rounds="$fedsgd_rounds"
-        --set server.eval_truncations=final)
-      if [[ "$cell" == *-iid-* ]]; then args+=(--set data.partition=iid); fi
-      # The QQP sample at the plain qqp cells' 4 passes: 529 rounds of ten batches of 16 over
-      # its 21,147 training pairs, evaluated once a pass, Adam on the server at the rate
-      # chosen for fedavg on its validation split (recipe_search.sh qqp-fedsgd).
-      if [[ "$cell" == qqp-* ]]; then
-        args+=(--set data.task=qqp-sample --set federation.rounds=529 --set server.eval_every=133
-          --set server.learning_rate=2e-3)
-      fi
-      # Four times the depth (recipe_search.sh fedsgd-depth): the clients' batches of 4, four
-      # times the rounds (and bytes), Adam at 5e-4, evaluated once a pass.
-      if [[ "$cell" == *-bs4 ]]; then
-        every="$(python -c "from hlora.config import load_config
-print(load_config('$config').server.eval_every)")"
-        args+=(--set federation.rounds=$((4 * fedsgd_rounds)) --set train.batch_size=4
-          --set server.learning_rate=5e-4 --set server.eval_every=$((4 * every)))
-      fi ;;
+      read -r fedsgd_rounds every < <(python -c "from hlora.config import load_config
+c = load_config('$config'); print(c.federation.rounds, c.server.eval_every)")
+      case "$cell" in
+        # The QQP sample at the plain qqp cells' 4 passes: 529 rounds of ten batches of 16 over
+        # its 21,147 training pairs, evaluated once a pass, Adam on the server at the rate
+        # chosen for fedavg on its validation split (recipe_search.sh qqp-fedsgd).
+        qqp-*) args=(--set data.task=qqp-sample --set federation.rounds=529
+          --set server.eval_every=133 --set server.learning_rate=2e-3) ;;
+        # Four times the depth (recipe_search.sh fedsgd-depth): the clients' batches of 4, four
+        # times the rounds (and bytes), Adam at 5e-4, evaluated once a pass.
+        *-bs4) args=(--set data.task=mrpc --set federation.rounds=$((4 * fedsgd_rounds))
+          --set train.batch_size=4 --set server.learning_rate=5e-4
+          --set server.eval_every=$((4 * every))) ;;
+        *) args=(--set data.task=mrpc --set federation.rounds="$fedsgd_rounds") ;;
+      esac
+      args+=(--set server.eval_truncations=final)
+      if [[ "$cell" == *-iid-* ]]; then args+=(--set data.partition=iid); fi ;;
     mrpc-* | qqp-* | rte-*)
       case "${cell%%-*}" in
         qqp) args=(--set data.task=qqp-sample --set train.local_epochs=0.25)
