@@ -89,6 +89,8 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ),
         ("server.residual=all", "invalid value for 'server.residual': 'all' (allowed: drop"),
         ("server.residual=frozen", "'server.residual': 'frozen' (it needs a server.optimizer"),
+        ("server.window=random", "invalid value for 'server.window': 'random' (allowed: leading"),
+        ("server.window=rolling", "'server.window': 'rolling' (it needs server.residual = 'froz"),
         ("server.lr_schedule=step", "invalid value for 'server.lr_schedule': 'step' (allowed:"),
         ("server.warmup_ratio=1", "invalid value for 'server.warmup_ratio': 1"),
         (
@@ -185,6 +187,14 @@ def test_a_frozen_residual_needs_a_base_that_can_take_it(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, ("server.optimizer=sgd", "server.residual=frozen", *overrides))
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "zeropad"])  # flora: no frozen residual
+def test_a_rolling_window_is_for_hlora_alone(strategy: str) -> None:
+    frozen = ("server.optimizer=sgd", "server.residual=frozen", "server.window=rolling")
+    assert load_config(None, frozen).server.window == "rolling"
+    with pytest.raises(ConfigError, match=r"'server.window': 'rolling' \(only 'hlora' re-sorts"):
+        load_config(None, (*frozen, f"federation.strategy={strategy}", "federation.ranks=[4]"))
 
 
 def test_bare_words_are_strings() -> None:

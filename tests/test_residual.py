@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from hlora.aggregation import GlobalUpdate, LowRankDelta
+from hlora.aggregation import ClientUpdate, GlobalUpdate, LowRankDelta
 from hlora.checkpoint import load_state
 from hlora.config import RunConfig, load_config
 from hlora.engines.inprocess import InProcessTransport
 from hlora.federation import build_federation, headline_of, make_loop, run
-from hlora.protocol import RoundResult, TrainInstruction
+from hlora.protocol import RoundResult, TrainInstruction, TrainReply
 from hlora.report import RoundProgress
 from hlora.server import beyond_rank, residual_version
 from tiny_models import tiny_overrides
@@ -166,3 +166,95 @@ def test_a_frozen_residual_run_exports_one_adapter_holding_the_whole_update(
         a = adapter[f"base_model.model.{name}.lora_A.weight"]
         b = adapter[f"base_model.model.{name}.lora_B.weight"]
         assert_close(scaling * b @ a, delta.dense(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3, 4, 6])
+def test_a_rolled_update_leads_with_the_component_at_its_offset(offset: int) -> None:
+    whole = _update(4).layers["q"]
+    whole = LowRankDelta(whole.left, whole.right, whole.scale, torch.arange(4.0, 0.0, -1.0))
+    rolled = whole.rolled(offset)
+    assert_close(rolled.dense(), whole.dense())
+    for j in range(4):
+        k = (offset + j) % 4
+        assert torch.equal(rolled.left[:, j], whole.left[:, k])
+        assert torch.equal(rolled.right[j], whole.right[k])
+    assert rolled.singular_values is None or offset % 4 == 0  # no longer sorted
+    held = rolled.leading(2, 2.0).delta(2.0)  # components offset, offset + 1 (mod 4)
+    idx = [offset % 4, (offset + 1) % 4]
+    assert_close(held, whole.scale * whole.left[:, idx] @ whole.right[idx])
+
+
+class Echo:
+    """Round 1 trained in process; afterwards every client sends back what it was sent, so a
+    server step that reads the clients' factors in their order finds no progress."""
+
+    def __init__(self, inner: InProcessTransport, examples: dict[str, int]) -> None:
+        self.inner = inner
+        self.examples = examples
+        self.sent: list[TrainInstruction] = []
+
+    def run_round(self, instructions: Sequence[TrainInstruction]) -> RoundResult:
+        self.sent.extend(instructions)
+        if instructions[0].factors is None:
+            return self.inner.run_round(instructions)
+        replies = []
+        for i in instructions:
+            assert i.factors is not None
+            n = self.examples[i.client_id]
+            update = ClientUpdate(i.client_id, n, i.rank, i.scaling, i.factors, i.extras)
+            replies.append(TrainReply(update, loss=0.5, steps=1, seconds=0.0))
+        return RoundResult(replies)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("space", ["delta", "server-factors", "factor-steps"])
+@pytest.mark.parametrize("window", ["leading", "rolling"])
+def test_a_rolling_window_trains_every_component_in_turn_and_the_server_reads_it_so(
+    space: str, window: str, tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """Under ``server.window = "rolling"`` a client of rank 2 trains components ``t, t + 1``
+    (mod 4) of round ``t``'s global update and holds the rest frozen; clients that send back
+    what they were sent leave the global update where it was (the server's step reads their
+    factors in the order they were given them; read in the leading order it would move)."""
+    overrides = tiny_overrides(
+        tiny_bert_dir,
+        glue_dir,
+        tmp_path,
+        **{
+            "federation.rounds": 6,
+            "server.optimizer": '"sgd"',
+            "server.global_rank": 4,
+            "server.hlora_space": f'"{space}"',
+            "server.residual": '"frozen"',
+            "server.window": f'"{window}"',
+        },
+    )
+    federation = build_federation(load_config(None, tuple(overrides)))
+    inner = InProcessTransport(
+        federation.runtime, federation.train_features, lambda *a: None, batch_size=8
+    )
+    transport = Echo(inner, {c.client_id: c.num_examples for c in federation.clients})
+    with RoundProgress(6, enabled=False) as bar:
+        loop = make_loop(federation, tmp_path, bar, transport)  # type: ignore[arg-type]
+        state = loop.run_round(loop.initial_state(), 1)[0]
+        first = state.global_update
+        assert first is not None and all(d.rank == 4 for d in first.layers.values())
+        for t in range(2, 7):
+            state = loop.run_round(state, t)[0]
+            assert state.global_update is not None
+            for name, d in first.layers.items():
+                assert_close(
+                    state.global_update.layers[name].dense(), d.dense(), rtol=1e-5, atol=1e-7
+                )
+    rank2 = [i for i in transport.sent if i.rank == 2 and i.round_num > 1]
+    assert len(rank2) == 5 * sum(c.rank == 2 for c in federation.clients)
+    for instruction in rank2:
+        t = instruction.round_num
+        idx = [t % 4, (t + 1) % 4] if window == "rolling" else [0, 1]
+        assert instruction.factors is not None and instruction.base_delta is not None
+        for name, whole in first.layers.items():
+            held = instruction.factors[name].delta(instruction.scaling)
+            want = whole.scale * whole.left[:, idx] @ whole.right[idx]
+            assert_close(held, want, rtol=1e-5, atol=1e-7)
+            rest = instruction.base_delta[name].dense()
+            assert_close(held + rest, whole.dense(), rtol=1e-5, atol=1e-7)

@@ -40,6 +40,7 @@ SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "sgd", "avgm", "adam", "yogi")
 OPTIMIZER_STATES: tuple[str, ...] = ("auto", "dense", "factored")
 HLORA_SPACES: tuple[str, ...] = ("delta", "server-factors", "factor-steps")  # server.hlora_space
 RESIDUALS: tuple[str, ...] = ("drop", "frozen")  # server.residual
+WINDOWS: tuple[str, ...] = ("leading", "rolling")  # server.window
 CLIENT_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 HEAD_CALIBRATIONS: tuple[str, ...] = ("none", "ccvr")  # server.head_calibration (hlora.calibration)
 _ADAM_EPSILON = 1e-8
@@ -586,6 +587,17 @@ class ServerConfig:
         ),
     )
 
+    window: str = field(
+        default="leading",
+        metadata=_help(
+            "which of the global update's components a client of rank r_k trains under "
+            "server.residual = 'frozen': 'leading' (its best rank-r_k part) or 'rolling' (in "
+            "round t the components t, t+1, ..., t+r_k-1 modulo the update's rank, so that "
+            "every component is trained by every client in turn, as FedRolex rolls its "
+            "sub-models; hlora only)"
+        ),
+    )
+
     head_calibration: str = field(
         default="none",
         metadata=_help(
@@ -643,6 +655,14 @@ class ServerConfig:
                 "aggregate of the trained factors, which would drop what the clients held "
                 "frozen (server.optimizer = 'sgd' at learning_rate 1 is the aggregate with "
                 "nothing dropped)",
+            )
+        _choice("server.window", self.window, WINDOWS)
+        if self.window != "leading" and self.residual != "frozen":
+            raise _fail(
+                "server.window",
+                self.window,
+                "it needs server.residual = 'frozen': a client that drops the components "
+                "beyond its window would hold the update without its leading components",
             )
         _non_negative_int("server.global_rank", self.global_rank)
         _choice("server.svd_method", self.svd_method, SVD_METHODS)
@@ -753,6 +773,13 @@ class RunConfig:
                 "server.residual",
                 self.server.residual,
                 "strategy 'flora' merges the whole update into the base weights already",
+            )
+        if self.server.window != "leading" and self.federation.strategy != "hlora":
+            raise _fail(
+                "server.window",
+                self.server.window,
+                "only 'hlora' re-sorts its global update by SVD every round; the other "
+                "strategies' optimizer state is tied to their columns' order",
             )
         if self.model.quantization != NO_QUANTIZATION:
             if self.server.residual != "drop":
@@ -937,6 +964,7 @@ def _added_later() -> dict[str, dict[str, Any]]:
             "warmup_ratio": 0.0,
             "hlora_space": "delta",
             "residual": "drop",
+            "window": "leading",
         },
         "trust": dataclasses.asdict(TrustConfig()),
     }

@@ -239,6 +239,7 @@ def loop_settings(config: RunConfig) -> LoopSettings:
         server_optimizer=optimizer,
         freeze_head=config.train.freeze_head,
         residual=srv.residual,
+        window=srv.window,
         head_calibration=srv.head_calibration,
         calibration_samples=srv.calibration_samples,
         trust=TrustPolicy(

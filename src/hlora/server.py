@@ -101,6 +101,7 @@ class LoopSettings:
     label_prior: tuple[float, ...] | None = None  # sent when clients adjust their logits
     freeze_head: bool = False  # the global head stays as it is (train.freeze_head)
     residual: str = "drop"  # drop | frozen: components beyond a client's rank (server.residual)
+    window: str = "leading"  # leading | rolling: the components a client trains (server.window)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # checks on replies (hlora.trust)
     evaluation: str = SERVER_EVAL  # one of EVALUATIONS
     metric_names: tuple[str, ...] = ()  # of a federated evaluation (the task's)
@@ -226,9 +227,10 @@ class RoundLoop:
             if own is not None:
                 factors, extras = own.factors, own.extras
         elif state.global_update is not None and not state.global_update.merge_into_base:
-            factors = state.global_update.client_factors(slot.rank, s.scaling)
+            start = self.clients_start(state.global_update, round_num)
+            factors = start.client_factors(slot.rank, s.scaling)
             if s.residual == "frozen":
-                base_delta = beyond_rank(state.global_update, slot.rank)
+                base_delta = beyond_rank(start, slot.rank)
                 if base_delta is not None:  # a tag of its own: (round, rank) fixes the residual
                     base_version = residual_version(round_num, slot.rank)
         elif state.global_update is not None:  # flora: fresh adapters every round
@@ -349,7 +351,7 @@ class RoundLoop:
             if self.settings.freeze_head:  # whatever the clients sent back; a server step
                 aggregate = replace(aggregate, extras=dict(state.extras))  # then moves it by 0
             if stepped is not None:
-                aggregate, opt_state = self.server_step(state, aggregate, kept, stepped)
+                aggregate, opt_state = self.server_step(state, aggregate, kept, stepped, round_num)
                 new_state = replace(new_state, optimizer=opt_state)
             new_state = replace(new_state, global_update=aggregate, extras=dict(aggregate.extras))
             if aggregate.merge_into_base:
@@ -520,9 +522,11 @@ class RoundLoop:
         aggregate: GlobalUpdate,
         kept: Sequence[ClientUpdate],
         opt: ServerOptimizer,
+        round_num: int,
     ) -> tuple[GlobalUpdate, dict[str, Tensor]]:
         """The step of ``opt`` (the server optimizer at this round's point of its learning-rate
-        schedule) from the previous global update (see ``server_opt``)."""
+        schedule) from the previous global update, ordered as round ``round_num``'s clients
+        started from it (:meth:`clients_start`; see ``server_opt``)."""
         if self.strategy is None:
             raise FederationError("no server optimizer in this run")
         total = sum(u.num_examples for u in kept)
@@ -530,6 +534,8 @@ class RoundLoop:
         previous = state.global_update
         if previous is not None and previous.merge_into_base:
             previous = None
+        if previous is not None:  # the order whose leading r_k components client k trained
+            previous = self.clients_start(previous, round_num)
         space = opt.space or self.strategy.optimizer_space
         if space in SERVER_FACTOR_SPACES and opt.global_rank is None:
             opt = replace(opt, global_rank=max(c.rank for c in self.clients.values()))
@@ -550,6 +556,17 @@ class RoundLoop:
             self.settings.options.factor_split,
             steps,
         )
+
+    def clients_start(self, update: GlobalUpdate, round_num: int) -> GlobalUpdate:
+        """``update`` (sorted by importance) in the order round ``round_num``'s clients take it
+        from: a client of rank ``r_k`` trains the leading ``r_k`` components of the result and,
+        under ``server.residual = "frozen"``, holds the rest frozen. ``server.window =
+        "rolling"`` rolls each layer's components by ``round_num``, so that over ``R`` rounds
+        (``R``: the update's rank) every component is trained by every client; the server's
+        step reads the clients' factors in the same order."""
+        if self.settings.window == "rolling":
+            return update.rolled(round_num)
+        return update
 
     def spectrum(self, state: ServerState) -> dict[str, float]:
         """Share of the whole update's energy beyond each client rank (mean over layers)."""

@@ -131,6 +131,18 @@ class LowRankDelta:
             right = torch.cat([right, right.new_zeros(rank - k, right.shape[1])], dim=0)
         return LoraFactors(A=right.clone(), B=left.clone())
 
+    def rolled(self, offset: int) -> LowRankDelta:
+        """The same update with its components rolled so that component ``offset % k`` leads:
+        ``left[:, j]`` of the result is ``left[:, (offset + j) % k]`` (likewise ``right``), so
+        the leading ``r`` of them are the components ``offset .. offset + r - 1`` modulo ``k``.
+        :meth:`dense` is unchanged; the result's order is no longer by importance, so it keeps
+        no ``singular_values``."""
+        shift = offset % self.rank if self.rank else 0
+        if shift == 0:
+            return self
+        order = torch.roll(torch.arange(self.rank), -shift)
+        return LowRankDelta(left=self.left[:, order], right=self.right[order], scale=self.scale)
+
     def best_rank(self, rank: int, scaling: float) -> LoraFactors:
         """The best rank-``rank`` LoRA factors of the whole update, whatever order the stored
         components are in (a ``fedavg`` or ``flora`` update is not sorted by importance).
@@ -179,6 +191,11 @@ class GlobalUpdate:
                 "clients start from a fresh LoRA initialisation, not from global factors"
             )
         return {name: delta.leading(rank, scaling) for name, delta in self.layers.items()}
+
+    def rolled(self, offset: int) -> GlobalUpdate:
+        """Every layer :meth:`LowRankDelta.rolled` by ``offset`` (the extras as they are)."""
+        layers = {name: delta.rolled(offset) for name, delta in self.layers.items()}
+        return GlobalUpdate(self.strategy, layers, self.extras, self.merge_into_base)
 
     def dense_layers(self) -> dict[str, Tensor]:
         """Every layer's dense update, name -> ``(out_features, in_features)``."""
