@@ -682,8 +682,9 @@ def test_cli_engine_option_dispatches_to_the_simulation(
         ("flora", "ccvr", {"train.decorrelation": 1.0}),
         # Adam on server factors stepped along the clients' factor steps, each client's
         # components beyond its rank frozen into its base weights (sent as a base delta): the
-        # server state carries across rounds as in-process. (This tiny model's loss barely
-        # feels the residual; test_own_data checks that a node trains at it.)
+        # server state carries across rounds as in-process; in round 2 the rank-2 client
+        # trains components 2-3 of the rank-4 update (the rolling window). (This tiny model's
+        # loss barely feels the residual; test_own_data checks that a node trains at it.)
         (
             "hlora",
             "none",
@@ -692,10 +693,11 @@ def test_cli_engine_option_dispatches_to_the_simulation(
                 "server.learning_rate": 0.05,
                 "server.hlora_space": '"factor-steps"',
                 "server.residual": '"frozen"',
+                "server.window": '"rolling"',
             },
         ),
     ],
-    ids=["hlora", "flora-ccvr-decorr", "hlora-adam-factor-steps-frozen"],
+    ids=["hlora", "flora-ccvr-decorr", "hlora-adam-factor-steps-frozen-rolling"],
 )
 def test_flower_simulation_matches_inprocess(
     strategy: str,
