@@ -990,7 +990,7 @@ RECIPE_STAGES = (
     "cap", "shorter", "sgd", "steps", "epsilon", "qqp", "qqp2", "central",
     "mrpc-lr", "iid2", "babu", "global-rank", "keep", "ccvr", "decorr", "fedsgd",
     "fedsgd-rank", "fedsgd-eps", "fedsgd-server-factors", "fedsgd-factor-steps", "fedsgd-depth",
-    "fedsgd-noclip", "fedsgd-local", "qqp-fedsgd", "qqp-window",
+    "fedsgd-noclip", "fedsgd-local", "qqp-fedsgd", "qqp-window", "qqp-la",
 )  # fmt: skip
 SEARCHES = [
     *(
