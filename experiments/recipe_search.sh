@@ -524,6 +524,8 @@ elif [ "$STAGE" = qqp-window ]; then
   for window in leading rolling; do
     RUNS+=("qqp-hlora-fedsgd-adam2e-3-fs-frozen-$window|${HET[*]} ${FEDSGD[*]} ${FSF[*]} --set server.window=$window")
   done
+  # Leading 0.775 / 0.801 / 0.798 / 0.787 after 1-4 passes, rolling 0.736 / 0.780 / 0.785 /
+  # 0.779 (fedavg 0.817): not taken (RESULTS 0.8.10.8).
 elif [ "$STAGE" = qqp-la ]; then
   # The other way to the same end: logit adjustment (tau 1; off in the FedSGD regime since stage
   # fedsgd, where one step's weighted mean needs the near-pure clients' gradients). With mixed
