@@ -543,6 +543,8 @@ elif [ "$STAGE" = qqp-la ]; then
     "qqp-hlora-fedsgd-adam2e-3-fs-frozen-la1|${HET[*]} ${FEDSGD[*]} ${NOCLIP[*]} --set server.hlora_space=factor-steps --set server.residual=frozen"
     "qqp-fedavg-fedsgd-adam2e-3-noclip-la1|${FEDAVG[*]} ${FEDSGD[*]} ${NOCLIP[*]}"
   )
+  # hlora 0.756 / 0.798 / 0.805 / 0.809 after 1-4 passes (without: 0.787), fedavg 0.743 / 0.791
+  # / 0.807 / 0.802 (without: 0.817): it lowers fedavg's, so not taken (RESULTS 0.8.10.8).
 else
   echo "unknown stage $STAGE" >&2; exit 2
 fi
