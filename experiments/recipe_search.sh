@@ -526,6 +526,12 @@ elif [ "$STAGE" = qqp-window ]; then
   done
   # Leading 0.775 / 0.801 / 0.798 / 0.787 after 1-4 passes, rolling 0.736 / 0.780 / 0.785 /
   # 0.779 (fedavg 0.817): not taken (RESULTS 0.8.10.8).
+  # Draw 0 is not the draw on which the leading window unlearns on dev (draw 1, 0.659; RESULTS
+  # 0.8.10.7). The same pair on draw 1, the rule fixed before it ran: rolling is taken when its
+  # final validation accuracy, averaged over draws 0 and 1, is at least the leading window's.
+  for window in leading rolling; do
+    RUNS+=("qqp-hlora-fedsgd-adam2e-3-fs-frozen-$window-s1|${HET[*]} ${FEDSGD[*]} ${FSF[*]} --set server.window=$window --set federation.seed=1")
+  done
 elif [ "$STAGE" = qqp-la ]; then
   # The other way to the same end: logit adjustment (tau 1; off in the FedSGD regime since stage
   # fedsgd, where one step's weighted mean needs the near-pure clients' gradients). With mixed
