@@ -39,6 +39,12 @@ FEDSGD=(--set train.optimizer=sgd --set train.learning_rate=1.0 --set train.head
   --set train.logit_adjustment=0 --set train.lr_schedule=constant --set train.warmup_ratio=0
   --set server.optimizer=adam --set server.epsilon=1e-8)
 ADAM3=(--set server.learning_rate=1e-3)
+# The QQP sample's FedSGD stages (qqp-fedsgd on): its 4 passes, 476 rounds of ten batches of 16
+# over the 19,032 pairs left beside the validation split, evaluated once a pass.
+QQP_FEDSGD_LEN=(--set data.task=qqp-sample --set federation.rounds=476 --set train.local_steps=1
+  --set server.eval_every=119)
+# Its clients unclipped and the server's Adam at the rate stage qqp-fedsgd chose.
+QQP_NOCLIP=(--set train.max_grad_norm=0 --set server.learning_rate=2e-3)
 
 if [ "$STAGE" = screen ]; then
   # 12 passes over the data: 12 rounds of one local epoch (the main job's budget).
@@ -499,8 +505,7 @@ elif [ "$STAGE" = qqp-fedsgd ]; then
   # server at MRPC's 1e-3 and a factor of two either side (the sample is five times MRPC, so its
   # rate need not be MRPC's). References: stage qqp's `centralized` at 1e-3 (0.833) and stage
   # qqp2's `fedavg` at 4e-3 (0.795).
-  LEN=(--set data.task=qqp-sample --set federation.rounds=476 --set train.local_steps=1
-    --set server.eval_every=119)
+  LEN=("${QQP_FEDSGD_LEN[@]}")
   RUNS=()
   for eta in 1e-3 2e-3 5e-4; do
     RUNS+=("qqp-fedavg-fedsgd-adam$eta-noclip|${FEDAVG[*]} ${FEDSGD[*]} --set train.max_grad_norm=0 --set server.learning_rate=$eta")
@@ -517,9 +522,8 @@ elif [ "$STAGE" = qqp-window ]; then
   # rolling sub-models). Stage qqp-fedsgd's split, draw, length and rate (2e-3), leading window
   # against rolling. The rule, fixed before either ran: rolling is taken for hlora's mixed-rank
   # configuration when its final validation accuracy is at least the leading window's.
-  LEN=(--set data.task=qqp-sample --set federation.rounds=476 --set train.local_steps=1
-    --set server.eval_every=119)
-  FSF=(--set server.hlora_space=factor-steps --set server.residual=frozen --set train.max_grad_norm=0 --set server.learning_rate=2e-3)
+  LEN=("${QQP_FEDSGD_LEN[@]}")
+  FSF=(--set server.hlora_space=factor-steps --set server.residual=frozen "${QQP_NOCLIP[@]}")
   RUNS=()
   for window in leading rolling; do
     RUNS+=("qqp-hlora-fedsgd-adam2e-3-fs-frozen-$window|${HET[*]} ${FEDSGD[*]} ${FSF[*]} --set server.window=$window")
@@ -544,9 +548,8 @@ elif [ "$STAGE" = qqp-la ]; then
   # fedavg at rank 8 and for hlora with ranks {2, 4, 8, 16} (leading window), stage qqp-window's
   # length, split and rate. The rule, fixed before either ran: taken for every strategy when it
   # raises fedavg's final validation accuracy and does not lower hlora's; reported either way.
-  LEN=(--set data.task=qqp-sample --set federation.rounds=476 --set train.local_steps=1
-    --set server.eval_every=119)
-  NOCLIP=(--set train.max_grad_norm=0 --set server.learning_rate=2e-3 --set train.logit_adjustment=1)
+  LEN=("${QQP_FEDSGD_LEN[@]}")
+  NOCLIP=("${QQP_NOCLIP[@]}" --set train.logit_adjustment=1)
   RUNS=(
     "qqp-hlora-fedsgd-adam2e-3-fs-frozen-la1|${HET[*]} ${FEDSGD[*]} ${NOCLIP[*]} --set server.hlora_space=factor-steps --set server.residual=frozen"
     "qqp-fedavg-fedsgd-adam2e-3-noclip-la1|${FEDAVG[*]} ${FEDSGD[*]} ${NOCLIP[*]}"
