@@ -724,6 +724,79 @@ def test_label_skew_main_reports_the_partition_a_run_makes(
     assert on_one_class > 0.5  # the partition where no strategy learns (docs/RESULTS.md, 2.3)
 
 
+def test_rank_bands_pool_the_clients_whose_rank_reaches_each_band() -> None:
+    skew = _load("experiments/label_skew.py")
+    skews = [
+        skew.ClientSkew(60, (1.0, 0.0)),  # rank 2: trains components 1-2 only
+        skew.ClientSkew(30, (0.5, 0.5)),  # rank 4
+        skew.ClientSkew(10, (0.0, 1.0)),  # rank 8
+    ]
+    bands = skew.rank_bands(skews, [2, 4, 8])
+    assert [(b.low, b.high) for b in bands] == [(0, 2), (2, 4), (4, 8)]
+    assert [b.data_share for b in bands] == pytest.approx([1.0, 0.4, 0.1])
+    assert bands[0].class_shares == pytest.approx((0.75, 0.25))  # (60 + 15) / 100
+    assert bands[1].class_shares == pytest.approx((0.375, 0.625))  # 15 / 40
+    assert bands[2].class_shares == pytest.approx((0.0, 1.0))
+    same = skew.rank_bands(skews[::-1], [8, 4, 2])  # the order of the clients does not matter
+    for a, b in zip(same, bands, strict=True):
+        assert (a.low, a.high, a.data_share) == (b.low, b.high, pytest.approx(b.data_share))
+        assert a.class_shares == pytest.approx(b.class_shares)
+    with pytest.raises(ValueError, match="2 ranks for 3 clients"):
+        skew.rank_bands(skews, [2, 4])
+
+
+def test_label_skew_prints_who_trains_each_band_with_mixed_ranks(
+    glue_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hlora.config import load_config
+    from hlora.federation import client_partitions, load_run_task
+
+    skew = _load("experiments/label_skew.py")
+    config_file = str(ROOT / "experiments" / "e3_mrpc.toml")
+    argv = [config_file, "--seeds", "2", "--data-dir", str(glue_dir)]
+    monkeypatch.setattr(sys, "argv", ["label_skew.py", *argv])
+    skew.main()
+    out = capsys.readouterr().out.splitlines()
+    config = load_config(
+        config_file, (f"data.data_dir={json.dumps(str(glue_dir))}", "federation.seed=2")
+    )
+    task = load_run_task(config)
+    parts = client_partitions(config, task, 10)
+    ranks = [(2, 4, 8, 16)[k % 4] for k in range(10)]
+    assert out[5].split()[1:] == [str(r) for r in ranks]
+    top = [i for p, r in zip(parts, ranks, strict=True) if r == 16 for i in p]
+    positive = sum(task.train[i].label for i in top) / len(top)
+    assert out[9] == (
+        f"  components 9-16: {len(top) / len(task.train):.3f} of the data, class shares "
+        f"{1 - positive:.2f} {positive:.2f}"
+    )
+    assert out[6].startswith("  components 1-2: 1.000 of the data")
+    single = [
+        config_file,
+        "--seeds",
+        "2",
+        "--data-dir",
+        str(glue_dir),
+        "--set",
+        "federation.ranks=[8]",
+    ]
+    monkeypatch.setattr(sys, "argv", ["label_skew.py", *single])
+    skew.main()
+    assert not any("components" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_label_skew_refuses_the_memory_rank_rule_for_mixed_ranks(
+    glue_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    skew = _load("experiments/label_skew.py")
+    argv = [str(ROOT / "experiments" / "e3_mrpc.toml"), "--data-dir", str(glue_dir)]
+    argv += ["--set", "federation.rank_rule=memory", "--set", "federation.memory_budgets_mb=[900]"]
+    monkeypatch.setattr(sys, "argv", ["label_skew.py", *argv])
+    with pytest.raises(SystemExit):
+        skew.main()
+    assert "the 'memory' rank rule needs the model" in capsys.readouterr().err
+
+
 def test_label_skew_names_no_alpha_for_an_iid_partition(
     glue_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
