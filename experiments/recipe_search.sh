@@ -45,6 +45,10 @@ QQP_FEDSGD_LEN=(--set data.task=qqp-sample --set federation.rounds=476 --set tra
   --set server.eval_every=119)
 # Its clients unclipped and the server's Adam at the rate stage qqp-fedsgd chose.
 QQP_NOCLIP=(--set train.max_grad_norm=0 --set server.learning_rate=2e-3)
+# hlora's server stepping its factors along the clients' factor steps, the components beyond
+# each client's rank frozen in its base weights (the fs-frozen runs of stage fedsgd-factor-steps;
+# used by the QQP stages).
+FS_FROZEN=(--set server.hlora_space=factor-steps --set server.residual=frozen)
 
 if [ "$STAGE" = screen ]; then
   # 12 passes over the data: 12 rounds of one local epoch (the main job's budget).
@@ -523,7 +527,7 @@ elif [ "$STAGE" = qqp-window ]; then
   # against rolling. The rule, fixed before either ran: rolling is taken for hlora's mixed-rank
   # configuration when its final validation accuracy is at least the leading window's.
   LEN=("${QQP_FEDSGD_LEN[@]}")
-  FSF=(--set server.hlora_space=factor-steps --set server.residual=frozen "${QQP_NOCLIP[@]}")
+  FSF=("${FS_FROZEN[@]}" "${QQP_NOCLIP[@]}")
   RUNS=()
   for window in leading rolling; do
     RUNS+=("qqp-hlora-fedsgd-adam2e-3-fs-frozen-$window|${HET[*]} ${FEDSGD[*]} ${FSF[*]} --set server.window=$window")
@@ -551,7 +555,7 @@ elif [ "$STAGE" = qqp-la ]; then
   LEN=("${QQP_FEDSGD_LEN[@]}")
   NOCLIP=("${QQP_NOCLIP[@]}" --set train.logit_adjustment=1)
   RUNS=(
-    "qqp-hlora-fedsgd-adam2e-3-fs-frozen-la1|${HET[*]} ${FEDSGD[*]} ${NOCLIP[*]} --set server.hlora_space=factor-steps --set server.residual=frozen"
+    "qqp-hlora-fedsgd-adam2e-3-fs-frozen-la1|${HET[*]} ${FEDSGD[*]} ${NOCLIP[*]} ${FS_FROZEN[*]}"
     "qqp-fedavg-fedsgd-adam2e-3-noclip-la1|${FEDAVG[*]} ${FEDSGD[*]} ${NOCLIP[*]}"
   )
   # hlora 0.756 / 0.798 / 0.805 / 0.809 after 1-4 passes (without: 0.787), fedavg 0.743 / 0.791
@@ -569,7 +573,7 @@ elif [ "$STAGE" = qqp-la ]; then
   for draw in 0 1; do
     RUNS+=(
       "qqp-fedavg-fedsgd-adam2e-3-noclip-la0.5-s$draw|${FEDAVG[*]} ${FEDSGD[*]} ${HALF[*]} --set federation.seed=$draw"
-      "qqp-hlora-fedsgd-adam2e-3-fs-frozen-la0.5-s$draw|${HET[*]} ${FEDSGD[*]} ${HALF[*]} --set server.hlora_space=factor-steps --set server.residual=frozen --set federation.seed=$draw"
+      "qqp-hlora-fedsgd-adam2e-3-fs-frozen-la0.5-s$draw|${HET[*]} ${FEDSGD[*]} ${HALF[*]} ${FS_FROZEN[*]} --set federation.seed=$draw"
     )
   done
 else
