@@ -68,10 +68,17 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _offline_and_quiet(
     monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """No hub access and no writes into the home folder from any test."""
+    """No hub access and no writes into the home folder from any test.
+
+    hlora's model cache is one folder for the whole session, shared by its xdist workers (the
+    parent of a worker's base folder): the SmolLM2 copy is converted once, not once a worker.
+    """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("HLORA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hlora-cache"))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    monkeypatch.setenv("HLORA_CACHE_DIR", str(base / "hlora-cache"))
 
 
 @pytest.fixture

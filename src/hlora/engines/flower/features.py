@@ -20,32 +20,20 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hlora.io import write_bytes_atomic
+from hlora.io import default_cache_dir, write_bytes_atomic
 from hlora.runtime import Features
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "HLORA_CACHE_DIR"
-"""Environment variable naming the cache folder (a node's ``cache-dir`` wins over it)."""
 NO_CACHE = "none"
 """The ``cache-dir`` value that turns the cache off."""
 _FORMAT = "hlora-features-v2"
-
-
-def default_cache_dir() -> Path:
-    """``$HLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/hlora``, else ``~/.cache/hlora``."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "hlora"
 
 
 def resolve_cache_dir(value: str) -> Path | None:
