@@ -664,14 +664,85 @@ def test_cli_engine_option_dispatches_to_the_simulation(
     assert build_parser().parse_args(["run"]).engine == "inprocess"
     calls = []
 
-    def fake(config: RunConfig, run_dir: Path, *, progress: bool) -> RunResult:
-        calls.append((config.federation.num_clients, run_dir, progress))
+    def fake(
+        config: RunConfig,
+        run_dir: Path,
+        *,
+        progress: bool,
+        node_cpus: float,
+        node_gpus: float | None,
+    ) -> RunResult:
+        calls.append((config.federation.num_clients, run_dir, progress, node_cpus, node_gpus))
         return RunResult(run_dir, {"final": {"accuracy": 0.5}})
 
     monkeypatch.setattr(simulation, "run_flower_simulation", fake)
     args = ["run", "--engine", "flower-sim", "--no-progress", "--output", str(tmp_path)]
     assert main([*args, "--set", "federation.num_clients=3", "--set", "output.name=x"]) == 0
-    assert calls == [(3, tmp_path / "x", False)]
+    assert main([*args, "--set", "output.name=y", "--node-cpus", "2", "--node-gpus", "0.5"]) == 0
+    assert calls == [(3, tmp_path / "x", False, 1.0, None), (10, tmp_path / "y", False, 2.0, 0.5)]
+    # The node shares belong to the simulation: the in-process engine refuses them.
+    assert main(["run", "--node-cpus", "2", "--output", str(tmp_path)]) == 2
+    assert not (tmp_path / "hlora").exists() and len(calls) == 2
+
+
+def _shares(device: str = "auto", **kwargs: float | None) -> dict[str, object]:
+    from hlora.engines.flower.simulation import backend_config
+
+    config = load_config(None, (f'train.device="{device}"',))
+    return backend_config(config, **kwargs)  # type: ignore[arg-type]
+
+
+def test_virtual_nodes_get_a_cpu_each_and_a_gpu_when_the_run_trains_on_cuda() -> None:
+    on_cpus = _shares(cpus=2, gpus=0)
+    assert on_cpus == {
+        "client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
+        "init_args": {"num_cpus": 2, "num_gpus": 0},
+    }
+    one_at_a_time = _shares(node_cpus=2, cpus=2, gpus=0)
+    assert one_at_a_time["client_resources"] == {"num_cpus": 2, "num_gpus": 0.0}
+    # A GPU machine: "auto" trains on CUDA, so each node holds a GPU (else Ray hides it).
+    on_gpus = _shares(cpus=16, gpus=2)
+    assert on_gpus == {
+        "client_resources": {"num_cpus": 1.0, "num_gpus": 1.0},
+        "init_args": {"num_cpus": 16, "num_gpus": 2},
+    }
+    assert _shares(node_gpus=0.25, cpus=16, gpus=1)["client_resources"] == {
+        "num_cpus": 1.0,
+        "num_gpus": 0.25,
+    }
+    assert _shares("cpu", cpus=16, gpus=1)["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("device", "shares", "message"),
+    [
+        ("auto", {"node_cpus": 0.0}, "node CPUs must be > 0 and at most this machine's 2, got 0.0"),
+        ("auto", {"node_cpus": 3.0}, "node CPUs must be > 0 and at most this machine's 2, got 3.0"),
+        ("auto", {"node_gpus": 1.5, "gpus": 1}, "GPU share must be between 0 and 1, got 1.5"),
+        ("auto", {"node_gpus": -0.5}, "GPU share must be between 0 and 1, got -0.5"),
+        (
+            "auto",
+            {"node_gpus": 0.5},
+            r"share per node \(0.5\) needs a CUDA GPU; this machine has none",
+        ),
+        ("cuda", {}, r"share per node \(1.0\) needs a CUDA GPU; this machine has none"),
+        ("cpu", {"node_gpus": 0.5, "gpus": 1}, 'with train.device = "cpu": no node would use it'),
+        ("auto", {"node_gpus": 0.0, "gpus": 1}, "trains on CUDA .*give each node a GPU share"),
+    ],
+)
+def test_node_shares_the_machine_or_the_run_cannot_use_are_refused(
+    device: str, shares: dict[str, float], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _shares(device, **{"cpus": 2, "gpus": 0, **shares})
+
+
+def test_the_simulation_refuses_a_bad_share_before_it_writes_anything(tmp_path: Path) -> None:
+    from hlora.engines.flower.simulation import run_flower_simulation
+
+    with pytest.raises(ConfigError, match="node CPUs must be > 0"):
+        run_flower_simulation(load_config(), tmp_path / "run", progress=False, node_cpus=0)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.distributed

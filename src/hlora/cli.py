@@ -30,25 +30,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hlora.federation import resume, run
 
     progress = False if args.no_progress else None
+    flower_sim = getattr(args, "engine", "inprocess") == "flower-sim"
+    node_cpus, node_gpus = getattr(args, "node_cpus", None), getattr(args, "node_gpus", None)
+    if not flower_sim and (node_cpus is not None or node_gpus is not None):
+        raise HloraError(
+            "--node-cpus and --node-gpus size Flower's virtual nodes: add --engine flower-sim"
+        )
     if args.resume:
         if args.config or args.set:
             raise HloraError("--resume takes the run folder's own config.toml: drop CONFIG/--set")
         result = resume(Path(args.resume), progress=progress)
-    elif getattr(args, "engine", "inprocess") == "flower-sim":
-        result = _run_flower_sim(_config(args), progress)
+    elif flower_sim:
+        result = _run_flower_sim(_config(args), progress, node_cpus, node_gpus)
     else:
         result = run(_config(args), progress=progress)
     _print_result(result.summary, result.run_dir)
     return 0
 
 
-def _run_flower_sim(config: RunConfig, progress: bool | None) -> Any:
+def _run_flower_sim(
+    config: RunConfig, progress: bool | None, node_cpus: float | None, node_gpus: float | None
+) -> Any:
     """``hlora run --engine flower-sim``: the federation in Flower's simulation runtime."""
     from hlora.engines.flower.simulation import run_flower_simulation
     from hlora.federation import new_run_dir
 
+    cpus = 1.0 if node_cpus is None else node_cpus
     show = config.output.progress if progress is None else progress
-    return run_flower_simulation(config, new_run_dir(config), progress=show)
+    return run_flower_simulation(
+        config, new_run_dir(config), progress=show, node_cpus=cpus, node_gpus=node_gpus
+    )
 
 
 def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
@@ -170,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("inprocess", "flower-sim"),
         default="inprocess",
         help="inprocess: every client in this process; flower-sim: Flower's simulation (Ray)",
+    )
+    p_run.add_argument(
+        "--node-cpus",
+        type=float,
+        help="flower-sim: CPUs per virtual node (default 1: one node per CPU at a time)",
+    )
+    p_run.add_argument(
+        "--node-gpus",
+        type=float,
+        help="flower-sim: GPU share per virtual node, 0-1 (default: 1 if training on CUDA, else 0)",
     )
     p_run.set_defaults(func=cmd_run)
 
