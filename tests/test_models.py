@@ -137,15 +137,20 @@ def test_folder_without_config(tmp_path: Path) -> None:
         load_backbone(str(tmp_path))
 
 
-def test_unknown_hub_id_with_hub_unreachable(offline: None) -> None:
-    start = time.perf_counter()
+def test_unknown_hub_id_with_hub_unreachable(
+    offline: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Offline, the error comes at once: no retry waits out a back-off.
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError(f"waited {seconds} s before failing")
+
+    monkeypatch.setattr(time, "sleep", no_waiting)
     with pytest.raises(ModelError) as caught:
         load_backbone("no-such-org/no-such-model")
     message = str(caught.value)
     assert "'no-such-org/no-such-model'" in message
     assert "hub is unreachable (offline?) or does not know that id" in message
     assert "'minilm'" in message and "'smollm2-135m'" in message
-    assert time.perf_counter() - start < 10
 
 
 def test_bad_num_labels() -> None:
@@ -217,10 +222,9 @@ def test_an_unwritable_cache_folder_is_a_model_error(
         load_backbone("smollm2-135m")
 
 
-def test_tiny_backbones_are_fast_and_deterministic() -> None:
-    start = time.perf_counter()
+def test_tiny_backbones_are_small_and_deterministic() -> None:
     first = build_tiny_backbone(seed=3)
-    assert time.perf_counter() - start < 1.0
+    assert sum(p.numel() for p in first.model.parameters()) < 100_000  # what keeps tests fast
     second = build_tiny_backbone(seed=3)
     other = build_tiny_backbone(seed=4)
     for (name, a), b in zip(first.model.named_parameters(), second.model.parameters(), strict=True):
