@@ -96,20 +96,20 @@ for it): the interval it declares to the SuperLink and the one its heartbeat thr
 
 _HOSTILE_NODE = """
 # A hostile SuperNode, for tests: Python imports this module at the start of the SuperNode and of
-# every ClientApp process it starts (PYTHONPATH). HLORA_HOSTILE names what its TRAIN reply does
-# in each round, comma-separated; the round's honest reply is computed first.
-import dataclasses
+# every ClientApp process it starts (PYTHONPATH); only the ClientApps answer messages, so only
+# they load hlora and lie. HLORA_HOSTILE names what its TRAIN reply does in each round,
+# comma-separated; the round's honest reply is computed first.
 import os
-
-import torch
-
-from hlora.aggregation import LoraFactors
-from hlora.engines.flower import codec, node
-
-_honest_train = node.train
+import sys
 
 
 def _lie(kind, update):
+    import dataclasses
+
+    import torch
+
+    from hlora.aggregation import LoraFactors
+
     if kind == "huge-count":
         return dataclasses.replace(update, num_examples=2**62)
     if kind == "nan":
@@ -123,14 +123,24 @@ def _lie(kind, update):
     raise ValueError(kind)
 
 
-def hostile_train(local, node_config, content):
-    instruction = codec.decode_instruction(content)
-    reply = codec.decode_reply(_honest_train(local, node_config, content), instruction.client_id)
-    kind = os.environ["HLORA_HOSTILE"].split(",")[instruction.round_num - 1]
-    return codec.encode_reply(dataclasses.replace(reply, update=_lie(kind, reply.update)))
+def _patch():
+    import dataclasses
+
+    from hlora.engines.flower import codec, node
+
+    honest_train = node.train
+
+    def hostile_train(local, node_config, content):
+        instruction = codec.decode_instruction(content)
+        reply = codec.decode_reply(honest_train(local, node_config, content), instruction.client_id)
+        kind = os.environ["HLORA_HOSTILE"].split(",")[instruction.round_num - 1]
+        return codec.encode_reply(dataclasses.replace(reply, update=_lie(kind, reply.update)))
+
+    node.train = hostile_train
 
 
-node.train = hostile_train
+if os.path.basename(sys.argv[0] if sys.argv else "").startswith("flwr-clientapp"):
+    _patch()
 """
 
 
