@@ -71,7 +71,8 @@ def backend_config(
         )
     if node_gpus == 0 and on_cuda:
         raise ConfigError(
-            "the run trains on CUDA (train.device): give each node a GPU share, or nodes see no GPU"
+            "the run trains on CUDA (train.device) but a node with no GPU share sees no GPU: "
+            'give each node a share, or set train.device = "cpu"'
         )
     return {
         "client_resources": {"num_cpus": node_cpus, "num_gpus": node_gpus},
