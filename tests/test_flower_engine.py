@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from flower_helpers import own_files, read_records, tiny_config
 from hlora.aggregation import ClientUpdate, LoraFactors
-from hlora.config import RunConfig, load_config, replace
+from hlora.config import RunConfig, load_config, replace, to_toml
 from hlora.data.glue import load_task
 from hlora.engines.flower.codec import decode_instruction, encode_reply
 from hlora.engines.flower.transport import REFUSED
@@ -655,7 +655,7 @@ def test_simulation_refuses_centralized_and_used_run_folders(tmp_path: Path) -> 
 
 
 def test_cli_engine_option_dispatches_to_the_simulation(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import hlora.engines.flower.simulation as simulation
     from hlora.cli import build_parser, main
@@ -683,6 +683,16 @@ def test_cli_engine_option_dispatches_to_the_simulation(
     # The node shares belong to the simulation: the in-process engine refuses them.
     assert main(["run", "--node-cpus", "2", "--output", str(tmp_path)]) == 2
     assert not (tmp_path / "hlora").exists() and len(calls) == 2
+    # --resume with the simulation goes on in the simulation, with the folder's configuration.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.toml").write_text(to_toml(load_config(None, ("federation.num_clients=4",))))
+    resume = ["run", "--resume", str(stopped), "--engine", "flower-sim", "--no-progress"]
+    assert main([*resume, "--node-gpus", "0"]) == 0
+    assert calls[2:] == [(4, stopped, False, 1.0, 0.0)]
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path / "nothing"), "--engine", "flower-sim"]) == 2
+    assert "is not a run folder" in capsys.readouterr().err and len(calls) == 3
 
 
 def _shares(device: str = "auto", **kwargs: float | None) -> dict[str, object]:

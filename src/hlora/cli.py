@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hlora.config import ALL_MODES, RunConfig, load_config, replace
+from hlora.config import ALL_MODES, RunConfig, load_config, load_run_config, replace
 from hlora.errors import HloraError
 
 logger = logging.getLogger("hlora")
@@ -26,7 +26,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``hlora run``: a whole federation in one process (or ``--resume RUN_DIR``)."""
+    """``hlora run``: a whole federation in one process or in Flower's simulation (``--engine``),
+    new or going on from a run folder's last finished round (``--resume RUN_DIR``)."""
     from hlora.federation import resume, run
 
     progress = False if args.no_progress else None
@@ -39,7 +40,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.set:
             raise HloraError("--resume takes the run folder's own config.toml: drop CONFIG/--set")
-        result = resume(Path(args.resume), progress=progress)
+        run_dir = Path(args.resume)
+        if flower_sim:  # the simulation goes on from the folder's checkpoint (check_runnable)
+            config = load_run_config(run_dir)
+            result = _run_flower_sim(config, progress, node_cpus, node_gpus, run_dir)
+        else:
+            result = resume(run_dir, progress=progress)
     elif flower_sim:
         result = _run_flower_sim(_config(args), progress, node_cpus, node_gpus)
     else:
@@ -49,16 +55,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_flower_sim(
-    config: RunConfig, progress: bool | None, node_cpus: float | None, node_gpus: float | None
+    config: RunConfig,
+    progress: bool | None,
+    node_cpus: float | None,
+    node_gpus: float | None,
+    run_dir: Path | None = None,
 ) -> Any:
-    """``hlora run --engine flower-sim``: the federation in Flower's simulation runtime."""
+    """``hlora run --engine flower-sim``: the federation in Flower's simulation runtime, in a new
+    run folder or, with ``run_dir``, going on from that folder's checkpoint."""
     from hlora.engines.flower.simulation import run_flower_simulation
     from hlora.federation import new_run_dir
 
     cpus = 1.0 if node_cpus is None else node_cpus
     show = config.output.progress if progress is None else progress
     return run_flower_simulation(
-        config, new_run_dir(config), progress=show, node_cpus=cpus, node_gpus=node_gpus
+        config, run_dir or new_run_dir(config), progress=show, node_cpus=cpus, node_gpus=node_gpus
     )
 
 
@@ -175,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_run = sub.add_parser("run", help="run a federation in one process")
     common(p_run)
-    p_run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p_run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run (in the simulation with --engine flower-sim)",
+    )
     p_run.add_argument(
         "--engine",
         choices=("inprocess", "flower-sim"),

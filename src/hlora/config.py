@@ -21,7 +21,7 @@ from hlora.aggregation.factored import FACTOR_SPLITS, SVD_METHODS
 from hlora.aggregation.registry import STRATEGY_NAMES
 from hlora.data.glue import INSTRUCTIONS, TASK_NAMES
 from hlora.data.partition import ALL_PARTITION_SCHEMES
-from hlora.errors import ConfigError
+from hlora.errors import CheckpointError, ConfigError
 from hlora.quantization import NO_QUANTIZATION, QUANTIZATIONS
 from hlora.schedule import RUN_SCHEDULES
 from hlora.tasktypes import CAUSAL_LM, SEQ_CLS, SYSTEM_NONE, SYSTEM_TEMPLATE, TASK_TYPES
@@ -904,6 +904,19 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] = ())
             raise ConfigError(f"config section '{section}' must be a table")
         raw[section][key] = value
     return config_from_dict(raw)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The configuration a run folder holds (its ``config.toml``, as the run wrote it).
+
+    Raises:
+        CheckpointError: ``run_dir`` is not a run folder (no ``config.toml``).
+        ConfigError: A ``config.toml`` that is no longer a valid configuration.
+    """
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
+    return load_config(config_path)
 
 
 def replace(config: RunConfig, **sections: Mapping[str, Any]) -> RunConfig:

@@ -10,7 +10,7 @@ import torch
 
 from hlora.aggregation import LowRankDelta
 from hlora.checkpoint import CHECKPOINT_FILE, ServerState, load_state
-from hlora.config import CONFIG_FILE, RunConfig, fingerprint
+from hlora.config import RunConfig, fingerprint
 from hlora.errors import CheckpointError, ConfigError
 from hlora.quantization import NO_QUANTIZATION
 
@@ -35,12 +35,9 @@ def load_run_update(run_dir: Path) -> tuple[RunConfig, ServerState, dict[str, Lo
         CheckpointError: Not a run folder, no finished round, or no global update (a
             ``local`` run keeps one adapter per client).
     """
-    from hlora.config import load_config
+    from hlora.config import load_run_config
 
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
-    config = load_config(config_path)
+    config = load_run_config(run_dir)
     state = load_state(run_dir / CHECKPOINT_FILE, fingerprint(config))
     if state.round_num == 0:
         raise CheckpointError(f"run '{run_dir}' has no finished round to export")

@@ -20,12 +20,12 @@ import torch
 
 from hlora.aggregation import AggregationOptions, UpdateSpec, get_strategy
 from hlora.checkpoint import CHECKPOINT_FILE, ServerState, load_state
-from hlora.config import CONFIG_FILE, RunConfig, fingerprint, load_config, to_toml
+from hlora.config import CONFIG_FILE, RunConfig, fingerprint, load_run_config, to_toml
 from hlora.data.glue import INSTRUCTIONS, TaskData, load_task
 from hlora.data.instructions import load_instruction_task
 from hlora.data.partition import partition_indices
 from hlora.engines.inprocess import InProcessTransport
-from hlora.errors import CheckpointError, ConfigError
+from hlora.errors import ConfigError
 from hlora.export import rank_factors
 from hlora.generation import GENERATIONS_FILE, generate_with_update
 from hlora.io import run_folder_lock, write_text_atomic
@@ -370,10 +370,7 @@ def resume(run_dir: Path, *, progress: bool | None = None) -> RunResult:
         CheckpointError: Missing config or corrupt checkpoint.
         RunFolderBusyError: Another process is writing the run folder.
     """
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a run folder: '{config_path}' is missing")
-    config = load_config(config_path)
+    config = load_run_config(run_dir)
     with run_folder_lock(run_dir):
         checkpoint = run_dir / CHECKPOINT_FILE
         state: ServerState | None = None
