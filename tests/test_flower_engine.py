@@ -927,6 +927,7 @@ def test_flower_simulation_resumes_a_stopped_run(
     flower_env: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from hlora.cli import main
     from hlora.engines.flower.simulation import run_flower_simulation
     from hlora.report import RoundProgress
 
@@ -948,12 +949,13 @@ def test_flower_simulation_resumes_a_stopped_run(
             run_flower_simulation(flower, run_dir, progress=False)
     assert [r["round"] for r in read_records(run_dir)] == [1]
     assert not (run_dir / "summary.json").exists()
-    # The same configuration resumes; another one is still refused.
+    # Another configuration is refused; the folder's own resumes, here from the command line.
     with pytest.raises(ConfigError, match="already holds a run"):
         run_flower_simulation(replace(flower, federation={"rounds": 4}), run_dir, progress=False)
-    result = run_flower_simulation(flower, run_dir, progress=False)
+    resume = ["run", "--resume", str(run_dir), "--engine", "flower-sim", "--no-progress"]
+    assert main(resume) == 0
 
-    ref, got = read_records(reference.run_dir), read_records(result.run_dir)
+    ref, got = read_records(reference.run_dir), read_records(run_dir)
     assert [r["round"] for r in got] == [1, 2, 3]
     for a, b in zip(ref, got, strict=True):
         assert b["dropped"] == []
