@@ -170,11 +170,13 @@ def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def _fake_conversion(calls: list[Path]) -> Callable[[Path, Path], None]:
     """A stand-in for the GGUF conversion: records its cache folder and writes the marker there;
-    it checks that it runs under the conversion's lock (nobody else can take that lock)."""
+    it checks that it runs under the conversion's lock (nobody else can take that lock) and
+    draws random numbers, as building the model does."""
 
     def build(gguf_folder: Path, cache: Path) -> None:
         with pytest.raises(Timeout):
             FileLock(cache.parent / f".{cache.name}.lock").acquire(timeout=0)
+        torch.rand(4)
         calls.append(cache)
         cache.mkdir()
         (cache / hlora.models._CACHE_MARKER).write_text("{}")
@@ -188,9 +190,11 @@ def test_the_smollm2_copy_is_converted_once_under_its_lock(
     calls: list[Path] = []
     monkeypatch.setattr(hlora.models, "_build_smollm2_cache", _fake_conversion(calls))
     cache = tmp_path / "cache" / "smollm2"  # its parent does not exist yet
+    state = torch.get_rng_state()
     hlora.models._ensure_smollm2_cache(tmp_path, cache)
     hlora.models._ensure_smollm2_cache(tmp_path, cache)
     assert calls == [cache]
+    assert torch.equal(torch.get_rng_state(), state)  # the conversion's draws leave no trace
 
 
 def test_a_process_that_waited_for_the_lock_reads_the_copy_another_one_converted(
