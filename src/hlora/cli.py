@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", help="parent folder of run folders (output.dir)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p_run = sub.add_parser("run", help="run a federation in one process")
+    p_run = sub.add_parser("run", help="run a federation (in process or in Flower's simulation)")
     common(p_run)
     p_run.add_argument(
         "--resume",
