@@ -669,7 +669,7 @@ def test_cli_engine_option_dispatches_to_the_simulation(
         run_dir: Path,
         *,
         progress: bool,
-        node_cpus: float,
+        node_cpus: float | None,
         node_gpus: float | None,
     ) -> RunResult:
         calls.append((config.federation.num_clients, run_dir, progress, node_cpus, node_gpus))
@@ -679,7 +679,7 @@ def test_cli_engine_option_dispatches_to_the_simulation(
     args = ["run", "--engine", "flower-sim", "--no-progress", "--output", str(tmp_path)]
     assert main([*args, "--set", "federation.num_clients=3", "--set", "output.name=x"]) == 0
     assert main([*args, "--set", "output.name=y", "--node-cpus", "2", "--node-gpus", "0.5"]) == 0
-    assert calls == [(3, tmp_path / "x", False, 1.0, None), (10, tmp_path / "y", False, 2.0, 0.5)]
+    assert calls == [(3, tmp_path / "x", False, None, None), (10, tmp_path / "y", False, 2.0, 0.5)]
     # The node shares belong to the simulation: the in-process engine refuses them.
     assert main(["run", "--node-cpus", "2", "--output", str(tmp_path)]) == 2
     assert not (tmp_path / "hlora").exists() and len(calls) == 2
@@ -689,7 +689,7 @@ def test_cli_engine_option_dispatches_to_the_simulation(
     (stopped / "config.toml").write_text(to_toml(load_config(None, ("federation.num_clients=4",))))
     resume = ["run", "--resume", str(stopped), "--engine", "flower-sim", "--no-progress"]
     assert main([*resume, "--node-gpus", "0"]) == 0
-    assert calls[2:] == [(4, stopped, False, 1.0, 0.0)]
+    assert calls[2:] == [(4, stopped, False, None, 0.0)]
     capsys.readouterr()
     assert main(["run", "--resume", str(tmp_path / "nothing"), "--engine", "flower-sim"]) == 2
     assert "is not a run folder" in capsys.readouterr().err and len(calls) == 3

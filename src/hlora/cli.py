@@ -66,10 +66,13 @@ def _run_flower_sim(
     from hlora.engines.flower.simulation import run_flower_simulation
     from hlora.federation import new_run_dir
 
-    cpus = 1.0 if node_cpus is None else node_cpus
     show = config.output.progress if progress is None else progress
     return run_flower_simulation(
-        config, run_dir or new_run_dir(config), progress=show, node_cpus=cpus, node_gpus=node_gpus
+        config,
+        run_dir or new_run_dir(config),
+        progress=show,
+        node_cpus=node_cpus,
+        node_gpus=node_gpus,
     )
 
 

@@ -22,7 +22,7 @@ from hlora.server import SERVER_EVAL, FederationError
 def backend_config(
     config: RunConfig,
     *,
-    node_cpus: float = 1.0,
+    node_cpus: float | None = None,
     node_gpus: float | None = None,
     cpus: int | None = None,
     gpus: int | None = None,
@@ -36,8 +36,8 @@ def backend_config(
 
     Args:
         config: The run configuration (``train.device`` decides the GPU default).
-        node_cpus: CPUs per virtual node (> 0, at most the machine's): 2 on a 2-core machine
-            runs one node at a time with both cores.
+        node_cpus: CPUs per virtual node (> 0, at most the machine's; None: 1): 2 on a 2-core
+            machine runs one node at a time with both cores.
         node_gpus: GPU share per virtual node, 0 to 1 (0.25: four nodes share a GPU, when
             their models fit in its memory together); None: 1 when the run trains on CUDA,
             else 0.
@@ -50,6 +50,7 @@ def backend_config(
     Raises:
         ConfigError: A share the machine or the run cannot use.
     """
+    node_cpus = 1.0 if node_cpus is None else node_cpus
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
     gpus = torch.cuda.device_count() if gpus is None else gpus
     on_cuda = config.train.device == "cuda" or (config.train.device == "auto" and gpus > 0)
@@ -89,7 +90,7 @@ def run_flower_simulation(
     eval_data: str = "",
     own_eval_data: Sequence[str] | None = None,
     evaluation: str = SERVER_EVAL,
-    node_cpus: float = 1.0,
+    node_cpus: float | None = None,
     node_gpus: float | None = None,
 ) -> RunResult:
     """Run a whole federation in Flower's simulation runtime (Ray), one virtual node per client.
@@ -107,7 +108,7 @@ def run_flower_simulation(
         own_eval_data: With ``own_data``: one held-out file per client, for a federated
             evaluation (as if each node were started with ``eval-data=PATH``).
         evaluation: Where the global model is evaluated (:data:`hlora.server.EVALUATIONS`).
-        node_cpus: CPUs per virtual node (:func:`backend_config`).
+        node_cpus: CPUs per virtual node (:func:`backend_config`; None: 1).
         node_gpus: GPU share per virtual node (:func:`backend_config`; None: by the device).
 
     Raises:
